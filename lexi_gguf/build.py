@@ -1,0 +1,189 @@
+"""Build the patched runtime: llama-cpp-python (pinned sdist + our llama.cpp patch) and the
+llama.cpp tools (llama-bench, llama-perplexity, llama-quantize) from the same patched tree.
+
+Wheels and tools are cached by (version, patch hash, backend), so a second set-up only reinstalls.
+The cache lives in $LEXI_GGUF_CACHE (default ~/.cache/lexi-gguf).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import LexiError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PATCH_DIR = REPO_ROOT / "patches"
+PIN_FILE = PATCH_DIR / "pin.toml"
+TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize")
+BACKEND_CMAKE = {
+    "cpu": [],
+    "cuda": ["-DGGML_CUDA=ON"],
+    "metal": ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"],
+}
+# where the venv records which cached runtime it uses (read by lexi_gguf.runtime)
+RUNTIME_RECORD = Path(sys.prefix) / "share" / "lexi-gguf" / "runtime.json"
+
+
+@dataclass(frozen=True)
+class Pin:
+    version: str
+    sdist_sha256: str
+    llama_cpp_commit: str
+    patches: tuple[Path, ...]
+
+    @property
+    def patch_hash(self) -> str:
+        h = hashlib.sha256()
+        for p in self.patches:
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+        return h.hexdigest()[:12]
+
+
+def read_pin() -> Pin:
+    data = tomllib.loads(PIN_FILE.read_text())
+    lcp = data["llama-cpp-python"]
+    return Pin(lcp["version"], lcp["sdist_sha256"], lcp["llama_cpp_commit"],
+               tuple(PATCH_DIR / f for f in data["patch"]["files"]))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LEXI_GGUF_CACHE", Path.home() / ".cache" / "lexi-gguf"))
+
+
+def runtime_dir(pin: Pin, backend: str) -> Path:
+    return cache_root() / "runtime" / f"llama-cpp-python-{pin.version}-{pin.patch_hash}-{backend}"
+
+
+def _log(msg: str) -> None:
+    print(f"[build-runtime] {msg}", flush=True)
+
+
+def _run(cmd: list[str], **kw) -> None:
+    _log("$ " + " ".join(str(c) for c in cmd))
+    subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_sdist(pin: Pin, dest: Path) -> Path:
+    """Download the pinned sdist from the package index (or take $LEXI_GGUF_SDIST) and check its hash."""
+    name = f"llama_cpp_python-{pin.version}.tar.gz"
+    target = dest / name
+    local = os.environ.get("LEXI_GGUF_SDIST")
+    if not target.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        if local:
+            shutil.copy(local, target)
+        else:
+            _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                  f"llama-cpp-python=={pin.version}", "-d", dest])
+    got = _sha256(target)
+    if got != pin.sdist_sha256:
+        target.unlink()
+        raise LexiError(f"{name} has sha256 {got}, but patches/pin.toml pins {pin.sdist_sha256}; "
+                        "the download is corrupt or the index serves another file")
+    return target
+
+
+def prepare_source(pin: Pin, rdir: Path) -> Path:
+    """Extract the sdist and apply our patch; returns the llama-cpp-python source dir."""
+    src = rdir / "src"
+    marker = src / ".lexi-patched"
+    if marker.exists():
+        return src / f"llama_cpp_python-{pin.version}"
+    sdist = fetch_sdist(pin, cache_root() / "sdist")
+    tmp = Path(tempfile.mkdtemp(dir=rdir, prefix="src-"))
+    with tarfile.open(sdist) as tf:
+        tf.extractall(tmp, filter="data")
+    tree = tmp / f"llama_cpp_python-{pin.version}"
+    for p in pin.patches:
+        _run(["patch", "-p1", "--forward", "--batch", "-d", tree / "vendor" / "llama.cpp", "-i", p])
+    (tmp / ".lexi-patched").write_text(pin.patch_hash)
+    if src.exists():
+        shutil.rmtree(src)
+    tmp.rename(src)
+    return src / f"llama_cpp_python-{pin.version}"
+
+
+def build_wheel(tree: Path, rdir: Path, backend: str, jobs: int) -> Path:
+    wheels = rdir / "wheel"
+    found = sorted(wheels.glob("llama_cpp_python-*.whl")) if wheels.exists() else []
+    if found:
+        return found[-1]
+    env = dict(os.environ)
+    env["CMAKE_ARGS"] = " ".join(["-DLLAVA_BUILD=OFF", *BACKEND_CMAKE[backend], env.get("CMAKE_ARGS", "")]).strip()
+    env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs)
+    tmp = Path(tempfile.mkdtemp(dir=rdir, prefix="wheel-"))
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp,
+          "-Cbuild-dir=" + str(rdir / "build-wheel"), tree], env=env)
+    if wheels.exists():
+        shutil.rmtree(wheels)
+    tmp.rename(wheels)
+    return sorted(wheels.glob("llama_cpp_python-*.whl"))[-1]
+
+
+def build_tools(tree: Path, rdir: Path, backend: str, jobs: int) -> Path:
+    bindir = rdir / "bin"
+    if all((bindir / t).exists() for t in TOOLS):
+        return bindir
+    bdir = rdir / "build-tools"
+    lcpp = tree / "vendor" / "llama.cpp"
+    _run(["cmake", "-S", lcpp, "-B", bdir, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+          "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+          "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
+          "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", *BACKEND_CMAKE[backend]])
+    _run(["cmake", "--build", bdir, "-j", str(jobs), "--target", *TOOLS])
+    tmp = Path(tempfile.mkdtemp(dir=rdir, prefix="bin-"))
+    for t in TOOLS:
+        shutil.copy2(bdir / "bin" / t, tmp / t)
+    if bindir.exists():
+        shutil.rmtree(bindir)
+    tmp.rename(bindir)
+    return bindir
+
+
+def build_runtime(backend: str = "cpu", jobs: int | None = None, tools: bool = True) -> dict:
+    """Build (or take from cache) the patched runtime and install it into this Python environment."""
+    if backend not in BACKEND_CMAKE:
+        raise LexiError(f"unknown backend {backend!r}: choose one of {', '.join(BACKEND_CMAKE)}")
+    for exe in ("patch", "cmake"):
+        if not shutil.which(exe):
+            raise LexiError(f"'{exe}' is not on PATH; install it (apt-get install {exe}) and retry")
+    pin = read_pin()
+    jobs = jobs or os.cpu_count() or 2
+    rdir = runtime_dir(pin, backend)
+    rdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tree = prepare_source(pin, rdir)
+    wheel = build_wheel(tree, rdir, backend, jobs)
+    bindir = build_tools(tree, rdir, backend, jobs) if tools else None
+    _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", wheel])
+    _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
+          tree / "vendor" / "llama.cpp" / "gguf-py"])
+    record = {
+        "version": pin.version, "patch_hash": pin.patch_hash, "backend": backend,
+        "llama_cpp_commit": pin.llama_cpp_commit, "wheel": str(wheel),
+        "llama_cpp_dir": str(tree / "vendor" / "llama.cpp"),
+        "bin_dir": str(bindir) if bindir else None,
+    }
+    RUNTIME_RECORD.parent.mkdir(parents=True, exist_ok=True)
+    RUNTIME_RECORD.write_text(json.dumps(record, indent=2))
+    _log(f"runtime ready in {time.time() - t0:.0f} s: {rdir}")
+    return record

@@ -1,0 +1,184 @@
+"""Stage 1 of LExI: data-free per-layer sensitivity.
+
+For each MoE layer j and k in 1..k_base: D_j(k) = mean over random draws X ~ N(0, 1) of
+||MoE_j(X; k) - MoE_j(X; k_base)||_F. A draw is a block of `draw_tokens` token vectors.
+
+Top-k sets are nested (top-1 is a prefix of top-k_base), so one pass through the k_base selected
+experts gives every Y_k: Y_k = sum_{s<k} w_k[s] * O[s], with O the selected experts' outputs and
+w_k the routing weights that the runtime would use at k (renormalised over the first k when the
+architecture renormalises). Shared experts do not depend on k and cancel in the difference.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import LexiError, __version__
+from .archs import MoEModel, Routing
+from .weights import LayerWeights
+
+DEFAULT_SAMPLES = 8192      # token vectors per layer; see docs/method.md for the doubling check
+DEFAULT_DRAW_TOKENS = 16    # one draw = 16 token vectors (B x L = 1 x 16)
+CHUNK_TOKENS = 1024         # tokens processed at once (bounds the [k, tokens, H] deviation buffer)
+
+
+def route(x: torch.Tensor, lw: LayerWeights, r: Routing, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select experts as llama.cpp's build_moe_ffn does. Returns (idx [N, k], probs [N, k]) ordered by
+    selection score, with probs the un-normalised gate values of the selected experts."""
+    logits = x.float() @ lw.router.float().T
+    if r.gating == "softmax":
+        probs = logits.softmax(-1)
+    elif r.gating == "sigmoid":
+        probs = logits.sigmoid()
+    else:
+        raise LexiError(f"unknown gating function {r.gating!r}")
+    sel = probs + lw.bias.float() if lw.bias is not None else probs
+    if r.n_group > 1:
+        n, e = sel.shape
+        groups = sel.view(n, r.n_group, e // r.n_group)
+        score = groups.topk(2, -1).values.sum(-1) if r.group_score == "top2sum" else groups.max(-1).values
+        keep = score.topk(r.topk_group, -1).indices
+        mask = torch.zeros_like(score, dtype=torch.bool).scatter_(1, keep, True)
+        sel = sel.masked_fill(~mask.repeat_interleave(e // r.n_group, 1), float("-inf"))
+    idx = sel.topk(k, -1, sorted=True).indices
+    return idx, probs.gather(1, idx)
+
+
+def weights_for_k(p: torch.Tensor, r: Routing, k: int) -> torch.Tensor:
+    """Routing weights over the first k selected experts, as the runtime computes them at top-k."""
+    w = p[:, :k]
+    if r.norm_topk:
+        w = w / w.sum(-1, keepdim=True).clamp_min(6.103515625e-5)  # llama.cpp clamps like this
+    return w * r.scale
+
+
+def expert_outputs(x: torch.Tensor, idx: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+    """O[n, s] = expert_{idx[n, s]}(x[n]) (SwiGLU), computed per expert over its tokens. f32 result."""
+    n, k = idx.shape
+    out = torch.zeros(n, k, x.shape[1], dtype=torch.float32, device=x.device)
+    xc = x.to(lw.dtype)
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=len(lw.gate)).tolist()
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        pos = order[start:start + c]
+        start += c
+        xe = xc[pos // k]
+        h = F.silu(xe @ lw.gate[e].T) * (xe @ lw.up[e].T)
+        out.view(n * k, -1)[pos] = (h @ lw.down[e].T).float()
+    return out
+
+
+@dataclass
+class LayerProfile:
+    deviation: list[float]   # D(1)..D(k_base)
+    stderr: list[float]
+    seconds: float
+    flops: float
+
+
+def profile_layer(lw: LayerWeights, model: MoEModel, samples: int, seed: int, layer: int,
+                  draw_tokens: int = DEFAULT_DRAW_TOKENS, device: str = "cpu", input_mode: str = "raw",
+                  norm_weight: torch.Tensor | None = None) -> LayerProfile:
+    kb, r = model.k_base, model.routing
+    if samples % draw_tokens:
+        raise LexiError(f"--samples ({samples}) must be a multiple of the draw size ({draw_tokens})")
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)  # same seed, same layer -> same X
+    h = lw.router.shape[1]
+    sums = torch.zeros(kb, dtype=torch.float64)
+    sqs = torch.zeros(kb, dtype=torch.float64)
+    n_draws = samples // draw_tokens
+    t0 = time.perf_counter()
+    done = 0
+    while done < samples:
+        n = min(CHUNK_TOKENS - CHUNK_TOKENS % draw_tokens, samples - done)
+        x = torch.randn(n, h, generator=gen).to(device)
+        if input_mode == "rmsnorm" and norm_weight is not None:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight.float().to(device)
+        idx, p = route(x, lw, r, kb)
+        o = expert_outputs(x, idx, lw)
+        w_base = weights_for_k(p, r, kb)
+        # deviation weights per k: (w_k padded with zeros) - w_base, shape [kb, n, kb]
+        dw = torch.zeros(kb, n, kb, device=x.device)
+        for k in range(1, kb + 1):
+            dw[k - 1, :, :k] = weights_for_k(p, r, k)
+        dw -= w_base
+        dev = torch.bmm(dw.transpose(0, 1), o)                          # [n, kb, H]: Y_k - Y_base
+        norms = dev.view(n // draw_tokens, draw_tokens, kb, h).pow(2).sum((1, 3)).sqrt().T.double().cpu()
+        sums += norms.sum(1)
+        sqs += norms.pow(2).sum(1)
+        done += n
+    mean = sums / n_draws
+    var = (sqs / n_draws - mean.pow(2)).clamp_min(0) * n_draws / max(n_draws - 1, 1)
+    se = (var / n_draws).sqrt()
+    ff = lw.gate[0].shape[0]
+    flops = 2.0 * samples * kb * 3 * h * ff
+    return LayerProfile(mean.tolist(), se.tolist(), time.perf_counter() - t0, flops)
+
+
+def profile(source, samples: int = DEFAULT_SAMPLES, seed: int = 0, device: str = "cpu",
+            draw_tokens: int = DEFAULT_DRAW_TOKENS, input_mode: str = "raw", threads: int | None = None,
+            progress: bool = True) -> dict:
+    """Profile every MoE layer of a weight source; returns the sensitivity dict (JSON shape in docs)."""
+    if threads:
+        torch.set_num_threads(threads)
+    if device not in ("cpu", "cuda", "mps"):
+        raise LexiError(f"unknown device {device!r}: use cpu, cuda or mps")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LexiError("--device cuda asked for, but torch sees no CUDA device")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise LexiError("--device mps asked for, but torch sees no Metal device")
+    if samples < draw_tokens * 2:
+        raise LexiError(f"--samples must be at least {draw_tokens * 2} (two draws)")
+    m: MoEModel = source.model
+    layers = []
+    todo = list(range(m.n_layer))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(m.moe_layers), desc="profile", unit="layer")
+    t0 = time.perf_counter()
+    total_flops = 0.0
+    dtype = None
+    for i in todo:
+        if i not in m.moe_layers:
+            layers.append({"index": i, "moe": False, "deviation": None, "stderr": None})
+            continue
+        lw = source.layer(i)
+        lw.check_finite(f"layer {i}")
+        dtype = str(lw.dtype).replace("torch.", "")
+        if device != "cpu":
+            lw = LayerWeights(*(t.to(device) if isinstance(t, torch.Tensor) else
+                                ([x.to(device) for x in t] if isinstance(t, list) else t)
+                                for t in (lw.router, lw.bias, lw.gate, lw.up, lw.down)))
+        norm_w = source.norm_weight(i) if input_mode == "rmsnorm" else None
+        lp = profile_layer(lw, m, samples, seed, i, draw_tokens, device, input_mode, norm_w)
+        total_flops += lp.flops
+        layers.append({"index": i, "moe": True, "deviation": lp.deviation, "stderr": lp.stderr,
+                       "seconds": round(lp.seconds, 4)})
+        del lw
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    for L in layers:
+        if L["moe"] and not all(math.isfinite(v) for v in L["deviation"]):
+            raise LexiError(f"layer {L['index']}: deviation is not finite; the weights overflow in {dtype}")
+    return {
+        "format": "lexi-sensitivity/1", "lexi_gguf_version": __version__,
+        "arch": m.spec.name, "gguf_arch": m.spec.gguf_arch, "k_base": m.k_base, "n_expert": m.n_expert,
+        "n_layer": m.n_layer, "routing": vars(m.routing),
+        "settings": {"samples": samples, "seed": seed, "draw_tokens": draw_tokens, "input": input_mode,
+                     "device": device, "dtype": dtype, "norm": "frobenius", "threads": torch.get_num_threads()},
+        "timing": {"seconds": round(elapsed, 3), "gflops": round(total_flops / 1e9, 3),
+                   "gflop_per_s": round(total_flops / 1e9 / max(elapsed, 1e-9), 2)},
+        "layers": layers,
+    }

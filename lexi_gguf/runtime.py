@@ -1,0 +1,158 @@
+"""The patched llama.cpp at run time: load a GGUF through llama-cpp-python with the lexi settings,
+turn loader failures into errors that carry llama.cpp's own message, and say whether the
+`llama_cpp` in use is the patched build (doctor)."""
+from __future__ import annotations
+
+import ctypes
+import json
+import sys
+import threading
+from pathlib import Path
+
+from . import LexiError, keys
+
+PATCH_MARKER = b"lexi.expert_used_count"   # string compiled into the patched libllama
+
+
+class ModelLoadError(LexiError):
+    """llama.cpp refused the model; .loader_messages holds what its loader said."""
+
+    def __init__(self, path, messages: list[str]):
+        self.loader_messages = messages
+        detail = "; ".join(m for m in messages if m) or "no message from llama.cpp"
+        super().__init__(f"llama.cpp could not load {path}: {detail}")
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise LexiError("llama_cpp is not installed in this environment; run `make setup` "
+                        "(or `lexi-gguf build-runtime`) to build the patched runtime") from None
+    return llama_cpp
+
+
+_log_lock = threading.Lock()
+_log_lines: list[tuple[int, str]] = []
+_log_echo = False
+_log_cb = None
+
+
+def _install_log_hook():
+    """Route llama.cpp's log through us so a failed load can report the loader's words."""
+    global _log_cb
+    llama_cpp = _llama_cpp()
+    if _log_cb is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def cb(level, text, user_data):
+        s = text.decode("utf-8", "replace")
+        with _log_lock:
+            _log_lines.append((level, s))
+            del _log_lines[:-2000]
+        if _log_echo:
+            sys.stderr.write(s)
+
+    _log_cb = cb  # keep a reference: ctypes callbacks must outlive their registration
+    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+
+
+def captured_log() -> str:
+    with _log_lock:
+        return "".join(s for _, s in _log_lines)
+
+
+def lexi_overrides(arch: str | None = None, *, lexi: bool = True, budget_index: int | None = None,
+                   uniform_k: int | None = None) -> dict:
+    """kv_overrides for llama-cpp-python: the stored lexi counts, a ladder row, or a uniform k."""
+    kv: dict = {}
+    if not lexi or uniform_k is not None:
+        kv[keys.ENABLE] = False
+    if uniform_k is not None:
+        if arch is None:
+            raise LexiError("a uniform k override needs the model's architecture name")
+        kv[keys.arch_expert_used_count(arch)] = int(uniform_k)
+    if budget_index is not None and lexi and uniform_k is None:
+        kv[keys.BUDGET_INDEX] = int(budget_index)
+    return kv
+
+
+def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512, n_threads: int | None = None,
+         n_gpu_layers: int = 0, logits_all: bool = False, verbose: bool = False, seed: int = 0, n_batch: int = 512,
+         **kw):
+    """Open a GGUF with the patched llama-cpp-python; loader errors become ModelLoadError."""
+    global _log_echo
+    llama_cpp = _llama_cpp()
+    path = Path(path)
+    if not path.exists():
+        raise LexiError(f"{path} does not exist")
+    _install_log_hook()
+    with _log_lock:
+        _log_lines.clear()
+    _log_echo = verbose
+    try:
+        return llama_cpp.Llama(str(path), kv_overrides=kv_overrides or None, n_ctx=n_ctx, n_threads=n_threads,
+                               n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=logits_all,
+                               verbose=verbose, seed=seed, n_batch=n_batch, n_ubatch=n_batch, **kw)
+    except ValueError:
+        with _log_lock:
+            errors = [s.strip() for lvl, s in _log_lines if lvl == 3 or "error" in s.lower()]
+        raise ModelLoadError(path, errors) from None
+    finally:
+        _log_echo = False
+
+
+def library_path() -> Path | None:
+    try:
+        llama_cpp = _llama_cpp()
+    except LexiError:
+        return None
+    libdir = Path(llama_cpp.__file__).parent / "lib"
+    for name in ("libllama.so", "libllama.dylib", "llama.dll"):
+        if (libdir / name).exists():
+            return libdir / name
+    return None
+
+
+def is_patched() -> bool:
+    lib = library_path()
+    return lib is not None and PATCH_MARKER in lib.read_bytes()
+
+
+def runtime_record() -> dict | None:
+    from .build import RUNTIME_RECORD
+    return json.loads(RUNTIME_RECORD.read_text()) if RUNTIME_RECORD.exists() else None
+
+
+def llama_cpp_dir() -> Path:
+    """The patched llama.cpp source tree (converter, gguf-py, vocab files) of the installed runtime."""
+    import os
+    if os.environ.get("LEXI_GGUF_LLAMA_CPP_DIR"):
+        return Path(os.environ["LEXI_GGUF_LLAMA_CPP_DIR"])
+    rec = runtime_record()
+    if not rec or not Path(rec["llama_cpp_dir"]).exists():
+        raise LexiError("the patched llama.cpp tree is not set up; run `make setup` or `lexi-gguf build-runtime`")
+    return Path(rec["llama_cpp_dir"])
+
+
+def tool(name: str) -> Path:
+    """Path of llama-bench / llama-perplexity / llama-quantize built from the patched tree."""
+    rec = runtime_record()
+    if not rec or not rec.get("bin_dir") or not (Path(rec["bin_dir"]) / name).exists():
+        raise LexiError(f"{name} is not built; run `make setup` or `lexi-gguf build-runtime`")
+    return Path(rec["bin_dir"]) / name
+
+
+def doctor() -> dict:
+    """What runtime is in use and whether it honours the lexi keys."""
+    out = {"llama_cpp": None, "library": None, "patched": False, "runtime": runtime_record()}
+    try:
+        import llama_cpp
+        out["llama_cpp"] = f"{llama_cpp.__version__} ({Path(llama_cpp.__file__).parent})"
+    except ImportError:
+        return out
+    lib = library_path()
+    out["library"] = str(lib) if lib else None
+    out["patched"] = is_patched()
+    return out
