@@ -86,8 +86,8 @@ def _repair(ks: list[int], p: Problem, rng: random.Random) -> list[int] | None:
     return None
 
 
-def solve_evolutionary(p: Problem, seed: int = 0, population: int = 64, generations: int = 300,
-                       tournament: int = 3, mutation: float = 0.3) -> list[int]:
+def solve_evolutionary(p: Problem, seed: int = 0, population: int = 96, generations: int = 400,
+                       tournament: int = 3, mutation: float = 0.9) -> list[int]:
     rng = random.Random(seed)
     n = len(p.costs)
     pop: list[list[int]] = []
@@ -100,26 +100,61 @@ def solve_evolutionary(p: Problem, seed: int = 0, population: int = 64, generati
     if not pop:
         raise LexiError(f"the evolutionary solver found no allocation summing to {p.total}; use --solver exact")
 
+    memo: dict[tuple, float] = {}
+
+    def cost(ks: list[int]) -> float:
+        key = tuple(ks)
+        if key not in memo:
+            memo[key] = p.cost(ks)
+        return memo[key]
+
     def pick() -> list[int]:
-        return min(rng.sample(pop, min(tournament, len(pop))), key=p.cost)
+        return min(rng.sample(pop, min(tournament, len(pop))), key=cost)
+
+    def mutate(child: list[int]) -> None:
+        """Zero-sum +-1 moves: one layer up a step, another down a step (the budget is kept)."""
+        while True:
+            up, dn = rng.sample(range(n), 2)
+            ou, od = p.choices[up], p.choices[dn]
+            if child[up] < ou[-1] and child[dn] > od[0]:
+                child[up] = ou[ou.index(child[up]) + 1]
+                child[dn] = od[od.index(child[dn]) - 1]
+            if rng.random() < 0.5:
+                return
 
     for _ in range(generations):
-        elite = min(pop, key=p.cost)
-        children = [elite]
+        pop.sort(key=cost)
+        children = pop[:2]                                                   # elitism
         while len(children) < population:
             a, b = pick(), pick()
-            child = [a[j] if rng.random() < 0.5 else b[j] for j in range(n)]     # uniform crossover
-            if rng.random() < mutation and n > 1:                                  # zero-sum +-1 move
-                up, dn = rng.sample(range(n), 2)
-                ou, od = p.choices[up], p.choices[dn]
-                if child[up] < ou[-1] and child[dn] > od[0]:
-                    child[up] = ou[ou.index(child[up]) + 1]
-                    child[dn] = od[od.index(child[dn]) - 1]
+            child = [a[j] if rng.random() < 0.5 else b[j] for j in range(n)]  # uniform crossover
+            if rng.random() < mutation and n > 1:
+                mutate(child)
             child = _repair(child, p, rng)
             if child is not None:
                 children.append(child)
         pop = children
-    return min(pop, key=p.cost)
+    return _polish(min(pop, key=cost), p)
+
+
+def _polish(ks: list[int], p: Problem) -> list[int]:
+    """Pairwise exchange: re-split the experts of every two layers optimally until nothing improves.
+    Every exchange keeps the budget; the EA's best becomes a pairwise optimum."""
+    ks = list(ks)
+    improved = True
+    while improved:
+        improved = False
+        for a in range(len(ks)):
+            for b in range(a + 1, len(ks)):
+                pair = ks[a] + ks[b]
+                now = p.costs[a][ks[a] - 1] + p.costs[b][ks[b] - 1]
+                for ka in p.choices[a]:
+                    kb = pair - ka
+                    if kb in p.choices[b] and p.costs[a][ka - 1] + p.costs[b][kb - 1] < now - 1e-15:
+                        ks[a], ks[b] = ka, kb
+                        now = p.costs[a][ka - 1] + p.costs[b][kb - 1]
+                        improved = True
+    return ks
 
 
 def budget_total(n_moe: int, k_base: int, budget: float | None = None, total: int | None = None,

@@ -1,23 +1,199 @@
-"""lexi-gguf command line (temporary minimal version; subcommands are added per pipeline stage)."""
+"""lexi-gguf command line. Every user-facing failure is a LexiError: one line, exit status 2."""
 from __future__ import annotations
-import argparse, sys
-from . import LexiError
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="lexi-gguf")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build-runtime")
-    b.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "metal"])
-    b.add_argument("--jobs", type=int)
-    args = ap.parse_args(argv)
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import LexiError, __version__
+
+
+def _ints(s: str) -> list[int]:
     try:
-        if args.cmd == "build-runtime":
-            from .build import build_runtime
-            build_runtime(args.backend, args.jobs)
+        return [int(x) for x in s.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _write_json(obj: dict, out: str | Path, force: bool = True) -> None:
+    from .gguf_io import atomic_output
+    with atomic_output(out, force=force) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _read_json(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise LexiError(f"{p} does not exist")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise LexiError(f"{p} is not valid JSON ({e})") from None
+
+
+def _allowed_k(args) -> list[int] | None:
+    from .backends import safe_k
+    allowed = args.allowed_k
+    if getattr(args, "backend_safe", None):
+        s = safe_k(args.backend_safe)
+        allowed = sorted(set(allowed) & s) if allowed else sorted(s) if s else allowed
+    return allowed
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_build_runtime(args) -> None:
+    from .build import build_runtime
+    build_runtime(args.backend, args.jobs, tools=not args.no_tools)
+
+
+def cmd_doctor(args) -> None:
+    from .runtime import doctor
+    d = doctor()
+    print(json.dumps(d, indent=2))
+    if not d["patched"]:
+        raise LexiError("the llama_cpp in use is not the lexi-patched build; run `make setup`")
+    print("ok: the llama_cpp in use honours lexi.expert_used_count")
+
+
+def cmd_profile(args) -> None:
+    from .profile import profile
+    from .weights import SafetensorsSource
+    src = SafetensorsSource(args.model_dir)
+    sens = profile(src, samples=args.samples, seed=args.seed, device=args.device, threads=args.threads,
+                   draw_tokens=args.draw_tokens, input_mode=args.input)
+    _write_json(sens, args.output)
+    t = sens["timing"]
+    print(f"profiled {len(src.model.moe_layers)} MoE layers of {sens['arch']} (k_base {sens['k_base']}, "
+          f"{sens['n_expert']} experts) in {t['seconds']:.1f} s ({t['gflop_per_s']:.0f} GFLOP/s) -> {args.output}")
+    if args.plot:
+        from .plots import sensitivity_heatmap
+        print(f"heatmap -> {sensitivity_heatmap(sens, args.plot)}")
+
+
+def cmd_allocate(args) -> None:
+    from .allocate import allocate
+    sens = _read_json(args.sensitivity)
+    plan = allocate(sens, budget=args.budget, total=args.total, avg_k=args.avg_k, solver=args.solver,
+                    allowed_k=_allowed_k(args), min_k=args.min_k, seed=args.seed, compare=args.compare)
+    _write_json(plan, args.output)
+    print(f"k per layer: {plan['expert_used_count']}  total {plan['total']} (avg k {plan['avg_k']:.2f}, "
+          f"budget {plan['budget']:.3f})  objective {plan['objective']:.6g} [{plan['solver']}]")
+    if plan.get("uniform_objective") is not None:
+        print(f"uniform k={plan['total'] // sum(1 for L in sens['layers'] if L['moe'])} objective "
+              f"{plan['uniform_objective']:.6g}")
+    if plan.get("objectives"):
+        print("objectives: " + ", ".join(f"{k} {v:.6g}" for k, v in plan["objectives"].items()))
+    if args.plot:
+        from .plots import sensitivity_heatmap
+        print(f"heatmap -> {sensitivity_heatmap(sens, args.plot, plan)}")
+    print(f"plan -> {args.output}")
+
+
+def cmd_apply(args) -> None:
+    from .apply import apply
+    out = apply(args.input, args.output, k=args.k, plan=args.plan, sensitivity=args.sensitivity,
+                budget=args.budget, budgets=args.budgets, solver=args.solver, allowed_k=_allowed_k(args),
+                min_k=args.min_k, samples=args.samples, seed=args.seed, threads=args.threads, force=args.force)
+    print(f"wrote {out}")
+
+
+def cmd_inspect(args) -> None:
+    from .inspect import inspect_gguf, render
+    info = inspect_gguf(args.model)
+    print(json.dumps(info, indent=2) if args.json else render(info))
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lexi-gguf", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"lexi-gguf {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build-runtime", help="build the patched llama-cpp-python and llama.cpp tools (cached)")
+    p.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "metal"])
+    p.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
+    p.add_argument("--no-tools", action="store_true", help="skip llama-bench/llama-perplexity/llama-quantize")
+    p.set_defaults(func=cmd_build_runtime)
+
+    p = sub.add_parser("doctor", help="is the llama_cpp in use the lexi-patched build?")
+    p.set_defaults(func=cmd_doctor)
+
+    from .profile import DEFAULT_DRAW_TOKENS, DEFAULT_SAMPLES
+    p = sub.add_parser("profile", help="Stage 1: data-free per-layer sensitivity of a HF checkpoint")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="random token vectors per layer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--draw-tokens", type=int, default=DEFAULT_DRAW_TOKENS, help="token vectors per draw")
+    p.add_argument("--input", default="raw", choices=["raw", "rmsnorm"],
+                   help="feed N(0,1) raw (the paper) or through the layer's RMSNorm weight")
+    p.add_argument("--plot", help="also write a PNG heatmap here")
+    p.set_defaults(func=cmd_profile)
+
+    def add_alloc_opts(p, required_budget: bool):
+        g = p.add_mutually_exclusive_group(required=required_budget)
+        g.add_argument("--budget", type=float, help="fraction of the base budget (layers x base k)")
+        g.add_argument("--total", type=int, help="total active experts over MoE layers")
+        g.add_argument("--avg-k", type=float, help="average active experts per MoE layer")
+        p.add_argument("--solver", default="exact", choices=["exact", "evolutionary"])
+        p.add_argument("--allowed-k", type=_ints, help="only these k, e.g. 1,2,4,8")
+        p.add_argument("--backend-safe", choices=["cpu", "cuda", "metal"],
+                       help="only k values this backend runs (metal: 1,2,4,5,6,8,10,16,22)")
+        p.add_argument("--min-k", type=int, default=1)
+        p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("allocate", help="Stage 2: per-layer k under a total budget")
+    p.add_argument("sensitivity")
+    p.add_argument("-o", "--output", required=True)
+    add_alloc_opts(p, True)
+    p.add_argument("--compare", action="store_true", help="also run the other solver and report both objectives")
+    p.add_argument("--plot", help="heatmap PNG with the chosen k marked")
+    p.set_defaults(func=cmd_allocate)
+
+    p = sub.add_parser("apply", help="write lexi keys into a GGUF (streamed copy, atomic)")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--k", type=_ints, help="k per block, comma-separated, 0 on dense blocks")
+    p.add_argument("--plan", help="a plan.json from `allocate`")
+    p.add_argument("--sensitivity", help="a sensitivity.json (else the file's stored table, else profile the GGUF)")
+    p.add_argument("--budgets", type=_floats, help="ladder of budgets stored in the file, e.g. 1,0.75,0.5")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--force", action="store_true", help="overwrite the output")
+    add_alloc_opts(p, False)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("inspect", help="per-layer k, budgets and savings stored in a GGUF")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
     except LexiError as e:
         print(f"lexi-gguf: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lexi-gguf: interrupted", file=sys.stderr)
+        return 130
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

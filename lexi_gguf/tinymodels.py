@@ -28,7 +28,7 @@ TINY = {
                       norm_topk_prob=True, head_dim=16),
     "olmoe": dict(intermediate_size=48, num_experts=8, num_experts_per_tok=4, num_key_value_heads=4),
     "deepseek_v2": dict(intermediate_size=96, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1,
-                        num_experts_per_tok=4, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+                        num_experts_per_tok=4, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
                         qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8, num_key_value_heads=4,
                         routed_scaling_factor=1.5, norm_topk_prob=False, topk_method="greedy", n_group=1, topk_group=1),
     "granitemoe": dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=4, num_key_value_heads=4),

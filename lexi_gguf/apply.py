@@ -1,0 +1,74 @@
+"""`lexi-gguf apply`: put per-layer expert counts (and optionally a ladder of budgets and the
+sensitivity table) into a GGUF, as a streamed, atomic copy."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import LexiError
+from .allocate import allocate
+from .gguf_io import copy_with_metadata, lexi_metadata, model_info, sensitivity_from_gguf, validate_counts
+
+
+def sensitivity_for(info, sensitivity: str | Path | dict | None, *, samples: int, seed: int,
+                    threads: int | None, source_path: Path) -> dict:
+    """A sensitivity table for the model: given, stored in the file, or profiled from the GGUF's weights."""
+    if isinstance(sensitivity, dict):
+        sens = sensitivity
+    elif sensitivity:
+        p = Path(sensitivity)
+        if not p.exists():
+            raise LexiError(f"{p} does not exist")
+        sens = json.loads(p.read_text())
+    else:
+        sens = sensitivity_from_gguf(info)
+        if sens is None:
+            from .gguf_source import GGUFSource
+            from .profile import profile
+            src = GGUFSource(source_path)
+            sens = profile(src, samples=samples, seed=seed, threads=threads)
+            sens["source"] = "gguf:" + "+".join(src.types)
+    moe = [L["index"] for L in sens["layers"] if L["moe"]]
+    if len(sens["layers"]) != info.block_count or moe != info.moe_layers:
+        raise LexiError(f"the sensitivity table (MoE layers {moe}) does not match {info.path.name} "
+                        f"(MoE layers {info.moe_layers}); it was made for another model")
+    if int(sens["k_base"]) != info.expert_used_count:
+        raise LexiError(f"the sensitivity table has base k {sens['k_base']}, the model {info.expert_used_count}")
+    return sens
+
+
+def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan: str | dict | None = None,
+          sensitivity=None, budget: float | None = None, budgets: list[float] | None = None,
+          solver: str = "exact", allowed_k: list[int] | None = None, min_k: int = 1, samples: int = 8192,
+          seed: int = 0, threads: int | None = None, force: bool = False, progress: bool = True) -> Path:
+    src, out = Path(src), Path(out)
+    if src.resolve() == out.resolve():
+        raise LexiError("the output must be a new file, not the input")
+    if out.exists() and not force:
+        raise LexiError(f"{out} already exists; pass --force to overwrite it")
+    info = model_info(src)
+    if not info.is_moe:
+        raise LexiError(f"{src.name} ({info.arch}) has no MoE layers: this is a dense model, LExI has nothing to adapt")
+    if sum(x is not None for x in (k, plan, budget)) != 1:
+        raise LexiError("give exactly one of --k LIST, --plan plan.json or --budget FRACTION")
+    stored = sensitivity_from_gguf(info)
+    sens = None
+    if k is not None:
+        counts, method = list(k), "manual"
+        sens = stored
+    elif plan is not None:
+        pl = plan if isinstance(plan, dict) else json.loads(Path(plan).read_text())
+        counts, method = list(pl["expert_used_count"]), f"lexi-{pl.get('solver', 'exact')}"
+        sens = stored
+    else:
+        sens = sensitivity_for(info, sensitivity, samples=samples, seed=seed, threads=threads, source_path=src)
+        counts = allocate(sens, budget=budget, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed)["expert_used_count"]
+        method = f"lexi-{solver}"
+    validate_counts(info, counts)
+    ladder = None
+    if budgets:
+        if sens is None:
+            sens = sensitivity_for(info, sensitivity, samples=samples, seed=seed, threads=threads, source_path=src)
+        ladder = [allocate(sens, budget=b, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed) for b in budgets]
+    md = lexi_metadata(info, counts, method, sensitivity=sens, ladder=ladder)
+    return copy_with_metadata(src, out, md, force=force, progress=progress)

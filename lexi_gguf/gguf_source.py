@@ -1,0 +1,98 @@
+"""GGUF as a weight source for the profiler: router and expert tensors read from a (possibly quantized)
+GGUF through gguf-py's memory map and dequantizer, one layer at a time, in the Hugging Face layout the
+profiler uses. Routing comes from the GGUF's own metadata, as llama.cpp reads it."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from . import LexiError
+from .archs import ARCHS, ArchSpec, MoEModel, Routing
+from .gguf_io import GGUFModelInfo, field_value, model_info, open_reader
+from .weights import LayerWeights
+
+# llama.cpp archs whose builder renormalises the selected weights without a metadata key
+_NORM_BY_ARCH = {"llama": True, "mixtral": True, "qwen3moe": True, "granitemoe": True, "qwen2moe": False,
+                 "olmoe": False}
+_SPEC_BY_GGUF = {}
+for _s in ARCHS.values():
+    _SPEC_BY_GGUF.setdefault(_s.gguf_arch, _s)
+
+
+def _routing(reader, arch: str) -> Routing:
+    def kv(name, default=None):
+        v = field_value(reader, f"{arch}.{name}")
+        return default if v is None else v
+    gating = {1: "softmax", 2: "sigmoid"}.get(int(kv("expert_gating_func", 1)))
+    if gating is None:
+        raise LexiError(f"{arch}.expert_gating_func = {kv('expert_gating_func')} is not softmax (1) or sigmoid (2); "
+                        "lexi-gguf cannot profile this routing")
+    norm = kv("expert_weights_norm")
+    norm = _NORM_BY_ARCH.get(arch, False) if norm is None else bool(norm)
+    groups = int(kv("expert_group_count", 0) or 0)
+    return Routing(gating, norm, float(kv("expert_weights_scale", 0.0) or 1.0),
+                   n_group=max(groups, 1), topk_group=int(kv("expert_group_used_count", 0) or 1),
+                   group_score="top2sum", has_bias=False)
+
+
+def _to_torch(t) -> torch.Tensor:
+    import gguf
+    qt = t.tensor_type
+    if qt == gguf.GGMLQuantizationType.F32:
+        return torch.from_numpy(np.asarray(t.data))
+    if qt == gguf.GGMLQuantizationType.BF16:
+        raw = np.asarray(t.data).view(np.int16)
+        return torch.from_numpy(raw.copy()).view(torch.bfloat16)
+    arr = gguf.quants.dequantize(t.data, qt)
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+class GGUFSource:
+    def __init__(self, path):
+        self.reader = open_reader(path)
+        self.info: GGUFModelInfo = model_info(path, self.reader)
+        info = self.info
+        if not info.is_moe:
+            raise LexiError(f"{path} ({info.arch}) has no MoE layers: this is a dense model, LExI has nothing to adapt")
+        spec = _SPEC_BY_GGUF.get(info.arch)
+        if spec is None:
+            raise LexiError(f"unsupported GGUF architecture {info.arch!r}; lexi-gguf supports: "
+                            f"{', '.join(sorted(_SPEC_BY_GGUF))}")
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        spec = replace(spec, name=spec.name)
+        hidden = int(field_value(self.reader, f"{info.arch}.embedding_length"))
+        self.model = MoEModel(spec, {"hidden_size": hidden}, info.block_count, info.expert_count,
+                              info.expert_used_count, tuple(info.moe_layers), _routing(self.reader, info.arch))
+        self.types = sorted({self.tensors[f"blk.{i}.ffn_down_exps.weight"].tensor_type.name for i in info.moe_layers
+                             if f"blk.{i}.ffn_down_exps.weight" in self.tensors})
+
+    def _get(self, name: str) -> torch.Tensor:
+        t = self.tensors.get(name)
+        if t is None:
+            raise LexiError(f"tensor {name} is missing from {self.info.path}")
+        try:
+            return _to_torch(t)
+        except NotImplementedError as e:
+            raise LexiError(f"{name} is stored as {t.tensor_type.name}, which gguf-py cannot dequantize ({e}); "
+                            "profile the safetensors checkpoint instead") from None
+
+    def layer(self, i: int) -> LayerWeights:
+        p = f"blk.{i}."
+        router = self._get(p + "ffn_gate_inp.weight")                # [E, H]
+        bias = self._get(p + "exp_probs_b.bias") if p + "exp_probs_b.bias" in self.tensors else None
+        if p + "ffn_gate_up_exps.weight" in self.tensors:
+            gu = self._get(p + "ffn_gate_up_exps.weight")             # [E, 2F, H]
+            f = gu.shape[1] // 2
+            gate, up = gu[:, :f], gu[:, f:]
+        else:
+            gate, up = self._get(p + "ffn_gate_exps.weight"), self._get(p + "ffn_up_exps.weight")  # [E, F, H]
+        down = self._get(p + "ffn_down_exps.weight")                 # [E, H, F]
+        dt = torch.bfloat16 if any(x.dtype == torch.bfloat16 for x in (gate, up, down)) else torch.float32
+        return LayerWeights(router.float(), bias, [g.to(dt) for g in gate], [u.to(dt) for u in up],
+                            [d.to(dt) for d in down])
+
+    def norm_weight(self, i: int):
+        name = f"blk.{i}.ffn_norm.weight"
+        return self._get(name) if name in self.tensors else None

@@ -1,0 +1,98 @@
+"""`lexi-gguf inspect`: what a GGUF stores (per-layer k per budget, base k, method) and what it saves:
+active parameters and active bytes per token, which bound decode speed on memory-bound machines."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import keys
+from .gguf_io import model_info, open_reader, read_ladder
+
+_EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps")
+
+
+def footprint(path: str | Path, reader=None) -> dict:
+    """Bytes and parameters a token touches: everything but the expert tensors and the embedding table,
+    one embedding row, plus k experts' share of each MoE layer."""
+    r = reader or open_reader(path)
+    info = model_info(path, r)
+    fixed_b = fixed_p = 0
+    per_expert_b = [0.0] * info.block_count
+    per_expert_p = [0.0] * info.block_count
+    for t in r.tensors:
+        n_el, n_b = int(t.n_elements), int(t.n_bytes)
+        parts = t.name.split(".")
+        if t.name.startswith("token_embd"):
+            rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+            fixed_b += n_b / rows
+            fixed_p += n_el / rows
+        elif len(parts) > 2 and parts[0] == "blk" and parts[2] in _EXPERT_TENSORS:
+            i = int(parts[1])
+            per_expert_b[i] += n_b / info.expert_count
+            per_expert_p[i] += n_el / info.expert_count
+        else:
+            fixed_b += n_b
+            fixed_p += n_el
+    return {"fixed_bytes": fixed_b, "fixed_params": fixed_p, "expert_bytes": per_expert_b,
+            "expert_params": per_expert_p, "info": info}
+
+
+def active(fp: dict, counts: list[int]) -> tuple[float, float]:
+    """(bytes, params) active per token for per-layer counts."""
+    b = fp["fixed_bytes"] + sum(k * e for k, e in zip(counts, fp["expert_bytes"]))
+    p = fp["fixed_params"] + sum(k * e for k, e in zip(counts, fp["expert_params"]))
+    return b, p
+
+
+def base_counts(info) -> list[int]:
+    return [info.expert_used_count if i in info.moe_layers else 0 for i in range(info.block_count)]
+
+
+def inspect_gguf(path: str | Path) -> dict:
+    from .runtime import is_patched
+    fp = footprint(path)
+    info = fp["info"]
+    lx = info.lexi
+    full_b, full_p = active(fp, base_counts(info))
+    configs = []
+    if keys.EXPERT_USED_COUNT in lx:
+        configs.append({"name": "default", "index": None, "expert_used_count": [int(x) for x in lx[keys.EXPERT_USED_COUNT]]})
+    for row in read_ladder(info):
+        configs.append({"name": f"budget {row['budget']:.3g}", "index": row["index"],
+                        "expert_used_count": row["expert_used_count"]})
+    for c in configs:
+        b, p = active(fp, c["expert_used_count"])
+        c.update(total=sum(c["expert_used_count"]), avg_k=sum(c["expert_used_count"]) / len(info.moe_layers),
+                 active_bytes=b, active_params=p, bytes_ratio=b / full_b, params_ratio=p / full_p,
+                 ideal_speedup=full_b / b)
+    return {"path": str(path), "arch": info.arch, "block_count": info.block_count, "expert_count": info.expert_count,
+            "base_k": info.expert_used_count, "moe_layers": info.moe_layers,
+            "method": lx.get(keys.METHOD), "lexi_version": lx.get(keys.VERSION),
+            "has_sensitivity": keys.SENS_DEVIATION in lx,
+            "full": {"active_bytes": full_b, "active_params": full_p}, "configs": configs,
+            "runtime_honours_keys": is_patched()}
+
+
+def render(d: dict) -> str:
+    lines = [f"{d['path']}: {d['arch']}, {d['block_count']} blocks ({len(d['moe_layers'])} MoE), "
+             f"{d['expert_count']} experts, base k {d['base_k']}",
+             f"method: {d['method'] or '-'}   lexi-gguf {d['lexi_version'] or '-'}   "
+             f"sensitivity table stored: {'yes' if d['has_sensitivity'] else 'no'}",
+             f"full model: {d['full']['active_params'] / 1e6:.2f} M active params, "
+             f"{d['full']['active_bytes'] / 2**20:.1f} MiB active bytes per token"]
+    if not d["configs"]:
+        lines.append("no lexi keys: every layer runs the base k (use `lexi-gguf apply`)")
+    else:
+        lines.append("")
+        lines.append("| config | ladder index | total | avg k | active params | active bytes | ideal decode speed-up |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for c in d["configs"]:
+            lines.append(f"| {c['name']} | {'-' if c['index'] is None else c['index']} | {c['total']} | {c['avg_k']:.2f} | "
+                         f"{c['params_ratio']:.1%} | {c['bytes_ratio']:.1%} | {c['ideal_speedup']:.2f}x |")
+        lines.append("")
+        lines.append("per-layer k (MoE layers " + ",".join(map(str, d["moe_layers"])) + "):")
+        for c in d["configs"]:
+            lines.append(f"  {c['name']:>14}: " + " ".join(str(c["expert_used_count"][i]) for i in d["moe_layers"]))
+    lines.append("")
+    lines.append("runtime: " + ("the llama_cpp in use honours the lexi keys" if d["runtime_honours_keys"] else
+                                "the llama_cpp in use is NOT patched: it ignores lexi keys and runs base k (run `make setup`)"))
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""The patched runtime: per-layer k equals transformers with the same per-layer top-k, for every
+architecture; files without lexi keys behave as before; bad metadata is an error, not an abort."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lexi_gguf import keys, runtime
+from lexi_gguf.gguf_io import copy_with_metadata, lexi_metadata, model_info
+from lexi_gguf.tinymodels import hf_set_top_k
+
+from conftest import ARCHS
+
+GGML_TYPE_F32 = 0
+TOKENS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 1212, 318, 257, 1332, 286, 262, 1080]
+# 4 blocks, 8 experts, base k 4 (deepseek_v2: block 0 dense). Layer 0 smallest and k above base included.
+PATTERNS = {"default": [[1, 4, 2, 3], [3, 1, 4, 2], [8, 2, 6, 1]], "deepseek_v2": [[0, 1, 4, 2], [0, 3, 1, 8]]}
+
+
+_HF_CACHE: dict = {}
+
+
+def _hf_logits(path, counts):
+    from transformers import AutoModelForCausalLM
+    if path not in _HF_CACHE:
+        _HF_CACHE.clear()
+        _HF_CACHE[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = _HF_CACHE[path]
+    hf_set_top_k(model, counts)
+    with torch.no_grad():
+        return model(torch.tensor([TOKENS])).logits[0].numpy()
+
+
+def _llama_logits(path, **kv):
+    # f32 KV cache: llama.cpp's default f16 cache alone moves logits by ~1e-3
+    llm = runtime.load(path, kv_overrides=kv or None, n_ctx=64, logits_all=True, n_threads=2,
+                       type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+    llm.eval(TOKENS)
+    out = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
+    del llm
+    return out
+
+
+def _with_counts(src, dst, counts):
+    info = model_info(src)
+    copy_with_metadata(src, dst, lexi_metadata(info, counts, "manual"), progress=False)
+    return dst
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_layer_k_matches_transformers(arch, tiny_checkpoint, tiny_gguf, tmp_path):
+    hf_dir, gguf = tiny_checkpoint(arch), tiny_gguf(arch)
+    info = model_info(gguf)
+    base = [info.expert_used_count if i in info.moe_layers else 0 for i in range(info.block_count)]
+    # the plain file runs the model's own k everywhere
+    ref = _hf_logits(hf_dir, base)
+    got = _llama_logits(gguf)
+    assert np.abs(got - ref).max() <= 1e-3
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    for j, counts in enumerate(PATTERNS.get(arch, PATTERNS["default"])):
+        f = _with_counts(gguf, tmp_path / f"p{j}.gguf", counts)
+        ref = _hf_logits(hf_dir, counts)
+        got = _llama_logits(f)
+        assert np.abs(got - ref).max() <= 1e-3, (counts, float(np.abs(got - ref).max()))
+        assert (got.argmax(-1) == ref.argmax(-1)).all(), counts
+        # lexi.enable=false on the same file runs the model's own k, bit for bit as the plain file
+        assert np.array_equal(_llama_logits(f, **{keys.ENABLE: False}), _llama_logits(gguf))
+
+
+def test_uniform_override_and_ladder_selection(tiny_checkpoint, tiny_gguf, tmp_path):
+    arch = "qwen3_moe"
+    hf_dir, gguf = tiny_checkpoint(arch), tiny_gguf(arch)
+    info = model_info(gguf)
+    rows = [{"budget": 1.0, "total": 16, "expert_used_count": [4, 4, 4, 4]},
+            {"budget": 0.5, "total": 8, "expert_used_count": [1, 3, 2, 2]}]
+    md = lexi_metadata(info, [2, 2, 2, 2], "manual", ladder=rows)
+    f = copy_with_metadata(gguf, tmp_path / "ladder.gguf", md, progress=False)
+    # what users do today: a uniform k by override, with the lexi counts switched off
+    uni = _llama_logits(f, **runtime.lexi_overrides(info.arch, uniform_k=3))
+    assert np.abs(uni - _hf_logits(hf_dir, [3, 3, 3, 3])).max() <= 1e-3
+    # a stored budget chosen at load time by a scalar override
+    row1 = _llama_logits(f, **runtime.lexi_overrides(info.arch, budget_index=1))
+    assert np.abs(row1 - _hf_logits(hf_dir, [1, 3, 2, 2])).max() <= 1e-3
+    default = _llama_logits(f)
+    assert np.abs(default - _hf_logits(hf_dir, [2, 2, 2, 2])).max() <= 1e-3
+
+
+def test_load_logs_per_layer_k_once(tiny_gguf, tmp_path):
+    f = _with_counts(tiny_gguf("olmoe"), tmp_path / "l.gguf", [1, 4, 2, 3])
+    llm = runtime.load(f, n_ctx=32)
+    log = runtime.captured_log()
+    del llm
+    assert log.count("lexi.expert_used_count = [1,4,2,3] (sum 10, model k 4)") == 1
+
+
+def _bad(src, dst, md_changes, drop=()):
+    import gguf
+    info = model_info(src)
+    md = lexi_metadata(info, [1, 4, 2, 3] if 0 in info.moe_layers else [0, 4, 2, 3], "manual")
+    for k in drop:
+        md.pop(k)
+    md.update(md_changes)
+    return copy_with_metadata(src, dst, md, progress=False)
+
+
+def _T():
+    import gguf
+    return gguf.GGUFValueType
+
+
+@pytest.mark.parametrize("case", ["short", "too_many_experts", "zero_on_moe", "float_array", "scalar",
+                                  "dense_nonzero", "index_out_of_range", "index_without_ladder", "enable_not_bool"])
+def test_bad_metadata_is_a_python_error_with_the_loaders_message(case, tiny_gguf, tmp_path):
+    T = _T()
+    arch = "deepseek_v2" if case == "dense_nonzero" else "olmoe"
+    src = tiny_gguf(arch)
+    kv = None
+    E = keys.EXPERT_USED_COUNT
+    if case == "short":
+        f, msg = _bad(src, tmp_path / "b.gguf", {E: ([1, 2, 3], T.ARRAY, T.UINT32)}), "has 3 entries, expected 4"
+    elif case == "too_many_experts":
+        f, msg = _bad(src, tmp_path / "b.gguf", {E: ([1, 9, 2, 3], T.ARRAY, T.UINT32)}), r"\[1\] = 9 is out of range"
+    elif case == "zero_on_moe":
+        f, msg = _bad(src, tmp_path / "b.gguf", {E: ([1, 0, 2, 3], T.ARRAY, T.UINT32)}), r"\[1\] = 0 but block 1 is an MoE layer"
+    elif case == "float_array":
+        f, msg = _bad(src, tmp_path / "b.gguf", {E: ([1.0, 2.0, 2.0, 3.0], T.ARRAY, T.FLOAT32)}), "must be an array of uint32"
+    elif case == "scalar":
+        f, msg = _bad(src, tmp_path / "b.gguf", {E: (2, T.UINT32, None)}), "must be an array of uint32"
+    elif case == "dense_nonzero":
+        f, msg = _bad(src, tmp_path / "b.gguf", {E: ([2, 4, 2, 3], T.ARRAY, T.UINT32)}), r"\[0\] = 2 but block 0 is dense"
+    elif case == "index_out_of_range":
+        rows = {keys.LADDER_EXPERT_USED_COUNT: ([1, 1, 1, 1, 2, 2, 2, 2], T.ARRAY, T.UINT32)}
+        f, msg = _bad(src, tmp_path / "b.gguf", rows), "lexi.budget_index=5 is out of range: the file stores 2 budgets"
+        kv = {keys.BUDGET_INDEX: 5}
+    elif case == "index_without_ladder":
+        f, msg, kv = _bad(src, tmp_path / "b.gguf", {}), "has no lexi.ladder.expert_used_count", {keys.BUDGET_INDEX: 0}
+    else:
+        f, msg, kv = _bad(src, tmp_path / "b.gguf", {}), "lexi.enable must be a bool", {keys.ENABLE: 1}
+    with pytest.raises(runtime.ModelLoadError, match=msg) as ei:
+        runtime.load(f, kv_overrides=kv, n_ctx=32)
+    assert any("lexi" in m for m in ei.value.loader_messages)
+
+
+def test_doctor_sees_the_patched_library():
+    d = runtime.doctor()
+    assert d["patched"] is True
+    assert d["runtime"]["patch_hash"]
