@@ -112,6 +112,20 @@ def cmd_inspect(args) -> None:
     print(json.dumps(info, indent=2) if args.json else render(info))
 
 
+def cmd_convert(args) -> None:
+    from .convert import convert
+    convert(args.model_dir, args.output, budget=args.budget, quant=args.quant, sensitivity=args.sensitivity,
+            budgets=args.budgets, samples=args.samples, seed=args.seed, threads=args.threads,
+            solver=args.solver, allowed_k=_allowed_k(args), min_k=args.min_k, force=args.force)
+
+
+def cmd_chat(args) -> None:
+    from .chat import chat
+    chat(args.model, budget=args.budget, no_lexi=args.no_lexi, n_gpu_layers=args.n_gpu_layers,
+         threads=args.threads, max_tokens=args.max_tokens, n_ctx=args.ctx, temperature=args.temperature,
+         seed=args.seed)
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +188,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite the output")
     add_alloc_opts(p, False)
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("convert", help="HF checkpoint -> profiled, allocated, converted, quantized GGUF")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--budget", type=float, default=0.75, help="default budget the runtime uses (fraction of base)")
+    p.add_argument("--budgets", type=_floats, help="ladder stored in the file (default 1,0.875,0.75,0.625,0.5)")
+    p.add_argument("--quant", default="Q8_0", help="Q4_K_M, Q5_K_M, Q8_0, F16, BF16, F32, ... (llama.cpp's names)")
+    p.add_argument("--sensitivity", help="reuse a sensitivity.json instead of profiling")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--solver", default="exact", choices=["exact", "evolutionary"])
+    p.add_argument("--allowed-k", type=_ints)
+    p.add_argument("--backend-safe", choices=["cpu", "cuda", "metal"])
+    p.add_argument("--min-k", type=int, default=1)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("chat", help="streaming local chat (stdin may be piped)")
+    p.add_argument("model")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--budget", type=float, help="run a budget stored in the file's ladder")
+    g.add_argument("--no-lexi", action="store_true", help="ignore the per-layer counts (model's own k)")
+    p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="per-layer k, budgets and savings stored in a GGUF")
     p.add_argument("model")

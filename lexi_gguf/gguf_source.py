@@ -41,7 +41,7 @@ def _to_torch(t) -> torch.Tensor:
     import gguf
     qt = t.tensor_type
     if qt == gguf.GGMLQuantizationType.F32:
-        return torch.from_numpy(np.asarray(t.data))
+        return torch.from_numpy(np.array(t.data))  # copy: the mmap is read-only
     if qt == gguf.GGMLQuantizationType.BF16:
         raw = np.asarray(t.data).view(np.int16)
         return torch.from_numpy(raw.copy()).view(torch.bfloat16)

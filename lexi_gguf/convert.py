@@ -1,0 +1,112 @@
+"""`lexi-gguf convert`: HF checkpoint -> profiled, allocated, converted and quantized GGUF, one file.
+
+Stages: profile (or reuse a table) -> allocate (default budget + ladder) -> llama.cpp's own
+convert_hf_to_gguf.py -> lexi keys (streamed copy) -> llama.cpp's own quantizer (llama_model_quantize).
+Intermediate files live in a temp folder beside the output and are removed on success and failure;
+the output appears only when every stage succeeded.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from . import LexiError
+from .allocate import allocate
+from .gguf_io import copy_with_metadata, lexi_metadata, model_info
+
+DEFAULT_LADDER = (1.0, 0.875, 0.75, 0.625, 0.5)
+FLOAT_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
+
+
+def quant_ftype(name: str) -> int:
+    import llama_cpp
+    key = name.upper()
+    attr = "LLAMA_FTYPE_ALL_F32" if key == "F32" else f"LLAMA_FTYPE_MOSTLY_{key}"
+    if not hasattr(llama_cpp, attr):
+        known = sorted(a.removeprefix("LLAMA_FTYPE_MOSTLY_") for a in dir(llama_cpp) if a.startswith("LLAMA_FTYPE_MOSTLY_"))
+        raise LexiError(f"unknown quantization {name!r}; llama.cpp knows: F32, {', '.join(known)}")
+    return getattr(llama_cpp, attr)
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
+    """llama.cpp's own quantizer through llama-cpp-python (the same code as llama-quantize)."""
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = quant_ftype(quant)
+    params.nthread = threads or 0
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        from .runtime import captured_log
+        raise LexiError(f"llama.cpp's quantizer failed ({quant}, code {rc}); {captured_log()[-400:]}")
+
+
+def _stage(i: int, n: int, msg: str) -> float:
+    print(f"[{i}/{n}] {msg}", flush=True)
+    return time.perf_counter()
+
+
+def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, quant: str = "Q8_0",
+            sensitivity: str | Path | None = None, budgets: list[float] | None = None, samples: int = 8192,
+            seed: int = 0, threads: int | None = None, solver: str = "exact", allowed_k: list[int] | None = None,
+            min_k: int = 1, force: bool = False) -> Path:
+    from .profile import profile
+    from .runtime import _install_log_hook, llama_cpp_dir
+    from .tinymodels import convert_to_gguf
+    from .weights import SafetensorsSource
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise LexiError(f"{out} already exists; pass --force to overwrite it")
+    if not out.parent.exists():
+        raise LexiError(f"output folder {out.parent} does not exist")
+    quant_ftype(quant)                       # unknown quant types fail before any work
+    src = SafetensorsSource(model_dir)       # dense, unsupported, missing shards fail here
+    ladder_budgets = sorted(set(budgets if budgets else DEFAULT_LADDER) | {budget}, reverse=True)
+    n = 5
+    t = _stage(1, n, f"profile {src.model.spec.name}: {len(src.model.moe_layers)} MoE layers, "
+                     f"{src.model.n_expert} experts, base k {src.model.k_base}")
+    if sensitivity:
+        p = Path(sensitivity)
+        if not p.exists():
+            raise LexiError(f"{p} does not exist")
+        sens = json.loads(p.read_text())
+        print(f"      reusing {p}")
+    else:
+        sens = profile(src, samples=samples, seed=seed, threads=threads)
+    t = _stage(2, n, f"allocate budget {budget} (+ ladder {', '.join(f'{b:g}' for b in ladder_budgets)})")
+    plan = allocate(sens, budget=budget, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed)
+    ladder = [allocate(sens, budget=b, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed) for b in ladder_budgets]
+    print(f"      k per layer: {plan['expert_used_count']} (total {plan['total']})")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        outtype = FLOAT_TYPES.get(quant.upper(), "auto")
+        t = _stage(3, n, f"convert with llama.cpp's convert_hf_to_gguf.py (--outtype {outtype})")
+        base = convert_to_gguf(model_dir, tmpdir / "base.gguf", llama_cpp_dir(), outtype=outtype)
+        info = model_info(base)
+        t = _stage(4, n, "write lexi keys, ladder and sensitivity table")
+        keyed = copy_with_metadata(base, tmpdir / "keyed.gguf",
+                                   lexi_metadata(info, plan["expert_used_count"], f"lexi-{solver}",
+                                                 sensitivity=sens, ladder=ladder), progress=False)
+        base.unlink()
+        if quant.upper() in FLOAT_TYPES:
+            final = keyed
+            _stage(5, n, f"no quantization ({quant.upper()})")
+        else:
+            _stage(5, n, f"quantize to {quant.upper()} with llama.cpp's quantizer")
+            _install_log_hook()
+            final = tmpdir / "quant.gguf"
+            quantize(keyed, final, quant, threads)
+            keyed.unlink()
+        final.replace(out)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise LexiError(f"the disk holding {out.parent} is full; temporary files were removed, nothing was written") from None
+        raise LexiError(f"convert failed: {e}; temporary files were removed, nothing was written") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return out
