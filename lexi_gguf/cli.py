@@ -126,6 +126,41 @@ def cmd_chat(args) -> None:
          seed=args.seed)
 
 
+def _outputs(args, stem: str) -> tuple[Path, Path]:
+    js = Path(args.json) if args.json else Path(args.model).with_suffix(f".{stem}.json")
+    png = Path(args.plot) if args.plot else js.with_suffix(".png")
+    return js, png
+
+
+def cmd_bench(args) -> None:
+    from .bench import bench, plot, table
+    res = bench(args.model, args.budgets, n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.reps,
+                threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+    js, png = _outputs(args, "bench")
+    print(table(res))
+    _write_json(res, js)
+    plot(res, png)
+    print(f"json -> {js}\nplot -> {png}")
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import cross_check, evaluate, pareto_plot, table
+    text_path = Path(args.text)
+    if not text_path.exists():
+        raise LexiError(f"{text_path} does not exist; give a UTF-8 text file with --text")
+    res = evaluate(args.model, text_path.read_text(errors="replace"), args.budgets, ctx=args.ctx,
+                   threads=args.threads, n_gpu_layers=args.n_gpu_layers, max_chunks=args.chunks)
+    if args.cross_check:
+        res["llama_perplexity"] = cross_check(args.model, text_path, args.ctx, args.threads, res["chunks"])
+        print(f"llama-perplexity (full model): PPL {res['llama_perplexity']['ppl']:.4f}  ours {res['rows'][0]['ppl']:.4f}")
+    js, png = _outputs(args, "eval")
+    print(table(res))
+    _write_json(res, js)
+    bench_res = _read_json(args.bench) if args.bench else None
+    pareto_plot(res, png, bench_res)
+    print(f"json -> {js}\nplot -> {png}")
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +253,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("bench", help="prefill/decode tok/s: full vs uniform vs lexi at each budget")
+    p.add_argument("model")
+    p.add_argument("--budgets", type=_floats, default=[0.75, 0.5], help="budgets stored in the file (default 0.75,0.5)")
+    p.add_argument("--n-prompt", type=int, default=512)
+    p.add_argument("--n-gen", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--json", help="results JSON (default MODEL.bench.json)")
+    p.add_argument("--plot", help="PNG (default beside the JSON)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="perplexity and KL divergence vs the full model")
+    p.add_argument("model")
+    p.add_argument("--text", required=True, help="evaluation text file")
+    p.add_argument("--budgets", type=_floats, default=[0.75, 0.5])
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int, help="at most this many chunks")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--cross-check", action="store_true", help="also run llama-perplexity on the full model")
+    p.add_argument("--bench", help="a bench JSON: plot KLD against measured decode speed")
+    p.add_argument("--json", help="results JSON (default MODEL.eval.json)")
+    p.add_argument("--plot", help="PNG (default beside the JSON)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("inspect", help="per-layer k, budgets and savings stored in a GGUF")
     p.add_argument("model")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lexi_gguf import tinymodels
+from lexi_gguf import cli, tinymodels
+from lexi_gguf.tinymodels import make_checkpoint
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "granitemoe"]
 
@@ -42,3 +43,20 @@ def tiny_gguf(workdir, tiny_checkpoint, llama_cpp_dir):
             made[arch] = tinymodels.convert_to_gguf(tiny_checkpoint(arch), workdir / f"{arch}-f32.gguf", llama_cpp_dir)
         return made[arch]
     return get
+
+
+@pytest.fixture(scope="session")
+def hf_olmoe(tmp_path_factory, llama_cpp_dir):
+    # expert ffn 64 and hidden 64: rows divisible by Q8_0's block of 32, so experts really quantize
+    return make_checkpoint("olmoe", tmp_path_factory.mktemp("cli") / "hf", llama_cpp_dir, seed=5,
+                           intermediate_size=64, router_scale=4.0)
+
+
+@pytest.fixture(scope="session")
+def converted(hf_olmoe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "olmoe-q8.gguf"
+    assert cli.main(["convert", str(hf_olmoe), "-o", str(out), "--budget", "0.75", "--quant", "Q8_0",
+                     "--samples", "1024", "--threads", "2"]) == 0
+    return out
+
+

@@ -17,21 +17,6 @@ from lexi_gguf.tinymodels import make_checkpoint
 LEXI = [sys.executable, "-m", "lexi_gguf.cli"]
 
 
-@pytest.fixture(scope="module")
-def hf_olmoe(tmp_path_factory, llama_cpp_dir):
-    # expert ffn 64 and hidden 64: rows divisible by Q8_0's block of 32, so experts really quantize
-    return make_checkpoint("olmoe", tmp_path_factory.mktemp("cli") / "hf", llama_cpp_dir, seed=5,
-                           intermediate_size=64, router_scale=4.0)
-
-
-@pytest.fixture(scope="module")
-def converted(hf_olmoe, tmp_path_factory):
-    out = tmp_path_factory.mktemp("conv") / "olmoe-q8.gguf"
-    assert cli.main(["convert", str(hf_olmoe), "-o", str(out), "--budget", "0.75", "--quant", "Q8_0",
-                     "--samples", "1024", "--threads", "2"]) == 0
-    return out
-
-
 def test_convert_writes_keys_ladder_and_quantized_experts(converted):
     import gguf
     info = model_info(converted)

@@ -1,0 +1,129 @@
+"""`lexi-gguf bench`: llama-bench-like prefill (pp) and decode (tg) throughput through the patched
+llama-cpp-python, for full, uniform and lexi at each budget. Median of repetitions, with min and max.
+Writes a markdown table, JSON (with the machine) and a PNG of tok/s against average k."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from .configs import run_configs
+from .inspect import active, footprint
+from .runtime import load
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if not cpu and platform.system() == "Darwin":
+        import subprocess
+        cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout.strip()
+    mem = None
+    try:
+        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {"system": platform.system(), "machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
+            "memory_gib": mem, "python": platform.python_version()}
+
+
+def backend_name(n_gpu_layers: int) -> str:
+    from .runtime import runtime_record
+    rec = runtime_record() or {}
+    b = rec.get("backend", "cpu")
+    return "CPU" if n_gpu_layers == 0 or b == "cpu" else b.upper()
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=0) -> dict:
+    import numpy as np
+    llm = load(path, kv_overrides=kv, n_ctx=n_prompt + n_gen + 16, n_batch=min(512, n_prompt),
+               n_threads=threads, n_gpu_layers=n_gpu_layers)
+    rng = np.random.default_rng(0)
+    vocab = llm.n_vocab()
+    prompt = rng.integers(100, vocab, n_prompt).tolist()   # random tokens, as llama-bench uses
+    gen = rng.integers(100, vocab, n_gen).tolist()
+    llm.reset()
+    llm.eval(prompt[:16])                                   # warm-up
+    pp, tg = [], []
+    for _ in range(reps):
+        llm.reset()
+        pp.append(n_prompt / _time(lambda: llm.eval(prompt)))
+        llm.reset()
+
+        def decode():
+            for t in gen:
+                llm.eval([t])
+        tg.append(n_gen / _time(decode))
+    del llm
+    return {"pp_tps": statistics.median(pp), "pp_min": min(pp), "pp_max": max(pp),
+            "tg_tps": statistics.median(tg), "tg_min": min(tg), "tg_max": max(tg)}
+
+
+def bench(path, budgets, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=0, progress=True) -> dict:
+    fp = footprint(path)
+    configs = run_configs(path, budgets)
+    full_bytes = active(fp, configs[0].counts)[0]
+    rows = []
+    for c in configs:
+        if progress:
+            print(f"  bench {c.label:<14} k={c.counts}", flush=True)
+        m = measure(path, c.kv, n_prompt=n_prompt, n_gen=n_gen, reps=reps, threads=threads, n_gpu_layers=n_gpu_layers)
+        b = active(fp, c.counts)[0]
+        rows.append({"config": c.config, "budget": c.budget, "avg_k": c.avg_k, "expert_used_count": c.counts,
+                     "active_bytes": b, "ideal_speedup": full_bytes / b, **m})
+    full = rows[0]
+    for r in rows:
+        r["tg_speedup"] = r["tg_tps"] / full["tg_tps"]
+        r["pp_speedup"] = r["pp_tps"] / full["pp_tps"]
+    return {"model": str(path), "backend": backend_name(n_gpu_layers), "threads": threads or os.cpu_count(),
+            "n_gpu_layers": n_gpu_layers, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps,
+            "machine": machine(), "rows": rows}
+
+
+def table(res: dict) -> str:
+    pp, tg = f"pp{res['n_prompt']}", f"tg{res['n_gen']}"
+    lines = [f"| config | budget | avg k | backend | threads | {pp} t/s | {tg} t/s | tg speed-up | ideal (active bytes) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['config']} | {r['budget']:g} | {r['avg_k']:.2f} | {res['backend']} | {res['threads']} | "
+                     f"{r['pp_tps']:.1f} ({r['pp_min']:.1f}-{r['pp_max']:.1f}) | {r['tg_tps']:.1f} ({r['tg_min']:.1f}-{r['tg_max']:.1f}) | "
+                     f"{r['tg_speedup']:.2f}x | {r['ideal_speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, out) -> Path:
+    from .plots import _plt
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, name in ((axes[0], "pp_tps", f"prefill pp{res['n_prompt']}"), (axes[1], "tg_tps", f"decode tg{res['n_gen']}")):
+        for cfg, style in (("full", "ks"), ("uniform", "o--"), ("lexi", "^-")):
+            rs = sorted((r for r in res["rows"] if r["config"] == cfg), key=lambda r: r["avg_k"])
+            if rs:
+                ax.errorbar([r["avg_k"] for r in rs], [r[key] for r in rs],
+                            yerr=[[r[key] - r[key.replace("tps", "min")] for r in rs],
+                                  [r[key.replace("tps", "max")] - r[key] for r in rs]], fmt=style, label=cfg, capsize=3)
+        ax.set_xlabel("average active experts per MoE layer")
+        ax.set_ylabel("tokens / s")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{Path(res['model']).name} on {res['backend']} ({res['machine']['cpu']}, {res['threads']} threads)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)

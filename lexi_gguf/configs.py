@@ -1,0 +1,46 @@
+"""The three ways to run a model at a budget, as llama.cpp users would compare them:
+full (the model's own k), uniform (what users do today: `--override-kv {arch}.expert_used_count=int:K`)
+and lexi (the per-layer allocation stored in the file)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import LexiError
+from .chat import budget_index
+from .gguf_io import model_info, read_ladder
+from .runtime import lexi_overrides
+
+
+@dataclass
+class RunConfig:
+    config: str                 # full | uniform | lexi
+    budget: float
+    avg_k: float
+    counts: list[int]
+    kv: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return "full" if self.config == "full" else f"{self.config} {self.budget:g}"
+
+
+def run_configs(path: str | Path, budgets: list[float]) -> list[RunConfig]:
+    info = model_info(path)
+    if not info.is_moe:
+        raise LexiError(f"{Path(path).name} has no MoE layers: there is nothing to compare")
+    base = info.expert_used_count
+    n_moe = len(info.moe_layers)
+
+    def per_layer(k):
+        return [k if i in info.moe_layers else 0 for i in range(info.block_count)]
+
+    out = [RunConfig("full", 1.0, float(base), per_layer(base), lexi_overrides(lexi=False))]
+    ladder = {r["index"]: r for r in read_ladder(info)}
+    for b in budgets:
+        idx = budget_index(path, b)             # refuses budgets the file does not store
+        k_u = max(1, min(base, round(b * base)))
+        out.append(RunConfig("uniform", b, float(k_u), per_layer(k_u), lexi_overrides(info.arch, uniform_k=k_u)))
+        counts = ladder[idx]["expert_used_count"]
+        out.append(RunConfig("lexi", b, sum(counts) / n_moe, counts, lexi_overrides(budget_index=idx)))
+    return out

@@ -1,0 +1,128 @@
+"""`lexi-gguf eval`: perplexity, and against the full model the mean and 99th-percentile KL divergence
+and the same-top-1 fraction, for full, uniform and lexi at each budget. Chunking follows
+llama-perplexity: n_ctx-token chunks (first token replaced by BOS when the vocab adds one), the second
+half of each chunk scored. The full model's log-probabilities are kept in a temporary memmap."""
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import LexiError
+from .configs import run_configs
+from .runtime import load
+
+
+def _chunks(llm, text: str, ctx: int) -> list[list[int]]:
+    toks = llm.tokenize(text.encode(), add_bos=False, special=False)
+    n = len(toks) // ctx
+    if n < 1:
+        raise LexiError(f"the text has {len(toks)} tokens, fewer than one --ctx {ctx} chunk; give more text or a smaller --ctx")
+    bos = llm.token_bos() if llm._model.add_bos_token() else None
+    out = []
+    for i in range(n):
+        c = toks[i * ctx:(i + 1) * ctx]
+        if bos is not None and bos >= 0:
+            c = [bos] + c[1:]
+        out.append(c)
+    return out
+
+
+def _logprobs(llm, chunk: list[int]) -> np.ndarray:
+    """log-softmax of the logits at the scored positions [ctx/2, ctx-1): each predicts the next token."""
+    llm.reset()
+    llm.eval(chunk)
+    n = len(chunk)
+    logits = np.asarray(llm.scores[n // 2: n - 1], dtype=np.float64)
+    m = logits.max(-1, keepdims=True)
+    return (logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))).astype(np.float32)
+
+
+def evaluate(path, text: str, budgets: list[float], *, ctx=512, threads=None, n_gpu_layers=0, max_chunks=None,
+             progress=True) -> dict:
+    configs = run_configs(path, budgets)
+    rows = []
+    with tempfile.TemporaryDirectory() as td:
+        base = None
+        chunks = None
+        for c in configs:
+            if progress:
+                print(f"  eval  {c.label:<14} k={c.counts}", flush=True)
+            llm = load(path, kv_overrides=c.kv, n_ctx=ctx, n_batch=min(ctx, 512), logits_all=True,
+                       n_threads=threads, n_gpu_layers=n_gpu_layers)
+            if chunks is None:
+                chunks = _chunks(llm, text, ctx)[:max_chunks]
+                per = ctx - 1 - ctx // 2
+                base = np.lib.format.open_memmap(Path(td) / "full.npy", mode="w+", dtype=np.float32,
+                                                 shape=(len(chunks) * per, llm.n_vocab()))
+            nll, kld, same = [], [], []
+            for i, ch in enumerate(chunks):
+                lp = _logprobs(llm, ch)
+                sl = slice(i * len(lp), (i + 1) * len(lp))
+                targets = np.asarray(ch[len(ch) // 2 + 1:])
+                nll.append(-lp[np.arange(len(lp)), targets])
+                if c.config == "full":
+                    base[sl] = lp
+                ref = np.asarray(base[sl], dtype=np.float64)
+                kld.append((np.exp(ref) * (ref - lp)).sum(-1))
+                same.append(ref.argmax(-1) == lp.argmax(-1))
+            del llm
+            nll, kld, same = np.concatenate(nll), np.concatenate(kld), np.concatenate(same)
+            rows.append({"config": c.config, "budget": c.budget, "avg_k": c.avg_k, "expert_used_count": c.counts,
+                         "ppl": float(np.exp(nll.mean())), "kld_mean": float(max(kld.mean(), 0.0)),
+                         "kld_p99": float(max(np.percentile(kld, 99), 0.0)), "same_top1": float(same.mean()),
+                         "tokens_scored": int(len(nll))})
+        del base
+    return {"model": str(path), "ctx": ctx, "chunks": len(chunks), "rows": rows}
+
+
+def cross_check(path, text_file, ctx: int, threads=None, chunks: int | None = None) -> dict:
+    """Run the patched tree's llama-perplexity on the full model; its PPL should equal ours."""
+    from .runtime import tool
+    exe = tool("llama-perplexity")
+    cmd = [str(exe), "-m", str(path), "-f", str(text_file), "-c", str(ctx), "-b", str(min(ctx, 512)),
+           "--override-kv", "lexi.enable=bool:false", "-t", str(threads or 2)]
+    if chunks:
+        cmd += ["--chunks", str(chunks)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    import re
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+    if r.returncode != 0 or not m:
+        raise LexiError(f"llama-perplexity failed: {(r.stderr or r.stdout)[-400:]}")
+    return {"command": " ".join(cmd), "ppl": float(m.group(1))}
+
+
+def table(res: dict) -> str:
+    lines = ["| config | budget | avg k | PPL | mean KLD | KLD p99 | same top-1 |", "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['config']} | {r['budget']:g} | {r['avg_k']:.2f} | {r['ppl']:.3f} | {r['kld_mean']:.4f} | "
+                     f"{r['kld_p99']:.4f} | {r['same_top1']:.3f} |")
+    return "\n".join(lines)
+
+
+def pareto_plot(ev: dict, out, bench: dict | None = None) -> Path:
+    """KLD against decode speed (or average k without a bench run) for full, uniform and lexi."""
+    from .plots import _plt
+    plt = _plt()
+    speed = {}
+    if bench:
+        speed = {(r["config"], round(r["budget"], 4)): r["tg_tps"] for r in bench["rows"]}
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for cfg, style in (("full", "ks"), ("uniform", "o--"), ("lexi", "^-")):
+        rs = [r for r in ev["rows"] if r["config"] == cfg]
+        xs = [speed.get((cfg, round(r["budget"], 4)), r["avg_k"]) if bench else r["avg_k"] for r in rs]
+        pts = sorted(zip(xs, [max(r["kld_mean"], 1e-6) for r in rs]))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=cfg)
+    ax.set_yscale("log")
+    ax.set_xlabel("decode tokens / s" if bench else "average active experts per MoE layer")
+    ax.set_ylabel("mean KL divergence vs full")
+    ax.set_title(f"{Path(ev['model']).name}: quality vs speed", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
