@@ -69,7 +69,7 @@ def cmd_profile(args) -> None:
     from .weights import SafetensorsSource
     src = SafetensorsSource(args.model_dir)
     sens = profile(src, samples=args.samples, seed=args.seed, device=args.device, threads=args.threads,
-                   draw_tokens=args.draw_tokens, input_mode=args.input)
+                   draw_tokens=args.draw_tokens, input_mode=args.input, dtype=args.compute_dtype)
     _write_json(sens, args.output)
     t = sens["timing"]
     print(f"profiled {len(src.model.moe_layers)} MoE layers of {sens['arch']} (k_base {sens['k_base']}, "
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw-tokens", type=int, default=DEFAULT_DRAW_TOKENS, help="token vectors per draw")
     p.add_argument("--input", default="raw", choices=["raw", "rmsnorm"],
                    help="feed N(0,1) raw (the paper) or through the layer's RMSNorm weight")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="matmul dtype; auto measures bf16 vs f32 on this device for bf16/f16 weights")
     p.add_argument("--plot", help="also write a PNG heatmap here")
     p.set_defaults(func=cmd_profile)
 

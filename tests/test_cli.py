@@ -163,3 +163,24 @@ def test_full_disk_leaves_no_temp_files(hf_olmoe, converted, tmp_path, monkeypat
     assert cli.main(["convert", str(hf_olmoe), "-o", str(out), "--sensitivity", str(sens)]) == 2
     assert "disk holding" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [sens]
+
+
+def test_profile_allocate_cli_with_plots_and_infeasible_budget(hf_olmoe, tmp_path, capsys):
+    sens, plan, png, heat = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "p.png", tmp_path / "s.png"
+    assert cli.main(["profile", str(hf_olmoe), "-o", str(sens), "--samples", "256", "--plot", str(heat)]) == 0
+    s = json.loads(sens.read_text())
+    assert s["arch"] == "olmoe" and s["k_base"] == 4 and s["n_expert"] == 8
+    assert all(len(L["deviation"]) == 4 and len(L["stderr"]) == 4 for L in s["layers"])
+    assert s["settings"]["samples"] == 256 and heat.stat().st_size > 1000
+    assert cli.main(["allocate", str(sens), "--avg-k", "2.5", "--solver", "evolutionary", "--compare",
+                     "-o", str(plan), "--plot", str(png)]) == 0
+    p = json.loads(plan.read_text())
+    assert sum(p["expert_used_count"]) == p["total"] == 10 and p["solver"] == "evolutionary"
+    assert p["objectives"]["exact"] == pytest.approx(p["objective"])
+    assert png.stat().st_size > 1000
+    bad = tmp_path / "bad.json"
+    assert cli.main(["allocate", str(sens), "--total", "40", "-o", str(bad)]) == 2
+    assert "outside [4, 16]" in capsys.readouterr().err and not bad.exists()
+    assert cli.main(["allocate", str(sens), "--total", "9", "--backend-safe", "metal", "--allowed-k", "2,4",
+                     "-o", str(bad)]) == 2
+    assert "sums exactly to 9" in capsys.readouterr().err and not bad.exists()

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Runtime speed (issue 2): does a layer with fewer experts run faster, as much as its bytes say?
+
+A synthetic OLMoE-shaped model (hidden 2048, 64 experts, expert ffn 1024, 4 layers, base k 8), built
+from a transformers config with random bf16 weights, converted to Q8_0 by llama.cpp's converter.
+Runs on CPU: full k=8, uniform k=4 (the --override-kv users do today), per-layer [8,4,2,2] (same total).
+Targets: per-layer >= 0.97x uniform decode; speed-up over full >= 0.9x the active-bytes ideal.
+Results (with the machine) go to bench/results/runtime-<machine>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def build_model(work: Path, layers: int) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lexi_gguf.runtime import llama_cpp_dir
+    from lexi_gguf.tinymodels import convert_to_gguf, save_gpt2_tokenizer
+    gguf = work / f"olmoe-shaped-{layers}L-Q8_0.gguf"
+    if gguf.exists():
+        return gguf
+    hf = work / "hf"
+    cfg = AutoConfig.for_model("olmoe", hidden_size=2048, intermediate_size=1024, num_hidden_layers=layers,
+                               num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+                               vocab_size=50257, max_position_embeddings=4096, bos_token_id=50256, eos_token_id=50256,
+                               pad_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    model.save_pretrained(hf)
+    save_gpt2_tokenizer(hf, llama_cpp_dir())
+    del model
+    convert_to_gguf(hf, gguf, llama_cpp_dir(), outtype="q8_0")
+    import shutil
+    shutil.rmtree(hf)
+    return gguf
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default=str(ROOT / "out" / "bench"))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--pattern", default="8,4,2,2")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--n-prompt", type=int, default=512)
+    ap.add_argument("--n-gen", type=int, default=128)
+    args = ap.parse_args()
+    from lexi_gguf.apply import apply
+    from lexi_gguf.bench import machine, measure
+    from lexi_gguf.gguf_io import model_info
+    from lexi_gguf.inspect import active, footprint
+    from lexi_gguf.runtime import lexi_overrides
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    base = build_model(work, args.layers)
+    pattern = [int(x) for x in args.pattern.split(",")]
+    per_layer = work / f"olmoe-shaped-{args.layers}L-Q8_0-lexi.gguf"
+    apply(base, per_layer, k=pattern, force=True, progress=False)
+    print(f"model ready in {time.perf_counter() - t0:.0f} s: {base}")
+    info = model_info(base)
+    fp = footprint(base)
+    uni_k = sum(pattern) // len(pattern)
+    runs = [("full k=8", per_layer, lexi_overrides(lexi=False), [8] * args.layers),
+            (f"uniform k={uni_k}", per_layer, lexi_overrides(info.arch, uniform_k=uni_k), [uni_k] * args.layers),
+            (f"per-layer {pattern}", per_layer, {}, pattern)]
+    full_b = active(fp, runs[0][3])[0]
+    rows = []
+    print(f"| run | pp{args.n_prompt} t/s | tg{args.n_gen} t/s | tg speed-up | ideal | of ideal |")
+    print("|---|---|---|---|---|---|")
+    for name, path, kv, counts in runs:
+        m = measure(path, kv, n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.reps, threads=args.threads)
+        ideal = full_b / active(fp, counts)[0]
+        rows.append({"run": name, "expert_used_count": counts, "ideal_speedup": ideal, **m})
+        full_tg = rows[0]["tg_tps"]
+        sp = m["tg_tps"] / full_tg
+        rows[-1]["tg_speedup"] = sp
+        print(f"| {name} | {m['pp_tps']:.1f} ({m['pp_min']:.1f}-{m['pp_max']:.1f}) | {m['tg_tps']:.2f} "
+              f"({m['tg_min']:.2f}-{m['tg_max']:.2f}) | {sp:.2f}x | {ideal:.2f}x | {sp / ideal:.0%} |", flush=True)
+    full, uni, per = rows
+    targets = {"per_layer_vs_uniform_tg": per["tg_tps"] / uni["tg_tps"],
+               "per_layer_speedup_of_ideal": per["tg_speedup"] / per["ideal_speedup"],
+               "uniform_speedup_of_ideal": uni["tg_speedup"] / uni["ideal_speedup"]}
+    ok = {"per_layer_vs_uniform >= 0.97": targets["per_layer_vs_uniform_tg"] >= 0.97,
+          "per_layer_speedup >= 0.9 x ideal": targets["per_layer_speedup_of_ideal"] >= 0.9}
+    for k, v in ok.items():
+        print(f"target {k}: {'met' if v else 'NOT met'}")
+    res = {"model": "synthetic OLMoE-shaped: hidden 2048, 64 experts, expert ffn 1024, "
+                    f"{args.layers} layers, base k 8, Q8_0", "threads": args.threads, "n_prompt": args.n_prompt,
+           "n_gen": args.n_gen, "reps": args.reps, "machine": machine(), "rows": rows, "targets": targets,
+           "targets_met": ok}
+    out = ROOT / "bench" / "results" / f"runtime-{platform.machine()}-{res['machine']['cores']}c.json"
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"results -> {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
