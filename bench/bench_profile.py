@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -101,7 +100,7 @@ def main() -> int:
         return 0
     import torch
     torch.set_num_threads(args.threads)
-    from lexi_gguf.bench import machine
+    from lexi_gguf.bench import machine, save_results
     peaks = {dt: matmul_peak(dt) for dt in ("float32", "bfloat16")}
     peak = max(peaks.values())
     print("torch matmul peak (x @ W.T, 4096x2048x2048): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
@@ -137,11 +136,7 @@ def main() -> int:
                                v["same"] for v in check["budgets"].values()),
                            "any change is within 2 stderr of the objective": bool(check) and all(
                                v["regret"] <= 2 * v["objective_stderr"] for v in check["budgets"].values())}}
-    for k, v in res["targets_met"].items():
-        print(f"target {k}: {'met' if v else 'NOT met'}")
-    out = ROOT / "bench" / "results" / f"profile-{platform.machine()}-{res['machine']['cores']}c.json"
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"results -> {out.relative_to(ROOT)}")
+    save_results(res, "profile", ROOT / "bench" / "results")
     return 0
 
 

@@ -10,8 +10,6 @@ Results (with the machine) go to bench/results/runtime-<machine>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -61,7 +59,7 @@ def main() -> int:
     ap.add_argument("--n-gen", type=int, default=128)
     args = ap.parse_args()
     from lexi_gguf.apply import apply
-    from lexi_gguf.bench import machine, measure
+    from lexi_gguf.bench import machine, measure, save_results
     from lexi_gguf.gguf_io import model_info
     from lexi_gguf.inspect import active, footprint
     from lexi_gguf.runtime import lexi_overrides
@@ -99,15 +97,11 @@ def main() -> int:
                "uniform_speedup_of_ideal": uni["tg_speedup"] / uni["ideal_speedup"]}
     ok = {"per_layer_vs_uniform >= 0.97": targets["per_layer_vs_uniform_tg"] >= 0.97,
           "per_layer_speedup >= 0.9 x ideal": targets["per_layer_speedup_of_ideal"] >= 0.9}
-    for k, v in ok.items():
-        print(f"target {k}: {'met' if v else 'NOT met'}")
     res = {"model": "synthetic OLMoE-shaped: hidden 2048, 64 experts, expert ffn 1024, "
                     f"{args.layers} layers, base k 8, Q8_0", "threads": args.threads, "n_prompt": args.n_prompt,
            "n_gen": args.n_gen, "reps": args.reps, "machine": machine(), "rows": rows, "targets": targets,
            "targets_met": ok}
-    out = ROOT / "bench" / "results" / f"runtime-{platform.machine()}-{res['machine']['cores']}c.json"
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"results -> {out.relative_to(ROOT)}")
+    save_results(res, "runtime", ROOT / "bench" / "results")
     return 0
 
 

@@ -69,7 +69,7 @@ def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_
             for t in gen:
                 llm.eval([t])
         tg.append(n_gen / _time(decode))
-    del llm
+    llm.close()  # free the model before the next configuration loads
     return {"pp_tps": statistics.median(pp), "pp_min": min(pp), "pp_max": max(pp),
             "tg_tps": statistics.median(tg), "tg_min": min(tg), "tg_max": max(tg)}
 
@@ -127,3 +127,13 @@ def plot(res: dict, out) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return Path(out)
+
+
+def save_results(res: dict, name: str, results_dir: Path) -> Path:
+    """Print each target's verdict and save the results, named by benchmark and machine."""
+    for k, v in res.get("targets_met", {}).items():
+        print(f"target {k}: {'met' if v else 'NOT met'}")
+    out = Path(results_dir) / f"{name}-{platform.machine()}-{res['machine']['cores']}c.json"
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"results -> {out}")
+    return out

@@ -11,7 +11,6 @@ import errno
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from . import LexiError
@@ -44,9 +43,8 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> No
         raise LexiError(f"llama.cpp's quantizer failed ({quant}, code {rc}); {captured_log()[-400:]}")
 
 
-def _stage(i: int, n: int, msg: str) -> float:
+def _stage(i: int, n: int, msg: str) -> None:
     print(f"[{i}/{n}] {msg}", flush=True)
-    return time.perf_counter()
 
 
 def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, quant: str = "Q8_0",
@@ -67,7 +65,7 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
     src = SafetensorsSource(model_dir)       # dense, unsupported, missing shards fail here
     ladder_budgets = sorted(set(budgets if budgets else DEFAULT_LADDER) | {budget}, reverse=True)
     n = 5
-    t = _stage(1, n, f"profile {src.model.spec.name}: {len(src.model.moe_layers)} MoE layers, "
+    _stage(1, n, f"profile {src.model.spec.name}: {len(src.model.moe_layers)} MoE layers, "
                      f"{src.model.n_expert} experts, base k {src.model.k_base}")
     if sensitivity:
         p = Path(sensitivity)
@@ -77,17 +75,17 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
         print(f"      reusing {p}")
     else:
         sens = profile(src, samples=samples, seed=seed, threads=threads)
-    t = _stage(2, n, f"allocate budget {budget} (+ ladder {', '.join(f'{b:g}' for b in ladder_budgets)})")
+    _stage(2, n, f"allocate budget {budget} (+ ladder {', '.join(f'{b:g}' for b in ladder_budgets)})")
     plan = allocate(sens, budget=budget, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed)
     ladder = [allocate(sens, budget=b, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed) for b in ladder_budgets]
     print(f"      k per layer: {plan['expert_used_count']} (total {plan['total']})")
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         outtype = FLOAT_TYPES.get(quant.upper(), "auto")
-        t = _stage(3, n, f"convert with llama.cpp's convert_hf_to_gguf.py (--outtype {outtype})")
+        _stage(3, n, f"convert with llama.cpp's convert_hf_to_gguf.py (--outtype {outtype})")
         base = convert_to_gguf(model_dir, tmpdir / "base.gguf", llama_cpp_dir(), outtype=outtype)
         info = model_info(base)
-        t = _stage(4, n, "write lexi keys, ladder and sensitivity table")
+        _stage(4, n, "write lexi keys, ladder and sensitivity table")
         keyed = copy_with_metadata(base, tmpdir / "keyed.gguf",
                                    lexi_metadata(info, plan["expert_used_count"], f"lexi-{solver}",
                                                  sensitivity=sens, ladder=ladder), progress=False)

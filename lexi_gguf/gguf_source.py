@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import LexiError
-from .archs import ARCHS, ArchSpec, MoEModel, Routing
+from .archs import ARCHS, MoEModel, Routing
 from .gguf_io import GGUFModelInfo, field_value, model_info, open_reader
 from .weights import LayerWeights
 

@@ -7,7 +7,6 @@ recognises it by its pre-tokenizer hash.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -1,7 +1,6 @@
 """Shared fixtures: the patched runtime's llama.cpp tree, tiny checkpoints and their GGUFs (cached per session)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -6,13 +6,11 @@ import errno
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from lexi_gguf import cli, keys
 from lexi_gguf.gguf_io import model_info
-from lexi_gguf.tinymodels import make_checkpoint
 
 LEXI = [sys.executable, "-m", "lexi_gguf.cli"]
 

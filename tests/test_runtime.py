@@ -95,7 +95,6 @@ def test_load_logs_per_layer_k_once(tiny_gguf, tmp_path):
 
 
 def _bad(src, dst, md_changes, drop=()):
-    import gguf
     info = model_info(src)
     md = lexi_metadata(info, [1, 4, 2, 3] if 0 in info.moe_layers else [0, 4, 2, 3], "manual")
     for k in drop:
