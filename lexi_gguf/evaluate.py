@@ -115,7 +115,8 @@ def pareto_plot(ev: dict, out, bench: dict | None = None) -> Path:
         xs = [speed.get((cfg, round(r["budget"], 4)), r["avg_k"]) if bench else r["avg_k"] for r in rs]
         pts = sorted(zip(xs, [max(r["kld_mean"], 1e-6) for r in rs]))
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=cfg)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style,
+                    label="full (KLD 0, drawn at 1e-6)" if cfg == "full" else cfg)
     ax.set_yscale("log")
     ax.set_xlabel("decode tokens / s" if bench else "average active experts per MoE layer")
     ax.set_ylabel("mean KL divergence vs full")

@@ -19,7 +19,7 @@ def sensitivity_heatmap(sens: dict, out: str | Path, plan: dict | None = None) -
     kb = sens["k_base"]
     data = np.array([L["deviation"] for L in moe], dtype=float)
     shown = np.log10(np.maximum(data, data[data > 0].min() * 0.5 if (data > 0).any() else 1e-12))
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * kb, 1.4 + 0.32 * len(moe)))
+    fig, ax = plt.subplots(figsize=(3.2 + 0.45 * kb, 1.8 + 0.32 * len(moe)))
     im = ax.imshow(shown, aspect="auto", cmap="viridis", origin="upper")
     ax.set_xticks(range(kb), [str(k) for k in range(1, kb + 1)])
     ax.set_yticks(range(len(moe)), [str(L["index"]) for L in moe])
@@ -30,7 +30,7 @@ def sensitivity_heatmap(sens: dict, out: str | Path, plan: dict | None = None) -
         counts = plan["expert_used_count"]
         ax.scatter([counts[L["index"]] - 1 for L in moe], range(len(moe)), marker="s", s=60,
                    facecolors="none", edgecolors="red", linewidths=2, label=f"chosen k (total {plan['total']})")
-        ax.legend(loc="lower left", fontsize=7)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="log10 ||Y_k - Y_base||_F")
     fig.tight_layout()
