@@ -56,6 +56,7 @@ class SafetensorsSource:
     def __init__(self, model_dir: str | Path):
         from safetensors import safe_open
         self._safe_open = safe_open
+        self._handles: dict[str, object] = {}   # one open mmap per shard
         self.dir = Path(model_dir)
         self.config = load_config(self.dir)
         self.model: MoEModel = resolve(self.config)
@@ -74,18 +75,16 @@ class SafetensorsSource:
         if missing:
             raise LexiError(f"checkpoint shard(s) missing: {', '.join(missing)} (listed in "
                             f"model.safetensors.index.json); download the complete checkpoint")
-        self._handles: dict[str, object] = {}
 
     def _open(self, fname: str):
-        h = getattr(self, "_handles", {}).get(fname)
+        h = self._handles.get(fname)
         if h is None:
             try:
                 h = self._safe_open(str(self.dir / fname), framework="pt")
             except Exception as e:  # safetensors raises its own error types for truncated headers
                 raise LexiError(f"cannot read {self.dir / fname}: {e}; the file is truncated or corrupt, "
                                 "re-download it") from None
-            if hasattr(self, "_handles"):
-                self._handles[fname] = h
+            self._handles[fname] = h
         return h
 
     def has(self, name: str) -> bool:
