@@ -55,13 +55,11 @@ def one_layer(shape: str, samples: int, threads: int) -> dict:
     spec = ARCHS["olmoe" if shape == "olmoe" else "mixtral"]
     model = MoEModel(spec, {}, 1, s["experts"], s["k"], (0,), Routing("softmax", shape == "mixtral"))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    from lexi_gguf.profile import compute_dtype
-    cdt = str(compute_dtype(torch.bfloat16, "cpu")).replace("torch.", "")
     lp = profile_layer(lw, model, samples, 0, 0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"shape": shape, **s, "samples": samples, "seconds": lp.seconds, "gflop": lp.flops / 1e9,
             "gflop_per_s": lp.flops / 1e9 / lp.seconds, "expert_weights_gib": lw.nbytes() / 2**30,
-            "peak_rss_gib": peak, "rss_after_weights_gib": rss0, "compute_dtype": cdt}
+            "peak_rss_gib": peak, "rss_after_weights_gib": rss0, "compute_dtype": lp.compute_dtype}
 
 
 def sample_check(samples: int) -> dict | None:

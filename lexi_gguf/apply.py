@@ -10,9 +10,9 @@ from .allocate import allocate
 from .gguf_io import copy_with_metadata, lexi_metadata, model_info, sensitivity_from_gguf, validate_counts
 
 
-def sensitivity_for(info, sensitivity: str | Path | dict | None, *, samples: int, seed: int,
+def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict | None, samples: int, seed: int,
                     threads: int | None, source_path: Path) -> dict:
-    """A sensitivity table for the model: given, stored in the file, or profiled from the GGUF's weights."""
+    """A sensitivity table for the model: given, stored in the file (`stored`), or profiled from the GGUF's weights."""
     if isinstance(sensitivity, dict):
         sens = sensitivity
     elif sensitivity:
@@ -21,7 +21,7 @@ def sensitivity_for(info, sensitivity: str | Path | dict | None, *, samples: int
             raise LexiError(f"{p} does not exist")
         sens = json.loads(p.read_text())
     else:
-        sens = sensitivity_from_gguf(info)
+        sens = stored
         if sens is None:
             from .gguf_source import GGUFSource
             from .profile import profile
@@ -61,14 +61,14 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
         counts, method = list(pl["expert_used_count"]), f"lexi-{pl.get('solver', 'exact')}"
         sens = stored
     else:
-        sens = sensitivity_for(info, sensitivity, samples=samples, seed=seed, threads=threads, source_path=src)
+        sens = sensitivity_for(info, sensitivity, stored=stored, samples=samples, seed=seed, threads=threads, source_path=src)
         counts = allocate(sens, budget=budget, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed)["expert_used_count"]
         method = f"lexi-{solver}"
     validate_counts(info, counts)
     ladder = None
     if budgets:
         if sens is None:
-            sens = sensitivity_for(info, sensitivity, samples=samples, seed=seed, threads=threads, source_path=src)
+            sens = sensitivity_for(info, sensitivity, stored=stored, samples=samples, seed=seed, threads=threads, source_path=src)
         ladder = [allocate(sens, budget=b, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed) for b in budgets]
     md = lexi_metadata(info, counts, method, sensitivity=sens, ladder=ladder)
     return copy_with_metadata(src, out, md, force=force, progress=progress)

@@ -11,15 +11,18 @@ from .gguf_io import model_info, read_ladder
 from .runtime import lexi_overrides, load
 
 
-def budget_index(path: str | Path, budget: float) -> int:
+def find_budget(rows: list[dict], budget: float, name: str) -> dict:
     """The ladder row of a stored budget; a budget that is not stored is an error listing those that are."""
-    rows = read_ladder(model_info(path))
     for r in rows:
         if abs(r["budget"] - budget) < 1e-3:
-            return r["index"]
+            return r
     have = ", ".join(f"{r['budget']:g}" for r in rows) or "none"
-    raise LexiError(f"budget {budget:g} is not stored in {Path(path).name} (stored budgets: {have}); "
+    raise LexiError(f"budget {budget:g} is not stored in {name} (stored budgets: {have}); "
                     "pick one of those or rewrite the file with `lexi-gguf apply --budgets ...`")
+
+
+def budget_index(path: str | Path, budget: float) -> int:
+    return find_budget(read_ladder(model_info(path)), budget, Path(path).name)["index"]
 
 
 def overrides_for(path, *, budget: float | None = None, no_lexi: bool = False) -> dict:

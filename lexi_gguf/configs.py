@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import LexiError
-from .chat import budget_index
+from .chat import find_budget
 from .gguf_io import model_info, read_ladder
 from .runtime import lexi_overrides
 
@@ -36,11 +36,11 @@ def run_configs(path: str | Path, budgets: list[float]) -> list[RunConfig]:
         return [k if i in info.moe_layers else 0 for i in range(info.block_count)]
 
     out = [RunConfig("full", 1.0, float(base), per_layer(base), lexi_overrides(lexi=False))]
-    ladder = {r["index"]: r for r in read_ladder(info)}
+    ladder = read_ladder(info)
     for b in budgets:
-        idx = budget_index(path, b)             # refuses budgets the file does not store
+        row = find_budget(ladder, b, Path(path).name)   # refuses budgets the file does not store
         k_u = max(1, min(base, round(b * base)))
         out.append(RunConfig("uniform", b, float(k_u), per_layer(k_u), lexi_overrides(info.arch, uniform_k=k_u)))
-        counts = ladder[idx]["expert_used_count"]
-        out.append(RunConfig("lexi", b, sum(counts) / n_moe, counts, lexi_overrides(budget_index=idx)))
+        counts = row["expert_used_count"]
+        out.append(RunConfig("lexi", b, sum(counts) / n_moe, counts, lexi_overrides(budget_index=row["index"])))
     return out

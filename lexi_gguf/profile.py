@@ -114,6 +114,7 @@ class LayerProfile:
     stderr: list[float]
     seconds: float
     flops: float
+    compute_dtype: str
 
 
 def profile_layer(lw: LayerWeights, model: MoEModel, samples: int, seed: int, layer: int,
@@ -153,7 +154,8 @@ def profile_layer(lw: LayerWeights, model: MoEModel, samples: int, seed: int, la
     se = (var / n_draws).sqrt()
     ff = lw.gate[0].shape[0]
     flops = 2.0 * samples * kb * 3 * h * ff
-    return LayerProfile(mean.tolist(), se.tolist(), time.perf_counter() - t0, flops)
+    return LayerProfile(mean.tolist(), se.tolist(), time.perf_counter() - t0, flops,
+                        str(cdt).replace("torch.", ""))
 
 
 def profile(source, samples: int = DEFAULT_SAMPLES, seed: int = 0, device: str = "cpu",
@@ -194,7 +196,7 @@ def profile(source, samples: int = DEFAULT_SAMPLES, seed: int = 0, device: str =
                                 for t in (lw.router, lw.bias, lw.gate, lw.up, lw.down)))
         norm_w = source.norm_weight(i) if input_mode == "rmsnorm" else None
         lp = profile_layer(lw, m, samples, seed, i, draw_tokens, device, input_mode, norm_w, dtype)
-        cdt_used = str(compute_dtype(lw.dtype, device, dtype)).replace("torch.", "")
+        cdt_used = lp.compute_dtype
         total_flops += lp.flops
         layers.append({"index": i, "moe": True, "deviation": lp.deviation, "stderr": lp.stderr,
                        "seconds": round(lp.seconds, 4)})
