@@ -30,6 +30,13 @@ BACKEND_CMAKE = {
     "cuda": ["-DGGML_CUDA=ON"],
     "metal": ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"],
 }
+# ggml's AMX matmul path (ggml-cpu/amx/, used for quantized and F16 weights in batches >= 16 when a
+# native build lands on an AMX CPU) crashes (SIGILL/SIGSEGV in ldtilecfg/tilezero; upstream #20824).
+# Undefining the one macro that gates it keeps every other native kernel (AVX512, VNNI, repack): the
+# -U is applied after the compiler's -march=native predefines, whatever the flag order. See
+# docs/backends.md; LEXI_GGUF_AMX=1 builds the upstream AMX path back in.
+NO_AMX_FLAGS = "-U__AMX_INT8__"
+NO_AMX_CMAKE = [f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"]
 # where the venv records which cached runtime it uses (read by lexi_gguf.runtime)
 RUNTIME_RECORD = Path(sys.prefix) / "share" / "lexi-gguf" / "runtime.json"
 
@@ -61,8 +68,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("LEXI_GGUF_CACHE", Path.home() / ".cache" / "lexi-gguf"))
 
 
+def amx_enabled() -> bool:
+    return os.environ.get("LEXI_GGUF_AMX", "") == "1"
+
+
+def cmake_args(backend: str) -> list[str]:
+    """CMake options of both builds (wheel and tools): backend + CPU build flags."""
+    return [*BACKEND_CMAKE[backend], *([] if amx_enabled() else NO_AMX_CMAKE)]
+
+
 def runtime_dir(pin: Pin, backend: str) -> Path:
-    return cache_root() / "runtime" / f"llama-cpp-python-{pin.version}-{pin.patch_hash}-{backend}"
+    # the build flags are part of the key: a cached runtime built with other flags is not reused
+    flags = hashlib.sha256(" ".join(cmake_args(backend)).encode()).hexdigest()[:6]
+    return cache_root() / "runtime" / f"llama-cpp-python-{pin.version}-{pin.patch_hash}-{backend}-{flags}"
 
 
 def _log(msg: str) -> None:
@@ -128,7 +146,7 @@ def build_wheel(tree: Path, rdir: Path, backend: str, jobs: int) -> Path:
     if found:
         return found[-1]
     env = dict(os.environ)
-    env["CMAKE_ARGS"] = " ".join(["-DLLAVA_BUILD=OFF", *BACKEND_CMAKE[backend], env.get("CMAKE_ARGS", "")]).strip()
+    env["CMAKE_ARGS"] = " ".join(["-DLLAVA_BUILD=OFF", *cmake_args(backend), env.get("CMAKE_ARGS", "")]).strip()
     env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs)
     tmp = Path(tempfile.mkdtemp(dir=rdir, prefix="wheel-"))
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp,
@@ -148,7 +166,7 @@ def build_tools(tree: Path, rdir: Path, backend: str, jobs: int) -> Path:
     _run(["cmake", "-S", lcpp, "-B", bdir, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
           "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
           "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
-          "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", *BACKEND_CMAKE[backend]])
+          "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", *cmake_args(backend)])
     _run(["cmake", "--build", bdir, "-j", str(jobs), "--target", *TOOLS])
     tmp = Path(tempfile.mkdtemp(dir=rdir, prefix="bin-"))
     for t in TOOLS:
@@ -182,6 +200,7 @@ def build_runtime(backend: str = "cpu", jobs: int | None = None, tools: bool = T
         "llama_cpp_commit": pin.llama_cpp_commit, "wheel": str(wheel),
         "llama_cpp_dir": str(tree / "vendor" / "llama.cpp"),
         "bin_dir": str(bindir) if bindir else None,
+        "cmake_args": cmake_args(backend), "amx_matmul": amx_enabled(),
     }
     RUNTIME_RECORD.parent.mkdir(parents=True, exist_ok=True)
     RUNTIME_RECORD.write_text(json.dumps(record, indent=2))
