@@ -4,7 +4,6 @@ llama-perplexity: n_ctx-token chunks (first token replaced by BOS when the vocab
 half of each chunk scored. The full model's log-probabilities are kept in a temporary memmap."""
 from __future__ import annotations
 
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 
 from . import LexiError
 from .configs import run_configs
+from .procs import run_child
 from .runtime import load
 
 
@@ -86,12 +86,17 @@ def cross_check(path, text_file, ctx: int, threads=None, chunks: int | None = No
            "--override-kv", "lexi.enable=bool:false", "-t", str(threads or 2)]
     if chunks:
         cmd += ["--chunks", str(chunks)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = run_child(cmd, "llama-perplexity")
+    return {"command": " ".join(cmd), "ppl": perplexity_from_output(r.stdout + r.stderr)}
+
+
+def perplexity_from_output(text: str) -> float:
+    """The final PPL that llama-perplexity prints."""
     import re
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
-    if r.returncode != 0 or not m:
-        raise LexiError(f"llama-perplexity failed: {(r.stderr or r.stdout)[-400:]}")
-    return {"command": " ".join(cmd), "ppl": float(m.group(1))}
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", text)
+    if not m:
+        raise LexiError(f"llama-perplexity printed no final estimate: {text[-400:]}")
+    return float(m.group(1))
 
 
 def table(res: dict) -> str:
