@@ -11,29 +11,9 @@ import time
 from pathlib import Path
 
 from .configs import run_configs
+from .cpu import machine
 from .inspect import active, footprint
 from .runtime import load
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if not cpu and platform.system() == "Darwin":
-        import subprocess
-        cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout.strip()
-    mem = None
-    try:
-        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
-    return {"system": platform.system(), "machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
-            "memory_gib": mem, "python": platform.python_version()}
 
 
 def backend_name(n_gpu_layers: int) -> str:

@@ -59,6 +59,14 @@ def cmd_doctor(args) -> None:
     from .runtime import doctor
     d = doctor()
     print(json.dumps(d, indent=2))
+    c = d["cpu"]
+    have = [f for f, on in c["features"].items() if on]
+    print(f"cpu: {c['model']} (class {c['class']}; {' '.join(have) or 'no x86 SIMD flags'})")
+    if d["ggml_cpu_paths"] is not None:
+        paths = [k for k, v in d["ggml_cpu_paths"].items() if v == "1"]
+        print(f"ggml CPU paths compiled in: {' '.join(paths)}")
+        print(f"AMX matmul path: {'compiled in' if d['amx_matmul_compiled'] else 'not compiled in (docs/backends.md)'}")
+    print(f"build flags: {' '.join(d['build_flags'] or []) or 'unknown (runtime not built by lexi-gguf)'}")
     if not d["patched"]:
         raise LexiError("the llama_cpp in use is not the lexi-patched build; run `make setup`")
     print("ok: the llama_cpp in use honours lexi.expert_used_count")

@@ -145,8 +145,14 @@ def tool(name: str) -> Path:
 
 
 def doctor() -> dict:
-    """What runtime is in use and whether it honours the lexi keys."""
-    out = {"llama_cpp": None, "library": None, "patched": False, "runtime": runtime_record()}
+    """What runtime is in use, whether it honours the lexi keys, and the CPU facts a bug report needs:
+    the CPU's features, the ggml CPU paths compiled in, and the flags the runtime was built with."""
+    from . import cpu
+    rec = runtime_record()
+    out = {"llama_cpp": None, "library": None, "patched": False, "runtime": rec,
+           "cpu": {"model": cpu.cpu_model(), "class": cpu.cpu_class(), "features": cpu.cpu_features()},
+           "ggml_cpu_paths": None, "amx_matmul_compiled": None,
+           "build_flags": (rec or {}).get("cmake_args")}
     try:
         import llama_cpp
         out["llama_cpp"] = f"{llama_cpp.__version__} ({Path(llama_cpp.__file__).parent})"
@@ -155,4 +161,7 @@ def doctor() -> dict:
     lib = library_path()
     out["library"] = str(lib) if lib else None
     out["patched"] = is_patched()
+    info = cpu.ggml_system_info()
+    out["ggml_cpu_paths"] = info
+    out["amx_matmul_compiled"] = cpu.amx_matmul_compiled(info)
     return out
