@@ -3,11 +3,21 @@
 
 train (or load cached) -> profile + allocate + convert + quantize (Q8_0) -> chat one prompt ->
 bench and eval full / uniform / lexi -> one summary table, with the paths of the JSON and PNG files.
+
+Every stage runs in a child process (`demo.py --stage NAME`) and writes out/demo/<stage>.json as soon
+as it finishes, so a stage that fails (an error, or native code killed by a signal) loses nothing
+that came before it: the rest go on where they can, and the end names each failure and its cause
+(exit status non-zero). LEXI_DEMO_CRASH=STAGE makes that stage die of SIGSEGV (the test of all this).
 """
 from __future__ import annotations
 
+import argparse
+import collections
 import io
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,78 +27,173 @@ sys.path.insert(0, str(ROOT))
 
 from lexi_gguf import LexiError  # noqa: E402
 
-OUT = ROOT / "out" / "demo"
+OUT = Path(os.environ.get("LEXI_DEMO_OUT", ROOT / "out" / "demo"))
+GGUF = OUT / "default-moe-Q8_0.gguf"
 BUDGETS = [0.75, 0.5]
+THREADS = 2
+
+
+def _save(stage: str, obj: dict) -> Path:
+    p = OUT / f"{stage}.json"
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(p)
+    return p
+
+
+def _model_dir() -> Path:
+    return Path(json.loads((OUT / "model.json").read_text())["model_dir"])
+
+
+def stage_model() -> dict:
+    from lexi_gguf.default_model import ensure_default_model
+    model_dir = ensure_default_model()
+    print(f"   {model_dir}")
+    return {"model_dir": str(model_dir)}
+
+
+def stage_convert() -> dict:
+    from lexi_gguf.convert import convert
+    from lexi_gguf.gguf_io import model_info, sensitivity_from_gguf
+    from lexi_gguf.plots import sensitivity_heatmap
+    convert(_model_dir(), GGUF, budget=0.75, budgets=[1.0, *BUDGETS], quant="Q8_0", threads=THREADS, force=True)
+    info = model_info(GGUF)
+    plan = {"expert_used_count": list(info.lexi["lexi.expert_used_count"]), "total": int(info.lexi["lexi.total"])}
+    heat = sensitivity_heatmap(dict(sensitivity_from_gguf(info), arch="default model"), OUT / "sensitivity.png", plan)
+    return {"gguf": str(GGUF), "heatmap": str(heat), **plan}
+
+
+def stage_chat() -> dict:
+    from lexi_gguf.chat import chat
+    prompt = "What does the len() function return?"
+    print(f"> {prompt}")
+    stats = chat(GGUF, budget=0.75, threads=THREADS, max_tokens=48, temperature=0.0, n_ctx=512,
+                 stdin=io.StringIO(prompt + "\n"))
+    return {"prompt": prompt, "budget": 0.75, "stats": stats}
+
+
+def stage_bench() -> dict:
+    from lexi_gguf.bench import bench, plot, table
+    b = bench(GGUF, BUDGETS, n_prompt=256, n_gen=256, reps=5, threads=THREADS)
+    print(table(b))
+    plot(b, OUT / "bench.png")
+    return b
+
+
+def stage_eval() -> dict:
+    from lexi_gguf.evaluate import cross_check, evaluate, table
+    text_file = _model_dir() / "eval.txt"
+    e = evaluate(GGUF, text_file.read_text(), BUDGETS, ctx=256, threads=THREADS)
+    e["llama_perplexity"] = cross_check(GGUF, text_file, 256, THREADS, e["chunks"])
+    print(table(e))
+    print(f"cross-check: llama-perplexity PPL {e['llama_perplexity']['ppl']:.4f}, ours {e['rows'][0]['ppl']:.4f}")
+    return e
+
+
+# name, title, function, stages whose output it needs
+STAGES = [
+    ("model", "1. default model (trained here on Python's own docs; a testbed, not a product claim)", stage_model, []),
+    ("convert", "2. profile, allocate, convert and quantize (llama.cpp's converter and quantizer)", stage_convert, ["model"]),
+    ("chat", "3. chat (one prompt, lexi budget 0.75)", stage_chat, ["convert"]),
+    ("bench", f"4. bench: full vs uniform (--override-kv) vs lexi, {THREADS} threads", stage_bench, ["convert"]),
+    ("eval", "5. eval: perplexity and KL divergence vs the full model on held-out text", stage_eval, ["model", "convert"]),
+]
+
+
+def run_stage_child(name: str) -> str | None:
+    """Run one stage in a child process, echoing its output; None on success, else the cause."""
+    from lexi_gguf.procs import exit_cause
+    last: collections.deque[str] = collections.deque(maxlen=3)
+    p = subprocess.Popen([sys.executable, __file__, "--stage", name], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, bufsize=1)
+    for line in p.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if line.strip():
+            last.append(line.strip())
+    p.wait()
+    if p.returncode == 0 and (OUT / f"{name}.json").exists():
+        return None
+    cause = exit_cause(p.returncode) if p.returncode != 0 else f"wrote no {name}.json"
+    return f"{cause}; last output: {' / '.join(last) or '(none)'}"
+
+
+def summary(failed: dict[str, str]) -> None:
+    from lexi_gguf.cpu import machine
+    b = json.loads((OUT / "bench.json").read_text()) if (OUT / "bench.json").exists() else None
+    e = json.loads((OUT / "eval.json").read_text()) if (OUT / "eval.json").exists() else None
+    m = (b or {}).get("machine") or machine()
+    print(f"\n== summary (this machine: {m['cpu']} [{m.get('cpu_class', '?')}], {m['cores']} cores, CPU, {THREADS} threads)")
+    rows = (b or e or {}).get("rows", [])
+    lines = ["| config | budget | avg k | pp256 t/s | tg256 t/s | tg speed-up | ideal | PPL | mean KLD | same top-1 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        rb = b["rows"][i] if b else None
+        re_ = e["rows"][i] if e else None
+        perf = (f"{rb['pp_tps']:.0f} | {rb['tg_tps']:.1f} | {rb['tg_speedup']:.2f}x | {rb['ideal_speedup']:.2f}x"
+                if rb else "- | - | - | -")
+        qual = f"{re_['ppl']:.3f} | {re_['kld_mean']:.4f} | {re_['same_top1']:.3f}" if re_ else "- | - | -"
+        lines.append(f"| {r['config']} | {r['budget']:g} | {r['avg_k']:.2f} | {perf} | {qual} |")
+    text = "\n".join(lines)
+    print(text)
+    if e:
+        for bud in BUDGETS:
+            u = next(r for r in e["rows"] if r["config"] == "uniform" and r["budget"] == bud)
+            lx = next(r for r in e["rows"] if r["config"] == "lexi" and r["budget"] == bud)
+            print(f"budget {bud:g}: lexi mean KLD / uniform = {lx['kld_mean'] / max(u['kld_mean'], 1e-12):.2f}")
+    (OUT / "summary.md").write_text(text + "\n" + "".join(f"\nFAILED {k}: {v}" for k, v in failed.items()))
+    print("\nfiles:")
+    for p in (GGUF, OUT / "sensitivity.png", *(OUT / f"{s[0]}.json" for s in STAGES), OUT / "bench.png",
+              OUT / "pareto.png", OUT / "summary.md"):
+        if p.exists():
+            print(f"  {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}")
 
 
 def main() -> int:
-    from lexi_gguf.bench import bench, plot as bench_plot, table as bench_table
-    from lexi_gguf.chat import chat
-    from lexi_gguf.convert import convert
-    from lexi_gguf.default_model import ensure_default_model
-    from lexi_gguf.evaluate import cross_check, evaluate, pareto_plot, table as eval_table
-    from lexi_gguf.gguf_io import sensitivity_from_gguf, model_info
-    from lexi_gguf.plots import sensitivity_heatmap
-
     t0 = time.perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)
-    print("== 1. default model (trained here on Python's own docs; a testbed, not a product claim)")
-    model_dir = ensure_default_model()
-    print(f"   {model_dir}")
-
-    print("\n== 2. profile, allocate, convert and quantize (llama.cpp's converter and quantizer)")
-    gguf = OUT / "default-moe-Q8_0.gguf"
-    convert(model_dir, gguf, budget=0.75, budgets=[1.0, *BUDGETS], quant="Q8_0", threads=2, force=True)
-    info = model_info(gguf)
-    sens = sensitivity_from_gguf(info)
-    plan = {"expert_used_count": list(info.lexi["lexi.expert_used_count"]), "total": int(info.lexi["lexi.total"])}
-    heat = sensitivity_heatmap(dict(sens, arch="default model"), OUT / "sensitivity.png", plan)
-
-    print("\n== 3. chat (one prompt, lexi budget 0.75)")
-    prompt = "What does the len() function return?"
-    print(f"> {prompt}")
-    chat(gguf, budget=0.75, threads=2, max_tokens=48, temperature=0.0, n_ctx=512, stdin=io.StringIO(prompt + "\n"))
-
-    print("\n== 4. bench: full vs uniform (--override-kv) vs lexi, 2 threads")
-    b = bench(gguf, BUDGETS, n_prompt=256, n_gen=256, reps=5, threads=2)
-    print(bench_table(b))
-    (OUT / "bench.json").write_text(json.dumps(b, indent=2))
-    bench_plot(b, OUT / "bench.png")
-
-    print("\n== 5. eval: perplexity and KL divergence vs the full model on held-out text")
-    text_file = model_dir / "eval.txt"
-    e = evaluate(gguf, text_file.read_text(), BUDGETS, ctx=256, threads=2)
-    e["llama_perplexity"] = cross_check(gguf, text_file, 256, 2, e["chunks"])
-    print(eval_table(e))
-    print(f"cross-check: llama-perplexity PPL {e['llama_perplexity']['ppl']:.4f}, ours {e['rows'][0]['ppl']:.4f}")
-    (OUT / "eval.json").write_text(json.dumps(e, indent=2))
-    pareto_plot(e, OUT / "pareto.png", b)
-
-    print("\n== summary (this machine: "
-          f"{b['machine']['cpu']}, {b['machine']['cores']} cores, {b['backend']}, 2 threads)")
-    lines = ["| config | budget | avg k | pp256 t/s | tg256 t/s | tg speed-up | ideal | PPL | mean KLD | same top-1 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for rb, re_ in zip(b["rows"], e["rows"]):
-        lines.append(f"| {rb['config']} | {rb['budget']:g} | {rb['avg_k']:.2f} | {rb['pp_tps']:.0f} | {rb['tg_tps']:.1f} | "
-                     f"{rb['tg_speedup']:.2f}x | {rb['ideal_speedup']:.2f}x | {re_['ppl']:.3f} | {re_['kld_mean']:.4f} | "
-                     f"{re_['same_top1']:.3f} |")
-    summary = "\n".join(lines)
-    print(summary)
-    for bud in BUDGETS:
-        u = next(r for r in e["rows"] if r["config"] == "uniform" and r["budget"] == bud)
-        lx = next(r for r in e["rows"] if r["config"] == "lexi" and r["budget"] == bud)
-        print(f"budget {bud:g}: lexi mean KLD / uniform = {lx['kld_mean'] / max(u['kld_mean'], 1e-12):.2f}")
-    (OUT / "summary.md").write_text(summary + "\n")
-    print("\nfiles:")
-    for p in (gguf, heat, OUT / "bench.json", OUT / "bench.png", OUT / "eval.json", OUT / "pareto.png", OUT / "summary.md"):
-        print(f"  {p.relative_to(ROOT)}")
+    for name, *_ in STAGES:   # results of an earlier run must not pass for this one's
+        (OUT / f"{name}.json").unlink(missing_ok=True)
+    failed: dict[str, str] = {}
+    for name, title, _, needs in STAGES:
+        print(f"\n== {title}", flush=True)
+        missing = [n for n in needs if n in failed]
+        if missing:
+            failed[name] = f"skipped: needs {', '.join(missing)}"
+            print(f"   {failed[name]}")
+            continue
+        cause = run_stage_child(name)
+        if cause:
+            failed[name] = cause
+            print(f"   stage {name} FAILED: {cause}", flush=True)
+    if (OUT / "eval.json").exists():
+        from lexi_gguf.evaluate import pareto_plot
+        b = json.loads((OUT / "bench.json").read_text()) if (OUT / "bench.json").exists() else None
+        pareto_plot(json.loads((OUT / "eval.json").read_text()), OUT / "pareto.png", b)
+    summary(failed)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
+    if failed:
+        print("\nFAILED stages (results of the others are kept above):", file=sys.stderr)
+        for k, v in failed.items():
+            print(f"  {k}: {v}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_one(name: str) -> int:
+    fn = next(f for n, _, f, _ in STAGES if n == name)
+    if os.environ.get("LEXI_DEMO_CRASH") == name:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    try:
+        _save(name, fn())
+    except LexiError as err:
+        print(f"lexi-gguf: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LexiError as err:
-        print(f"lexi-gguf: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", choices=[s[0] for s in STAGES], help="run one stage in this process")
+    args = ap.parse_args()
+    sys.exit(run_one(args.stage) if args.stage else main())
