@@ -1,5 +1,6 @@
 """`lexi-gguf chat`: streaming local chat through llama-cpp-python with the GGUF's chat template,
-at a stored budget, the file's default, or with lexi switched off. Works with piped stdin."""
+at a stored budget, the file's default, or with lexi switched off; `/budget X` switches in place
+(one model load). Works with piped stdin."""
 from __future__ import annotations
 
 import sys
@@ -7,40 +8,37 @@ import time
 from pathlib import Path
 
 from . import LexiError
-from .gguf_io import model_info, read_ladder
-from .runtime import lexi_overrides, load
+from .budgets import DEFAULT, FULL, resolve
+from .gguf_io import model_info
+from .runtime import load, set_lexi_row
 
 
-def find_budget(rows: list[dict], budget: float, name: str) -> dict:
-    """The ladder row of a stored budget; a budget that is not stored is an error listing those that are."""
-    for r in rows:
-        if abs(r["budget"] - budget) < 1e-3:
-            return r
-    have = ", ".join(f"{r['budget']:g}" for r in rows) or "none"
-    raise LexiError(f"budget {budget:g} is not stored in {name} (stored budgets: {have}); "
-                    "pick one of those or rewrite the file with `lexi-gguf apply --budgets ...`")
-
-
-def budget_index(path: str | Path, budget: float) -> int:
-    return find_budget(read_ladder(model_info(path)), budget, Path(path).name)["index"]
-
-
-def overrides_for(path, *, budget: float | None = None, no_lexi: bool = False) -> dict:
-    if budget is not None and no_lexi:
-        raise LexiError("--budget and --no-lexi exclude each other")
-    if no_lexi:
-        return lexi_overrides(lexi=False)
-    if budget is not None:
-        return lexi_overrides(budget_index=budget_index(path, budget))
-    return {}
+def switch_budget(llm, info, args: list[str], current, name: str, stdout):
+    """`/budget` shows the running budget, `/budget 0.5` / `/budget full` / `/budget default` switch
+    in place (one model load; the conversation is re-read at the new budget on the next answer)."""
+    if args:
+        try:
+            new = resolve(info, args[0], name)
+            set_lexi_row(llm, new.row)
+            current = new
+        except LexiError as e:
+            stdout.write(f"[{e}]\n")
+    n_moe = sum(1 for k in current.counts if k)
+    stdout.write(f"[budget {current.name}: k per layer {current.counts}, avg k {sum(current.counts) / max(n_moe, 1):.2f}]\n")
+    stdout.flush()
+    return current
 
 
 def chat(path, *, budget=None, no_lexi=False, n_gpu_layers=0, threads=None, max_tokens=256, n_ctx=2048,
          temperature=0.7, seed=0, stdin=None, stdout=None) -> list[dict]:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    kv = overrides_for(path, budget=budget, no_lexi=no_lexi)
-    llm = load(path, kv_overrides=kv, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, seed=seed)
+    if budget is not None and no_lexi:
+        raise LexiError("--budget and --no-lexi exclude each other")
+    info = model_info(path)
+    current = resolve(info, FULL if no_lexi else f"{budget:g}" if budget is not None else DEFAULT, Path(path).name)
+    llm = load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, seed=seed)
+    set_lexi_row(llm, current.row)   # the file's counts stay loaded; the context runs the chosen row
     interactive = stdin.isatty()
     messages: list[dict] = []
     stats = []
@@ -56,6 +54,9 @@ def chat(path, *, budget=None, no_lexi=False, n_gpu_layers=0, threads=None, max_
             continue
         if text in ("/exit", "/quit"):
             break
+        if text.split()[0] == "/budget":
+            current = switch_budget(llm, info, text.split()[1:], current, Path(path).name, stdout)
+            continue
         messages.append({"role": "user", "content": text})
         t0 = time.perf_counter()
         first = None

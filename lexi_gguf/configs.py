@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import LexiError
-from .chat import find_budget
+from .budgets import find_budget
 from .gguf_io import model_info, read_ladder
 from .runtime import lexi_overrides
 

@@ -103,6 +103,44 @@ def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512
         _log_echo = False
 
 
+# rows for set_lexi_row besides the ladder's own 0..n-1 (llama.h: LLAMA_LEXI_ROW_MODEL / _LOADED)
+ROW_MODEL = -1    # the model's own k in every layer (lexi off)
+ROW_LOADED = -2   # the counts chosen at load (lexi.expert_used_count or the overridden ladder row)
+
+
+def _lexi_fn(name: str, restype, argtypes):
+    """A function of the lexi patch, from the same library handle llama-cpp-python uses."""
+    lib = _llama_cpp().llama_cpp._lib
+    fn = getattr(lib, name, None)
+    if fn is None:
+        raise LexiError(f"the llama_cpp in use has no {name}: it is not the lexi-patched build; run `make setup`")
+    fn.restype, fn.argtypes = restype, argtypes
+    return fn
+
+
+def lexi_n_rows(llm) -> int:
+    return _lexi_fn("llama_lexi_n_rows", ctypes.c_int32, [ctypes.c_void_p])(llm._model.model)
+
+
+def lexi_row(llm) -> int:
+    return _lexi_fn("llama_lexi_get_row", ctypes.c_int32, [ctypes.c_void_p])(llm._ctx.ctx)
+
+
+def set_lexi_row(llm, row: int, *, keep_cache: bool = False) -> None:
+    """Run another ladder row (or ROW_MODEL / ROW_LOADED) from the next token on, without a reload.
+
+    The KV cache of earlier tokens was computed with the old counts, so by default it is dropped and
+    the history is evaluated again at the new counts (exact; llama-cpp-python re-feeds the prompt).
+    keep_cache=True keeps it: faster, an approximation (earlier tokens keep their old-k K/V)."""
+    if lexi_row(llm) == row:
+        return
+    if _lexi_fn("llama_lexi_set_row", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])(llm._ctx.ctx, row) != 0:
+        raise LexiError(f"ladder row {row} does not exist: the model stores {lexi_n_rows(llm)} rows "
+                        f"({ROW_MODEL}: the model's own k, {ROW_LOADED}: as loaded)")
+    if not keep_cache:
+        llm.reset()
+
+
 def library_path() -> Path | None:
     try:
         llama_cpp = _llama_cpp()

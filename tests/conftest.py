@@ -59,3 +59,17 @@ def converted(hf_olmoe, tmp_path_factory):
     return out
 
 
+
+
+# a file that stores a default and a ladder of three budgets (4 blocks, 8 experts, base k 4)
+LADDER_DEFAULT = [3, 1, 4, 2]
+LADDER = {1.0: [4, 4, 4, 4], 0.625: [1, 4, 2, 3], 0.5: [2, 1, 4, 1]}
+
+
+@pytest.fixture(scope="session")
+def laddered_gguf(tiny_gguf, workdir):
+    from lexi_gguf.gguf_io import copy_with_metadata, lexi_metadata, model_info
+    src = tiny_gguf("qwen3_moe")   # renormalises top-k: the counts change every layer's weights
+    ladder = [{"budget": b, "total": sum(c), "expert_used_count": c} for b, c in LADDER.items()]
+    md = lexi_metadata(model_info(src), LADDER_DEFAULT, "manual", ladder=ladder)
+    return copy_with_metadata(src, workdir / "qwen3_moe-ladder.gguf", md, progress=False)
