@@ -117,3 +117,62 @@ def save_results(res: dict, name: str, results_dir: Path) -> Path:
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"results -> {out}")
     return out
+
+
+def switch_bench(path, budgets, *, n_gen=64, switches=20, threads=None, n_gpu_layers=0, progress=True) -> dict:
+    """`bench --switch`: one loaded model, budgets switched in place (llama_lexi_set_row).
+
+    Decode tok/s at each budget on that one context, and the switch's latency: the call itself and
+    the extra time of the first decode after it (graph rebuild + scheduler re-reserve), each the
+    median over `switches` switches between the first two budgets given (full <-> budget[0])."""
+    import numpy as np
+
+    from .budgets import FULL, resolve
+    from .gguf_io import model_info
+    from .runtime import set_lexi_row
+    info = model_info(path)
+    choices = [resolve(info, b, Path(path).name) for b in [FULL, *(f"{b:g}" for b in budgets)]]
+    llm = load(path, n_ctx=n_gen + 16, n_threads=threads, n_gpu_layers=n_gpu_layers)
+    toks = np.random.default_rng(0).integers(100, llm.n_vocab(), n_gen + 2).tolist()
+    rows = []
+    for c in choices:
+        set_lexi_row(llm, c.row)
+        llm.reset()
+        llm.eval(toks[:1])                                    # warm the graph for this row
+        dt = _time(lambda: [llm.eval([t]) for t in toks[1:n_gen + 1]])
+        rows.append({"budget": c.name, "expert_used_count": c.counts, "tg_tps": n_gen / dt})
+        if progress:
+            print(f"  decode at budget {c.name:<8} {n_gen / dt:8.1f} tok/s", flush=True)
+    call, first, steady = [], [], []
+    a, b = choices[0], choices[1]
+    for i in range(switches):
+        src, dst = (a, b) if i % 2 == 0 else (b, a)
+        set_lexi_row(llm, src.row)
+        llm.reset()
+        llm.eval(toks[:1])
+        t0 = time.perf_counter()
+        set_lexi_row(llm, dst.row, keep_cache=True)           # the switch alone, history kept
+        t1 = time.perf_counter()
+        llm.eval(toks[1:2])                                   # first decode at the new row
+        t2 = time.perf_counter()
+        llm.eval(toks[2:3])                                   # a steady decode at the new row
+        t3 = time.perf_counter()
+        call.append(t1 - t0)
+        first.append(t2 - t1)
+        steady.append(t3 - t2)
+    llm.close()
+    med = statistics.median
+    return {"model": str(path), "backend": backend_name(n_gpu_layers), "threads": threads or os.cpu_count(),
+            "n_gen": n_gen, "switches": switches, "switched": [a.name, b.name], "machine": machine(), "rows": rows,
+            "switch_call_us": med(call) * 1e6, "first_decode_after_switch_ms": med(first) * 1e3,
+            "steady_decode_ms": med(steady) * 1e3, "switch_overhead_ms": med([f - s for f, s in zip(first, steady)]) * 1e3}
+
+
+def switch_table(res: dict) -> str:
+    lines = [f"| budget | k per layer | tg{res['n_gen']} t/s (one loaded model) |", "|---|---|---|"]
+    lines += [f"| {r['budget']} | {r['expert_used_count']} | {r['tg_tps']:.1f} |" for r in res["rows"]]
+    lines.append("")
+    lines.append(f"switch {res['switched'][0]} <-> {res['switched'][1]} (median of {res['switches']}): call "
+                 f"{res['switch_call_us']:.0f} us; first decode after it {res['first_decode_after_switch_ms']:.2f} ms "
+                 f"vs steady {res['steady_decode_ms']:.2f} ms (overhead {res['switch_overhead_ms']:.2f} ms)")
+    return "\n".join(lines)

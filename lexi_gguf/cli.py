@@ -134,6 +134,12 @@ def cmd_chat(args) -> None:
          seed=args.seed)
 
 
+def cmd_serve(args) -> None:
+    from .serve import serve
+    serve(args.model, budget=args.budget, host=args.host, port=args.port, n_ctx=args.ctx, threads=args.threads,
+          n_gpu_layers=args.n_gpu_layers, api_key=args.api_key)
+
+
 def _outputs(args, stem: str) -> tuple[Path, Path]:
     js = Path(args.json) if args.json else Path(args.model).with_suffix(f".{stem}.json")
     png = Path(args.plot) if args.plot else js.with_suffix(".png")
@@ -141,7 +147,14 @@ def _outputs(args, stem: str) -> tuple[Path, Path]:
 
 
 def cmd_bench(args) -> None:
-    from .bench import bench, plot, table
+    from .bench import bench, plot, switch_bench, switch_table, table
+    if args.switch:
+        res = switch_bench(args.model, args.budgets, n_gen=args.n_gen, threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+        js = Path(args.json) if args.json else Path(args.model).with_suffix(".switch.json")
+        print(switch_table(res))
+        _write_json(res, js)
+        print(f"json -> {js}")
+        return
     res = bench(args.model, args.budgets, n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.reps,
                 threads=args.threads, n_gpu_layers=args.n_gpu_layers)
     js, png = _outputs(args, "bench")
@@ -251,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("chat", help="streaming local chat (stdin may be piped)")
+    p = sub.add_parser("chat", help="streaming local chat (stdin may be piped; /budget X switches in place)")
     p.add_argument("model")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--budget", type=float, help="run a budget stored in the file's ladder")
@@ -264,6 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible local server; every stored budget is a model id")
+    p.add_argument("model")
+    p.add_argument("--budget", help="the budget of the plain model id: a stored fraction, 'full' or 'default'")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default loopback; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", help="require this bearer token")
+    p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--ctx", type=int, default=2048)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("bench", help="prefill/decode tok/s: full vs uniform vs lexi at each budget")
     p.add_argument("model")
     p.add_argument("--budgets", type=_floats, default=[0.75, 0.5], help="budgets stored in the file (default 0.75,0.5)")
@@ -272,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int)
     p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--switch", action="store_true",
+                   help="one loaded model: decode tok/s per budget and the latency of switching budgets in place")
     p.add_argument("--json", help="results JSON (default MODEL.bench.json)")
     p.add_argument("--plot", help="PNG (default beside the JSON)")
     p.set_defaults(func=cmd_bench)
