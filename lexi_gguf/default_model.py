@@ -19,11 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import LexiError
+
 RECIPE = {
     "arch": "mixtral", "vocab": 4096, "hidden": 192, "layers": 6, "heads": 6, "kv_heads": 2,
     "experts": 16, "k": 4, "expert_ffn": 192, "seq": 128, "batch": 16, "steps": 160, "lr": 3e-3,
     "aux_loss": 0.02, "seed": 1234, "eval_fraction": 0.05, "version": 1,
 }
+# a second built-in model for the expert-caching work: OLMoE-like ratios (64 experts, k 8, 8 layers),
+# so that "10 % of the experts" is more than one token's worth of activations
+CACHING_RECIPE = dict(RECIPE, layers=8, experts=64, k=8, expert_ffn=96, steps=240, aux_loss=0.1)
+RECIPES = {"default": RECIPE, "caching": CACHING_RECIPE}
+
 DOC_MODULES = ["os", "sys", "re", "json", "pathlib", "collections", "itertools", "functools", "typing",
                "subprocess", "threading", "asyncio", "socket", "http.client", "urllib.request", "email",
                "logging", "argparse", "datetime", "decimal", "fractions", "statistics", "random", "math",
@@ -32,13 +39,19 @@ DOC_MODULES = ["os", "sys", "re", "json", "pathlib", "collections", "itertools",
                "io", "pickle", "copy", "pprint", "difflib", "tokenize", "ast", "dis", "operator"]
 
 
-def recipe_hash() -> str:
-    return hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+def _recipe(name: str) -> dict:
+    if name not in RECIPES:
+        raise LexiError(f"no built-in model {name!r}: have {', '.join(RECIPES)}")
+    return RECIPES[name]
 
 
-def cache_dir() -> Path:
+def recipe_hash(name: str = "default") -> str:
+    return hashlib.sha256(json.dumps(_recipe(name), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_dir(name: str = "default") -> Path:
     from .build import cache_root
-    return cache_root() / "default-model" / f"{RECIPE['arch']}-{recipe_hash()}"
+    return cache_root() / "default-model" / f"{_recipe(name)['arch']}-{recipe_hash(name)}"
 
 
 def corpus() -> tuple[str, str]:
@@ -66,13 +79,13 @@ def corpus() -> tuple[str, str]:
     return "\n\n".join(train_docs), "\n\n".join(eval_docs)
 
 
-def _train_tokenizer(text: str, out_dir: Path) -> None:
+def _train_tokenizer(text: str, out_dir: Path, vocab: int) -> None:
     import sentencepiece as spm
     with tempfile.TemporaryDirectory() as td:
         src = Path(td) / "corpus.txt"
         src.write_text(text)
         spm.SentencePieceTrainer.train(
-            input=str(src), model_prefix=str(out_dir / "tokenizer"), vocab_size=RECIPE["vocab"],
+            input=str(src), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab,
             model_type="bpe", character_coverage=1.0, byte_fallback=True, split_digits=True,
             bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=2, minloglevel=2,
             max_sentence_length=1 << 16, input_sentence_size=0, shuffle_input_sentence=False)
@@ -86,16 +99,17 @@ def _train_tokenizer(text: str, out_dir: Path) -> None:
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2))
 
 
-def train(out_dir: Path, steps: int | None = None, log=print) -> Path:
+def train(out_dir: Path, steps: int | None = None, log=print, name: str = "default") -> Path:
     import sentencepiece as spm
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    r = dict(RECIPE, steps=steps or RECIPE["steps"])
+    recipe = _recipe(name)
+    r = dict(recipe, steps=steps or recipe["steps"])
     out_dir.mkdir(parents=True, exist_ok=True)
     train_text, eval_text = corpus()
     (out_dir / "eval.txt").write_text(eval_text)
-    _train_tokenizer(train_text, out_dir)
+    _train_tokenizer(train_text, out_dir, r["vocab"])
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
     ids = torch.tensor(sp.encode(train_text), dtype=torch.long)
     log(f"corpus: {len(train_text) / 1e6:.2f} MB, {len(ids) / 1e6:.2f} M tokens; eval {len(eval_text) / 1e3:.0f} kB")
@@ -128,21 +142,22 @@ def train(out_dir: Path, steps: int | None = None, log=print) -> Path:
             log(f"step {step:4d}/{r['steps']}  loss {outp.loss.item():.3f}  lr {lr:.2e}  {time.perf_counter() - t0:.0f} s")
     model.config.output_router_logits = False
     model.eval().save_pretrained(out_dir)
-    (out_dir / "recipe.json").write_text(json.dumps(dict(r, hash=recipe_hash(), seconds=round(time.perf_counter() - t0, 1)), indent=2))
+    (out_dir / "recipe.json").write_text(json.dumps(dict(r, hash=recipe_hash(name), seconds=round(time.perf_counter() - t0, 1)), indent=2))
     return out_dir
 
 
-def ensure_default_model(log=print) -> Path:
-    """The cached trained model folder; trains it (atomically) when missing."""
-    d = cache_dir()
+def ensure_default_model(log=print, name: str = "default") -> Path:
+    """The cached trained model folder of a built-in recipe; trains it (atomically) when missing."""
+    d = cache_dir(name)
+    r = _recipe(name)
     if (d / "recipe.json").exists():
         return d
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=d.parent))
     try:
-        log(f"training the default model ({RECIPE['arch']}, {RECIPE['layers']} layers, {RECIPE['experts']} experts, "
-            f"k {RECIPE['k']}) -> {d}")
-        train(tmp, log=log)
+        log(f"training the {name} model ({r['arch']}, {r['layers']} layers, {r['experts']} experts, "
+            f"k {r['k']}) -> {d}")
+        train(tmp, log=log, name=name)
         if d.exists():
             shutil.rmtree(d)
         os.replace(tmp, d)
