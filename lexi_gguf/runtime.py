@@ -3,6 +3,7 @@ turn loader failures into errors that carry llama.cpp's own message, and say whe
 `llama_cpp` in use is the patched build (doctor)."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import sys
@@ -78,10 +79,37 @@ def lexi_overrides(arch: str | None = None, *, lexi: bool = True, budget_index: 
     return kv
 
 
+@contextlib.contextmanager
+def _context_params_with(eval_callback):
+    """llama-cpp-python's Llama takes no eval callback: hand it default context params that carry one."""
+    mod = _llama_cpp().llama_cpp
+    original = mod.llama_context_default_params
+
+    def with_callback():
+        params = original()
+        params.cb_eval = eval_callback
+        params.cb_eval_user_data = None
+        return params
+    mod.llama_context_default_params = with_callback
+    try:
+        yield
+    finally:
+        mod.llama_context_default_params = original
+
+
 def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512, n_threads: int | None = None,
          n_gpu_layers: int = 0, logits_all: bool = False, verbose: bool = False, seed: int = 0, n_batch: int = 512,
-         **kw):
-    """Open a GGUF with the patched llama-cpp-python; loader errors become ModelLoadError."""
+         eval_callback=None, **kw):
+    """Open a GGUF with the patched llama-cpp-python; loader errors become ModelLoadError.
+
+    eval_callback: a llama_cpp.ggml_backend_sched_eval_callback that sees the graph's tensors as they
+    are computed (kept alive on the returned Llama)."""
+    if eval_callback is not None:
+        with _context_params_with(eval_callback):
+            llm = load(path, kv_overrides=kv_overrides, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                       logits_all=logits_all, verbose=verbose, seed=seed, n_batch=n_batch, **kw)
+        llm._lexi_eval_callback = eval_callback
+        return llm
     global _log_echo
     llama_cpp = _llama_cpp()
     path = Path(path)
