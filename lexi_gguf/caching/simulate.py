@@ -1,0 +1,282 @@
+"""`lexi-gguf cache-sim`: replay a trace through an expert cache, in true order (token by token,
+layer by layer), and count what moves over the link.
+
+A cache holds (layer, expert) slots; capacity is a fraction of all routed experts (L x E), shared by
+all layers or split into per-layer quotas (equal, or following the k each layer runs). Demand
+policies: LRU, LFU, and Belady (evicts the expert needed farthest in the future: the offline optimum
+of any demand policy, the ceiling shown beside the others). Prefetch policies (LRU eviction) insert
+the experts a predictor names for layers l+1..l+d as soon as layer l's router has run; nothing is
+inserted for free: every prefetch of a non-resident expert costs its bytes and can evict.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import LexiError
+from .trace import Trace
+
+# (bandwidth bytes/s, latency s) of the link an expert miss is served over
+LINKS = {"pcie4x16": (25e9, 10e-6), "nvme": (3.0e9, 80e-6), "emmc": (0.25e9, 300e-6)}
+DEMAND_POLICIES = ("lru", "lfu", "belady")
+
+
+class _LRU:
+    def __init__(self, cap: int):
+        self.cap, self.d = cap, OrderedDict()
+
+    def __contains__(self, key):
+        return key in self.d
+
+    def touch(self, key, now, next_use=None):
+        self.d.move_to_end(key)
+
+    def insert(self, key, now, next_use=None):
+        """Insert key (the cache has room after evictions); returns the evicted key or None."""
+        out = None
+        if len(self.d) >= self.cap:
+            out, _ = self.d.popitem(last=False)
+        self.d[key] = True
+        return out
+
+
+class _LFU:
+    """Least frequently used (counts over the whole history), least recently used among ties."""
+
+    def __init__(self, cap: int):
+        self.cap, self.res, self.count, self.heap = cap, {}, {}, []
+
+    def __contains__(self, key):
+        return key in self.res
+
+    def touch(self, key, now, next_use=None):
+        self.count[key] = self.count.get(key, 0) + 1
+        self.res[key] = now
+        heapq.heappush(self.heap, (self.count[key], now, key))
+
+    def insert(self, key, now, next_use=None):
+        out = None
+        if len(self.res) >= self.cap:
+            while True:
+                c, t, k = heapq.heappop(self.heap)
+                if k in self.res and self.res[k] == t and self.count[k] == c:
+                    out = k
+                    del self.res[k]
+                    break
+        self.touch(key, now)
+        return out
+
+
+class _Belady:
+    """Evict the resident expert whose next use is farthest away (needs the future: offline only)."""
+
+    def __init__(self, cap: int):
+        self.cap, self.res, self.heap = cap, {}, []
+
+    def __contains__(self, key):
+        return key in self.res
+
+    def touch(self, key, now, next_use=None):
+        self.res[key] = next_use
+        heapq.heappush(self.heap, (-next_use, key))
+
+    def insert(self, key, now, next_use=None):
+        out = None
+        if len(self.res) >= self.cap:
+            while True:
+                nu, k = heapq.heappop(self.heap)
+                if k in self.res and self.res[k] == -nu:
+                    out = k
+                    del self.res[k]
+                    break
+        self.touch(key, now, next_use)
+        return out
+
+
+_POLICY = {"lru": _LRU, "lfu": _LFU, "belady": _Belady}
+
+
+@dataclass
+class SimResult:
+    policy: str
+    capacity: float
+    slots: int
+    accesses: int
+    hits: int
+    tokens: int
+    demand_bytes: float
+    prefetch_bytes: float
+    prefetches: int
+    prefetch_used: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(self.accesses, 1)
+
+    def row(self, links=LINKS) -> dict:
+        misses = self.accesses - self.hits
+        out = {"policy": self.policy, "capacity": self.capacity, "slots": self.slots, "hit_rate": self.hit_rate,
+               "misses_per_token": misses / max(self.tokens, 1),
+               "demand_mb_per_token": self.demand_bytes / max(self.tokens, 1) / 1e6,
+               "prefetch_mb_per_token": self.prefetch_bytes / max(self.tokens, 1) / 1e6,
+               "prefetch_precision": self.prefetch_used / self.prefetches if self.prefetches else None}
+        for name, (bw, lat) in links.items():
+            # demand misses stall the token; prefetches overlap compute (their link time is reported)
+            out[f"stall_ms_{name}"] = (misses * lat + self.demand_bytes / bw) / max(self.tokens, 1) * 1e3
+            out[f"prefetch_link_ms_{name}"] = self.prefetch_bytes / bw / max(self.tokens, 1) * 1e3
+        return out
+
+
+def steps(trace: Trace, phase: str = "auto") -> np.ndarray:
+    """Token indices replayed, in order: decode = generated tokens only (what decode latency sees);
+    all = every token as its own step. auto = decode when the trace has generated tokens."""
+    if phase == "auto":
+        phase = "decode" if trace.generated.any() else "all"
+    if phase == "decode":
+        if not trace.generated.any():
+            raise LexiError("the trace has no generated tokens; record it with --prompts or use --phase all")
+        return np.flatnonzero(trace.generated)
+    if phase == "all":
+        return np.arange(len(trace.tokens))
+    raise LexiError(f"unknown phase {phase!r}: decode, all or auto")
+
+
+def quotas(trace: Trace, slots: int, mode: str) -> list[int] | None:
+    """Per-layer slot quotas: None (one shared cache), equal, or following each layer's k."""
+    L = len(trace.moe_layers)
+    if mode == "global":
+        return None
+    w = np.ones(L) if mode == "equal" else trace.counts.astype(float)
+    if mode not in ("equal", "k"):
+        raise LexiError(f"unknown slot mode {mode!r}: global, equal or k")
+    q = np.floor(slots * w / w.sum()).astype(int)
+    q[np.argsort(-(slots * w / w.sum() - q))[: slots - q.sum()]] += 1   # largest remainders
+    return [max(int(x), 1) for x in q]
+
+
+def simulate(trace: Trace, capacity: float, policy: str, *, predictions: dict | None = None,
+             depth: int = 1, phase: str = "auto", slot_mode: str = "global") -> SimResult:
+    """Replay the trace. policy: lru | lfu | belady, or "prefetch:<name>" with predictions
+    {d: {(token, moe layer j): experts}}: what is known of layer j at layer j - d, for d in 1..depth
+    (LRU eviction). A predictor without a depth d is not used at that distance."""
+    L, E = len(trace.moe_layers), trace.n_expert
+    slots = max(1, int(round(capacity * L * E)))
+    prefetch = policy.startswith("prefetch:")
+    base = "lru" if prefetch else policy
+    if base not in _POLICY:
+        raise LexiError(f"unknown policy {policy!r}: {', '.join(DEMAND_POLICIES)} or a predictor")
+    if prefetch and predictions is None:
+        raise LexiError(f"policy {policy} needs predictions")
+    q = quotas(trace, slots, slot_mode)
+    caches = [_POLICY[base](c) for c in q] if q else [_POLICY[base](slots)]
+    cache_of = (lambda j: caches[j]) if q else (lambda j: caches[0])
+    expert_bytes = np.asarray(trace.meta.get("expert_bytes") or [1.0] * L, dtype=float)
+    toks = steps(trace, phase)
+    # the request stream: (step, layer j, expert), in order; Belady needs each request's next use
+    reqs = [(s, j, int(e)) for s, t in enumerate(toks) for j in range(L)
+            for e in trace.experts[t, j] if e >= 0]
+    next_use = np.full(len(reqs), np.iinfo(np.int64).max, dtype=np.int64)
+    if base == "belady":
+        last: dict[int, int] = {}
+        for i in range(len(reqs) - 1, -1, -1):
+            key = reqs[i][1] * E + reqs[i][2]
+            next_use[i] = last.get(key, np.iinfo(np.int64).max)
+            last[key] = i
+    hits = 0
+    demand_b = prefetch_b = 0.0
+    n_pref = used_pref = 0
+    pending: set[int] = set()        # prefetched, not yet used
+    by_layer = itertools.groupby(range(len(reqs)), key=lambda i: (reqs[i][0], reqs[i][1]))
+    for (s, j), idx in by_layer:
+        c = cache_of(j)
+        for i in idx:
+            key = j * E + reqs[i][2]
+            if key in c:
+                hits += 1
+                c.touch(key, i, next_use[i])
+                if key in pending:
+                    used_pref += 1
+                    pending.discard(key)
+            else:
+                demand_b += expert_bytes[j]
+                ev = c.insert(key, i, next_use[i])
+                pending.discard(ev)
+        if prefetch:
+            t = int(toks[s])
+            for d in range(1, depth + 1):
+                jj = j + d
+                if jj >= L:
+                    break
+                cj = cache_of(jj)
+                for e in predictions.get(d, {}).get((t, jj), ()):
+                    key = jj * E + int(e)
+                    if key in cj:
+                        continue
+                    n_pref += 1
+                    prefetch_b += expert_bytes[jj]
+                    ev = cj.insert(key, i)
+                    pending.discard(ev)
+                    pending.add(key)
+    return SimResult(policy, capacity, slots, len(reqs), hits, len(toks), demand_b, prefetch_b, n_pref, used_pref)
+
+
+def oracle_predictions(trace: Trace, depth: int = 3) -> dict[int, dict]:
+    """The experts each (token, layer) really used, known at every depth: a perfect predictor."""
+    truth = {(t, j): [int(e) for e in trace.experts[t, j] if e >= 0]
+             for t in range(len(trace.tokens)) for j in range(len(trace.moe_layers))}
+    return {d: truth for d in range(1, depth + 1)}
+
+
+def run(trace: Trace, capacities: list[float], policies: list[str], *, predictors: dict | None = None,
+        depth: int = 1, phase: str = "auto", slot_mode: str = "global") -> dict:
+    """Every policy at every capacity: the rows of the cache-sim table."""
+    predictors = predictors or {}
+    rows = []
+    for cap in capacities:
+        for pol in policies:
+            if pol in DEMAND_POLICIES:
+                r = simulate(trace, cap, pol, phase=phase, slot_mode=slot_mode)
+            elif pol in predictors:
+                r = simulate(trace, cap, f"prefetch:{pol}", predictions=predictors[pol], depth=depth, phase=phase,
+                             slot_mode=slot_mode)
+            else:
+                raise LexiError(f"unknown policy {pol!r}: {', '.join([*DEMAND_POLICIES, *predictors]) }")
+            rows.append(r.row())
+    return {"trace": trace.meta, "phase": phase, "slot_mode": slot_mode, "depth": depth,
+            "n_expert": trace.n_expert, "moe_layers": len(trace.moe_layers), "counts": trace.counts.tolist(),
+            "rows": rows}
+
+
+def table(res: dict, link: str = "nvme") -> str:
+    lines = [f"| capacity | policy | slots | hit rate | misses/token | MB/token demand | MB/token prefetch | "
+             f"prefetch precision | stall ms/token ({link}) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        pp = f"{r['prefetch_precision']:.2f}" if r["prefetch_precision"] is not None else "-"
+        lines.append(f"| {r['capacity']:g} | {r['policy']} | {r['slots']} | {r['hit_rate']:.3f} | "
+                     f"{r['misses_per_token']:.2f} | {r['demand_mb_per_token']:.3f} | {r['prefetch_mb_per_token']:.3f} | "
+                     f"{pp} | {r[f'stall_ms_{link}']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, out) -> str:
+    from ..plots import _plt
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for pol in dict.fromkeys(r["policy"] for r in res["rows"]):
+        rs = [r for r in res["rows"] if r["policy"] == pol]
+        ax.plot([r["capacity"] for r in rs], [r["hit_rate"] for r in rs], "o-" if pol != "belady" else "k--", label=pol)
+    ax.set_xlabel("cache capacity (fraction of all routed experts)")
+    ax.set_ylabel("expert hit rate")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{res['trace'].get('budget', '')} budget, {res['moe_layers']} MoE layers x {res['n_expert']} experts",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return str(out)
