@@ -67,3 +67,34 @@ def test_trace_file_and_generation(tiny_gguf, tmp_path):
     with pytest.raises(LexiError, match="not a lexi-gguf trace"):
         (tmp_path / "bad.npz").write_bytes(b"nope")
         Trace.load(tmp_path / "bad.npz")
+
+
+def test_cli_trace_predict_simulate(tiny_gguf, tmp_path, capsys):
+    import json
+
+    from lexi_gguf import cli
+    gguf = tiny_gguf("olmoe")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The river runs\nA small house\n\nOnce upon a time\n")
+    trace = tmp_path / "t.npz"
+    assert cli.main(["trace", str(gguf), "--prompts", str(prompts), "--max-new-tokens", "8", "--hidden",
+                     "--uniform-k", "2", "-o", str(trace)]) == 0
+    assert "x 4 MoE layers at budget uniform-k2 (k per MoE layer [2, 2, 2, 2])" in capsys.readouterr().out
+    tr = Trace.load(trace)
+    assert set(tr.seq.tolist()) == {0, 1, 2} and (tr.experts[:, :, 2:] == -1).all()
+    assert cli.main(["predictor", "eval", str(trace), "--model", str(gguf), "--depth", "2",
+                     "--json", str(tmp_path / "p.json")]) == 0
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert [r["predictor"] for r in rows] == ["router d=1", "router d=2", "random"]
+    assert all(0 <= r["recall"] <= 1 and r["all_zeros_accuracy"] == pytest.approx(0.75) for r in rows)
+    js = tmp_path / "c.json"
+    assert cli.main(["cache-sim", str(trace), "--model", str(gguf), "--capacity", "0.25,0.5",
+                     "--policy", "lru,belady,router", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert [(r["capacity"], r["policy"]) for r in res["rows"]] == [
+        (0.25, "lru"), (0.25, "belady"), (0.25, "prefetch:router"), (0.5, "lru"), (0.5, "belady"), (0.5, "prefetch:router")]
+    assert (tmp_path / "c.png").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["trace", str(gguf), "--budget", "0.5", "--no-lexi", "-o", str(trace)])
+    assert cli.main(["cache-sim", str(trace), "--policy", "router"]) == 2     # router needs --model
+    assert "needs --model" in capsys.readouterr().err
