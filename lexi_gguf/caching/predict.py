@@ -96,3 +96,108 @@ def random_predictions(trace: Trace, depth: int = 3, seed: int = 0) -> dict[int,
     guess = {(t, j): rng.choice(trace.n_expert, int(trace.counts[j]), replace=False).tolist()
              for t in range(len(trace.tokens)) for j in range(len(trace.moe_layers))}
     return {d: guess for d in range(1, depth + 1)}
+
+
+# ---------------------------------------------------------------- learned look-ahead predictor
+
+def _pairs(trace: Trace, depth: int, tokens: np.ndarray | None = None):
+    """(source token, source layer j, d, target token, target layer) for look-ahead d = 1..depth: the
+    target is layer j+d of the same token, or past the last MoE layer, the next token's first layers."""
+    L = len(trace.moe_layers)
+    toks = np.arange(len(trace.tokens)) if tokens is None else tokens
+    next_of = {int(t): int(t) + 1 for t in range(len(trace.tokens) - 1) if trace.seq[t] == trace.seq[t + 1]}
+    out = []
+    for t in toks:
+        t = int(t)
+        for j in range(L):
+            for d in range(1, depth + 1):
+                jj = j + d
+                if jj < L:
+                    out.append((t, j, d, t, jj))
+                elif t in next_of:
+                    out.append((t, j, d, next_of[t], jj - L))
+    return out
+
+
+class LearnedPredictor:
+    """MoE-Beyond in spirit, with look-ahead: a small MLP reads layer j's router input, the experts
+    layer j chose, and which (layer, distance) it is asked about, and scores every expert of layer
+    j+d, including the next token's first layers (the router baseline cannot reach across tokens).
+    Trained on traces of one prompt set, evaluated on another."""
+
+    def __init__(self, n_embd: int, n_expert: int, n_layer: int, depth: int, hidden: int = 256, seed: int = 0):
+        import torch
+        torch.manual_seed(seed)
+        self.E, self.L, self.depth = n_expert, n_layer, depth
+        n_in = n_embd + n_expert + n_layer + depth
+        self.net = torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden),
+                                       torch.nn.GELU(), torch.nn.Linear(hidden, n_expert))
+        self.target_layer = torch.nn.Embedding(n_layer, n_expert)   # per target layer expert prior
+
+    def _features(self, trace: Trace, pairs):
+        import torch
+        t, j, d, tt, jj = (np.array(c) for c in zip(*pairs))
+        h = torch.from_numpy(trace.hidden[t, j].astype(np.float32))
+        h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        chosen = torch.zeros(len(pairs), self.E)
+        ex = torch.from_numpy(trace.experts[t, j].astype(np.int64))
+        chosen.scatter_(1, ex.clamp_min(0), (ex >= 0).float())
+        x = torch.cat([h, chosen, torch.nn.functional.one_hot(torch.from_numpy(j), self.L).float(),
+                       torch.nn.functional.one_hot(torch.from_numpy(d - 1), self.depth).float()], 1)
+        return x, torch.from_numpy(jj)
+
+    def _logits(self, x, jj):
+        return self.net(x) + self.target_layer(jj)
+
+    def fit(self, trace: Trace, epochs: int = 30, lr: float = 2e-3, batch: int = 512, log=None) -> dict:
+        import torch
+        if trace.hidden is None:
+            raise LexiError("training needs router inputs: record the training trace with --hidden")
+        pairs = _pairs(trace, self.depth)
+        x, jj = self._features(trace, pairs)
+        y = torch.zeros(len(pairs), self.E)
+        tgt = torch.from_numpy(np.stack([trace.experts[p[3], p[4]] for p in pairs]).astype(np.int64))
+        y.scatter_(1, tgt.clamp_min(0), (tgt >= 0).float())
+        params = [*self.net.parameters(), *self.target_layer.parameters()]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        g = torch.Generator().manual_seed(0)
+        for ep in range(epochs):
+            perm = torch.randperm(len(pairs), generator=g)
+            total = 0.0
+            for i in range(0, len(pairs), batch):
+                b = perm[i:i + batch]
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(self._logits(x[b], jj[b]), y[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(b)
+            if log and (ep % 10 == 0 or ep == epochs - 1):
+                log(f"  epoch {ep:3d} loss {total / len(pairs):.4f}")
+        return {"examples": len(pairs), "loss": total / len(pairs)}
+
+    def predictions(self, trace: Trace, tokens: np.ndarray | None = None) -> dict[int, dict]:
+        """{d: {(target token, target layer): top-k_target experts}} for the traced tokens."""
+        import torch
+        pairs = _pairs(trace, self.depth, tokens)
+        out: dict[int, dict] = {d: {} for d in range(1, self.depth + 1)}
+        with torch.no_grad():
+            x, jj = self._features(trace, pairs)
+            order = self._logits(x, jj).argsort(dim=1, descending=True).numpy()
+        for (t, j, d, tt, jt), o in zip(pairs, order):
+            out[d][(tt, jt)] = o[: int(trace.counts[jt])].tolist()
+        return out
+
+    def save(self, path) -> None:
+        import torch
+        torch.save({"E": self.E, "L": self.L, "depth": self.depth, "n_in": self.net[0].in_features,
+                    "hidden": self.net[0].out_features, "net": self.net.state_dict(),
+                    "target_layer": self.target_layer.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path) -> "LearnedPredictor":
+        import torch
+        s = torch.load(path, weights_only=True)
+        p = cls(s["n_in"] - s["E"] - s["L"] - s["depth"], s["E"], s["L"], s["depth"], hidden=s["hidden"])
+        p.net.load_state_dict(s["net"])
+        p.target_layer.load_state_dict(s["target_layer"])
+        return p

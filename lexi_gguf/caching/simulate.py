@@ -208,13 +208,16 @@ def simulate(trace: Trace, capacity: float, policy: str, *, predictions: dict | 
         if prefetch:
             t = int(toks[s])
             for d in range(1, depth + 1):
-                jj = j + d
-                if jj >= L:
-                    break
+                tt, jj = t, j + d
+                if jj >= L:    # past the last layer: the next token's first layers, if it comes next
+                    if s + 1 >= len(toks) or int(toks[s + 1]) != t + 1 or trace.seq[t + 1] != trace.seq[t]:
+                        break
+                    tt, jj = t + 1, jj - L
                 cj = cache_of(jj)
-                for e in predictions.get(d, {}).get((t, jj), ()):
+                for e in predictions.get(d, {}).get((tt, jj), ()):
                     key = jj * E + int(e)
-                    if key in cj:
+                    if key in cj:          # already resident: keep it from being evicted before its use
+                        cj.touch(key, i)
                         continue
                     n_pref += 1
                     prefetch_b += expert_bytes[jj]
