@@ -154,7 +154,8 @@ def cmd_trace(args) -> None:
     kw = {"texts": ["\n".join(_lines(args.text, "--text"))]} if args.text else \
          {"prompts": [x for x in _lines(args.prompts, "--prompts") if x.strip()]}
     tr = record(args.model, **kw, budget=args.budget, no_lexi=args.no_lexi, uniform_k=args.uniform_k,
-                max_new_tokens=args.max_new_tokens, hidden=args.hidden, n_ctx=args.ctx, threads=args.threads,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                hidden=args.hidden, n_ctx=args.ctx, threads=args.threads,
                 n_gpu_layers=args.n_gpu_layers)
     out = tr.save(args.output)
     m = tr.meta
@@ -344,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-lexi", action="store_true", help="the model's own k in every layer")
     g.add_argument("--uniform-k", type=int, help="this k in every MoE layer (what --override-kv does)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled with --seed")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden", action="store_true", help="also record each MoE layer's router input (large)")
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--threads", type=int)

@@ -2,12 +2,13 @@
 """`make demo`: the main job on the built-in default model.
 
 train (or load cached) -> profile + allocate + convert + quantize (Q8_0) -> chat one prompt ->
-bench and eval full / uniform / lexi -> one summary table, with the paths of the JSON and PNG files.
+bench and eval full / uniform / lexi -> one summary table, with the paths of the JSON and PNG files;
+then expert caching on a second built-in model (64 experts): trace, predict, simulate.
 
 Every stage runs in a child process (`demo.py --stage NAME`) and writes out/demo/<stage>.json as soon
 as it finishes, so a stage that fails (an error, or native code killed by a signal) loses nothing
 that came before it: the rest go on where they can, and the end names each failure and its cause
-(exit status non-zero). LEXI_DEMO_CRASH=STAGE makes that stage die of SIGSEGV (the test of all this).
+(exit status non-zero). LEXI_DEMO_CRASH=STAGE[,STAGE] makes those stages die of SIGSEGV (the test of all this).
 """
 from __future__ import annotations
 
@@ -90,6 +91,18 @@ def stage_eval() -> dict:
     return e
 
 
+def stage_caching() -> dict:
+    from lexi_gguf.caching import experiment as X
+    from lexi_gguf.default_model import ensure_default_model
+    gguf = X.testbed_gguf(OUT, threads=THREADS)
+    model_dir = ensure_default_model(name="caching")
+    prompts, train_prompts = X.held_out_prompts(model_dir, 12), X.held_out_prompts(model_dir, 24, offset=12)
+    res = X.run(gguf, prompts, train_prompts, max_new_tokens=24, depth=2, threads=THREADS)
+    print(X.tables(res))
+    res["plot"] = X.plot(res, OUT / "caching.png")
+    return res
+
+
 # name, title, function, stages whose output it needs
 STAGES = [
     ("model", "1. default model (trained here on Python's own docs; a testbed, not a product claim)", stage_model, []),
@@ -97,6 +110,8 @@ STAGES = [
     ("chat", "3. chat (one prompt, lexi budget 0.75)", stage_chat, ["convert"]),
     ("bench", f"4. bench: full vs uniform (--override-kv) vs lexi, {THREADS} threads", stage_bench, ["convert"]),
     ("eval", "5. eval: perplexity and KL divergence vs the full model on held-out text", stage_eval, ["model", "convert"]),
+    ("caching", "6. expert caching on the 64-expert testbed: trace -> look-ahead predictor -> cache simulation",
+     stage_caching, []),
 ]
 
 
@@ -144,7 +159,7 @@ def summary(failed: dict[str, str]) -> None:
     (OUT / "summary.md").write_text(text + "\n" + "".join(f"\nFAILED {k}: {v}" for k, v in failed.items()))
     print("\nfiles:")
     for p in (GGUF, OUT / "sensitivity.png", *(OUT / f"{s[0]}.json" for s in STAGES), OUT / "bench.png",
-              OUT / "pareto.png", OUT / "summary.md"):
+              OUT / "pareto.png", OUT / "caching.png", OUT / "summary.md"):
         if p.exists():
             print(f"  {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}")
 
@@ -182,7 +197,7 @@ def main() -> int:
 
 def run_one(name: str) -> int:
     fn = next(f for n, _, f, _ in STAGES if n == name)
-    if os.environ.get("LEXI_DEMO_CRASH") == name:
+    if name in os.environ.get("LEXI_DEMO_CRASH", "").split(","):
         os.kill(os.getpid(), signal.SIGSEGV)
     try:
         _save(name, fn())
