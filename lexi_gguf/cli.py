@@ -168,9 +168,24 @@ def cmd_predictor(args) -> None:
     from .caching import predict
     from .caching.trace import Trace
     tr = Trace.load(args.trace)
-    preds = predict.router_predictions(tr, args.model, depth=args.depth)
-    rows = [{"predictor": f"router d={d}", **{k: v for k, v in predict.score(tr, p).items() if k != "layers"},
-             "layers": predict.score(tr, p)["layers"]} for d, p in preds.items()]
+    if args.action == "train":
+        if not args.output:
+            raise LexiError("predictor train needs -o PREDICTOR.pt")
+        learner = predict.LearnedPredictor(tr.hidden.shape[-1] if tr.hidden is not None else 0, tr.n_expert,
+                                           len(tr.moe_layers), args.depth)
+        fit = learner.fit(tr, epochs=args.epochs, log=print)
+        learner.save(args.output)
+        print(f"trained on {fit['examples']} (layer, look-ahead) examples of {len(tr.tokens)} tokens -> {args.output}")
+        return
+    rows = []
+    if args.model:
+        for d, p in predict.router_predictions(tr, args.model, depth=args.depth).items():
+            rows.append({"predictor": f"router d={d}", **predict.score(tr, p)})
+    if args.predictor:
+        for d, p in predict.LearnedPredictor.load(args.predictor).predictions(tr).items():
+            rows.append({"predictor": f"learned d={d}", **predict.score(tr, p)})
+    if not rows:
+        raise LexiError("give --model MODEL.gguf (router look-ahead) and/or --predictor PREDICTOR.pt (learned)")
     rows.append({"predictor": "random", **predict.score(tr, predict.random_predictions(tr)[1])})
     print("| predictor | recall@k | precision | F1 | accuracy | all-zeros accuracy |\n|---|---|---|---|---|---|")
     for r in rows:
@@ -190,6 +205,10 @@ def cmd_cache_sim(args) -> None:
         if not args.model:
             raise LexiError("--policy router needs --model MODEL.gguf (the routers it applies)")
         predictors["router"] = predict.router_predictions(tr, args.model, depth=args.depth)
+    if "learned" in args.policy:
+        if not args.predictor:
+            raise LexiError("--policy learned needs --predictor PREDICTOR.pt (lexi-gguf predictor train)")
+        predictors["learned"] = predict.LearnedPredictor.load(args.predictor).predictions(tr)
     res = simulate.run(tr, args.capacity, args.policy, predictors=predictors, depth=args.depth, phase=args.phase,
                        slot_mode=args.slots)
     print(simulate.table(res, args.link))
@@ -354,11 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_trace)
 
-    p = sub.add_parser("predictor", help="score look-ahead expert predictors on a trace")
-    p.add_argument("action", choices=["eval"])
-    p.add_argument("trace")
-    p.add_argument("--model", required=True, help="the GGUF the trace was recorded from (its routers)")
-    p.add_argument("--depth", type=int, default=3, help="predict layer l+d from layer l, d = 1..depth")
+    p = sub.add_parser("predictor", help="train a learned look-ahead predictor on a trace, or score predictors")
+    p.add_argument("action", choices=["train", "eval"])
+    p.add_argument("trace", help="a trace recorded with --hidden (train on one prompt set, eval on another)")
+    p.add_argument("--model", help="eval: the GGUF the trace was recorded from (router look-ahead baseline)")
+    p.add_argument("--predictor", help="eval: a learned predictor (.pt) from `predictor train`")
+    p.add_argument("--depth", type=int, default=2, help="predict layer l+d from layer l, d = 1..depth")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("-o", "--output", help="train: where to write the predictor (.pt)")
     p.add_argument("--json")
     p.set_defaults(func=cmd_predictor)
 
@@ -367,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", type=_floats, default=[0.05, 0.1, 0.25, 0.5], help="fractions of all routed experts")
     p.add_argument("--policy", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    default=["lru", "lfu", "belady", "router", "oracle"],
-                   help="lru, lfu, belady (offline optimum), router / oracle / random (prefetch)")
+                   help="lru, lfu, belady (offline optimum), router / learned / oracle / random (prefetch)")
     p.add_argument("--model", help="the GGUF the trace was recorded from (for --policy router)")
+    p.add_argument("--predictor", help="a learned predictor .pt (for --policy learned)")
     p.add_argument("--depth", type=int, default=1, help="prefetch layers l+1..l+depth")
     p.add_argument("--slots", default="global", choices=["global", "equal", "k"],
                    help="one shared cache, or per-layer quotas (equal, or following each layer's k)")

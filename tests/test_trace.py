@@ -82,17 +82,19 @@ def test_cli_trace_predict_simulate(tiny_gguf, tmp_path, capsys):
     assert "x 4 MoE layers at budget uniform-k2 (k per MoE layer [2, 2, 2, 2])" in capsys.readouterr().out
     tr = Trace.load(trace)
     assert set(tr.seq.tolist()) == {0, 1, 2} and (tr.experts[:, :, 2:] == -1).all()
-    assert cli.main(["predictor", "eval", str(trace), "--model", str(gguf), "--depth", "2",
+    pt = tmp_path / "p.pt"
+    assert cli.main(["predictor", "train", str(trace), "--depth", "2", "--epochs", "3", "-o", str(pt)]) == 0
+    assert cli.main(["predictor", "eval", str(trace), "--model", str(gguf), "--predictor", str(pt), "--depth", "2",
                      "--json", str(tmp_path / "p.json")]) == 0
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
-    assert [r["predictor"] for r in rows] == ["router d=1", "router d=2", "random"]
+    assert [r["predictor"] for r in rows] == ["router d=1", "router d=2", "learned d=1", "learned d=2", "random"]
     assert all(0 <= r["recall"] <= 1 and r["all_zeros_accuracy"] == pytest.approx(0.75) for r in rows)
     js = tmp_path / "c.json"
     assert cli.main(["cache-sim", str(trace), "--model", str(gguf), "--capacity", "0.25,0.5",
-                     "--policy", "lru,belady,router", "--json", str(js)]) == 0
+                     "--policy", "lru,belady,router,learned", "--predictor", str(pt), "--json", str(js)]) == 0
     res = json.loads(js.read_text())
     assert [(r["capacity"], r["policy"]) for r in res["rows"]] == [
-        (0.25, "lru"), (0.25, "belady"), (0.25, "prefetch:router"), (0.5, "lru"), (0.5, "belady"), (0.5, "prefetch:router")]
+        (c, p) for c in (0.25, 0.5) for p in ("lru", "belady", "prefetch:router", "prefetch:learned")]
     assert (tmp_path / "c.png").exists()
     with pytest.raises(SystemExit):
         cli.main(["trace", str(gguf), "--budget", "0.5", "--no-lexi", "-o", str(trace)])
