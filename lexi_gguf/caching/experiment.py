@@ -130,14 +130,9 @@ def plot(res: dict, out) -> str:
     shown = [c for c in res["configs"] if c["config"] in ("full", "lexi 0.75", "uniform 0.75")]
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), sharey=True)
     for ax, c in zip(axes, shown):
-        for p in dict.fromkeys(r["policy"] for r in c["cache"]):
-            rs = [r for r in c["cache"] if r["policy"] == p]
-            ax.plot([r["capacity"] for r in rs], [r["hit_rate"] for r in rs], "k--" if p == "belady" else "o-", label=p)
+        simulate.draw_hit_rates(ax, c["cache"])
         ax.set_title(f"{c['config']} (avg k {c['avg_k']:.2f})", fontsize=9)
-        ax.set_xlabel("capacity (fraction of all experts)")
-        ax.grid(alpha=0.3)
     axes[0].set_ylabel("expert hit rate (decode)")
-    axes[0].set_ylim(0, 1)
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -265,17 +265,22 @@ def table(res: dict, link: str = "nvme") -> str:
     return "\n".join(lines)
 
 
+def draw_hit_rates(ax, rows: list[dict]) -> None:
+    """Hit rate against capacity, one line per policy (Belady, the demand ceiling, dashed)."""
+    for pol in dict.fromkeys(r["policy"] for r in rows):
+        rs = [r for r in rows if r["policy"] == pol]
+        ax.plot([r["capacity"] for r in rs], [r["hit_rate"] for r in rs], "k--" if pol == "belady" else "o-", label=pol)
+    ax.set_xlabel("cache capacity (fraction of all routed experts)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+
+
 def plot(res: dict, out) -> str:
     from ..plots import _plt
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
-    for pol in dict.fromkeys(r["policy"] for r in res["rows"]):
-        rs = [r for r in res["rows"] if r["policy"] == pol]
-        ax.plot([r["capacity"] for r in rs], [r["hit_rate"] for r in rs], "o-" if pol != "belady" else "k--", label=pol)
-    ax.set_xlabel("cache capacity (fraction of all routed experts)")
+    draw_hit_rates(ax, res["rows"])
     ax.set_ylabel("expert hit rate")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"{res['trace'].get('budget', '')} budget, {res['moe_layers']} MoE layers x {res['n_expert']} experts",
                  fontsize=9)
