@@ -388,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace")
     p.add_argument("--capacity", type=_floats, default=[0.05, 0.1, 0.25, 0.5], help="fractions of all routed experts")
     p.add_argument("--policy", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                   default=["lru", "lfu", "belady", "router", "oracle"],
-                   help="lru, lfu, belady (offline optimum), router / learned / oracle / random (prefetch)")
+                   default=["lru", "lfu", "eamc", "belady", "router", "oracle"],
+                   help="lru, lfu, eamc (MoE-Infinity-style), belady (offline optimum); "
+                        "router / learned / oracle / random (prefetch)")
     p.add_argument("--model", help="the GGUF the trace was recorded from (for --policy router)")
     p.add_argument("--predictor", help="a learned predictor .pt (for --policy learned)")
     p.add_argument("--depth", type=int, default=1, help="prefetch layers l+1..l+depth")

@@ -3,8 +3,9 @@ layer by layer), and count what moves over the link.
 
 A cache holds (layer, expert) slots; capacity is a fraction of all routed experts (L x E), shared by
 all layers or split into per-layer quotas (equal, or following the k each layer runs). Demand
-policies: LRU, LFU, and Belady (evicts the expert needed farthest in the future: the offline optimum
-of any demand policy, the ceiling shown beside the others). Prefetch policies (LRU eviction) insert
+policies: LRU, LFU, EAMC (MoE-Infinity-style: the current request's activation counts) and Belady
+(evicts the expert needed farthest in the future: the offline optimum of any demand policy, the
+ceiling shown beside the others). Prefetch policies (LRU eviction) insert
 the experts a predictor names for layers l+1..l+d as soon as layer l's router has run; nothing is
 inserted for free: every prefetch of a non-resident expert costs its bytes and can evict.
 """
@@ -22,7 +23,7 @@ from .trace import Trace
 
 # (bandwidth bytes/s, latency s) of the link an expert miss is served over
 LINKS = {"pcie4x16": (25e9, 10e-6), "nvme": (3.0e9, 80e-6), "emmc": (0.25e9, 300e-6)}
-DEMAND_POLICIES = ("lru", "lfu", "belady")
+DEMAND_POLICIES = ("lru", "lfu", "eamc", "belady")
 
 
 class _LRU:
@@ -71,6 +72,16 @@ class _LFU:
         return out
 
 
+class _EAMC(_LFU):
+    """MoE-Infinity-style: keep the experts the current request (sequence) has activated most (its
+    expert activation matrix), least recently used among ties; the counts restart with each request."""
+
+    def new_sequence(self):
+        self.count = {k: 0 for k in self.res}
+        self.heap = [(0, t, k) for k, t in self.res.items()]
+        heapq.heapify(self.heap)
+
+
 class _Belady:
     """Evict the resident expert whose next use is farthest away (needs the future: offline only)."""
 
@@ -97,7 +108,7 @@ class _Belady:
         return out
 
 
-_POLICY = {"lru": _LRU, "lfu": _LFU, "belady": _Belady}
+_POLICY = {"lru": _LRU, "lfu": _LFU, "eamc": _EAMC, "belady": _Belady}
 
 
 @dataclass
@@ -191,7 +202,12 @@ def simulate(trace: Trace, capacity: float, policy: str, *, predictions: dict | 
     n_pref = used_pref = 0
     pending: set[int] = set()        # prefetched, not yet used
     by_layer = itertools.groupby(range(len(reqs)), key=lambda i: (reqs[i][0], reqs[i][1]))
+    seq_now = None
     for (s, j), idx in by_layer:
+        if j == 0 and trace.seq[toks[s]] != seq_now:      # a new request: EAMC restarts its counts
+            seq_now = trace.seq[toks[s]]
+            for c in caches:
+                getattr(c, "new_sequence", lambda: None)()
         c = cache_of(j)
         for i in idx:
             key = j * E + reqs[i][2]
