@@ -10,8 +10,16 @@ from .allocate import allocate
 from .gguf_io import copy_with_metadata, lexi_metadata, model_info, sensitivity_from_gguf, validate_counts
 
 
+def check_weight_norm(sens: dict, weight_norm: str) -> None:
+    """A table profiled for one weighting mode does not allocate for the other."""
+    got = sens.get("settings", {}).get("weight_norm", "renorm")
+    if got != weight_norm:
+        raise LexiError(f"the sensitivity table was profiled with weight norm {got!r}, not {weight_norm!r}; "
+                        "profile again (leave out --sensitivity) or pass the matching --weight-norm")
+
+
 def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict | None, samples: int, seed: int,
-                    threads: int | None, source_path: Path) -> dict:
+                    threads: int | None, source_path: Path, weight_norm: str = "renorm") -> dict:
     """A sensitivity table for the model: given, stored in the file (`stored`), or profiled from the GGUF's weights."""
     if isinstance(sensitivity, dict):
         sens = sensitivity
@@ -21,13 +29,16 @@ def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict
             raise LexiError(f"{p} does not exist")
         sens = json.loads(p.read_text())
     else:
-        sens = stored
+        # the file stores a renorm table (its settings are not stored): base mode profiles anew
+        sens = stored if weight_norm == "renorm" else None
         if sens is None:
             from .gguf_source import GGUFSource
             from .profile import profile
             src = GGUFSource(source_path)
-            sens = profile(src, samples=samples, seed=seed, threads=threads)
+            sens = profile(src, samples=samples, seed=seed, threads=threads, weight_norm=weight_norm)
             sens["source"] = "gguf:" + "+".join(src.types)
+    if sens is not stored:
+        check_weight_norm(sens, weight_norm)
     moe = [L["index"] for L in sens["layers"] if L["moe"]]
     if len(sens["layers"]) != info.block_count or moe != info.moe_layers:
         raise LexiError(f"the sensitivity table (MoE layers {moe}) does not match {info.path.name} "
@@ -40,7 +51,8 @@ def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict
 def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan: str | dict | None = None,
           sensitivity=None, budget: float | None = None, budgets: list[float] | None = None,
           solver: str = "exact", allowed_k: list[int] | None = None, min_k: int = 1, samples: int = 8192,
-          seed: int = 0, threads: int | None = None, force: bool = False, progress: bool = True) -> Path:
+          seed: int = 0, threads: int | None = None, force: bool = False, progress: bool = True,
+          weight_norm: str = "renorm") -> Path:
     src, out = Path(src), Path(out)
     if src.resolve() == out.resolve():
         raise LexiError("the output must be a new file, not the input")
@@ -61,14 +73,16 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
         counts, method = list(pl["expert_used_count"]), f"lexi-{pl.get('solver', 'exact')}"
         sens = stored
     else:
-        sens = sensitivity_for(info, sensitivity, stored=stored, samples=samples, seed=seed, threads=threads, source_path=src)
+        sens = sensitivity_for(info, sensitivity, stored=stored, samples=samples, seed=seed, threads=threads, source_path=src,
+                               weight_norm=weight_norm)
         counts = allocate(sens, budget=budget, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed)["expert_used_count"]
         method = f"lexi-{solver}"
     validate_counts(info, counts)
     ladder = None
     if budgets:
         if sens is None:
-            sens = sensitivity_for(info, sensitivity, stored=stored, samples=samples, seed=seed, threads=threads, source_path=src)
+            sens = sensitivity_for(info, sensitivity, stored=stored, samples=samples, seed=seed, threads=threads, source_path=src,
+                               weight_norm=weight_norm)
         ladder = [allocate(sens, budget=b, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed) for b in budgets]
-    md = lexi_metadata(info, counts, method, sensitivity=sens, ladder=ladder)
+    md = lexi_metadata(info, counts, method, sensitivity=sens, ladder=ladder, weight_norm=weight_norm)
     return copy_with_metadata(src, out, md, force=force, progress=progress)

@@ -48,6 +48,10 @@ def _allowed_k(args) -> list[int] | None:
     return allowed
 
 
+WEIGHT_NORM_HELP = ("how a layer running fewer experts than trained weights them (normalising archs): renorm "
+                    "(divide by their own sum, default) or base (by the trained top-k's sum: no inflation); "
+                    "written as lexi.weight_norm and profiled the same way")
+
 # ---------------------------------------------------------------- commands
 
 def cmd_build_runtime(args) -> None:
@@ -110,7 +114,8 @@ def cmd_apply(args) -> None:
     from .apply import apply
     out = apply(args.input, args.output, k=args.k, plan=args.plan, sensitivity=args.sensitivity,
                 budget=args.budget, budgets=args.budgets, solver=args.solver, allowed_k=_allowed_k(args),
-                min_k=args.min_k, samples=args.samples, seed=args.seed, threads=args.threads, force=args.force)
+                min_k=args.min_k, samples=args.samples, seed=args.seed, threads=args.threads, force=args.force,
+                weight_norm=args.weight_norm)
     print(f"wrote {out}")
 
 
@@ -124,7 +129,8 @@ def cmd_convert(args) -> None:
     from .convert import convert
     convert(args.model_dir, args.output, budget=args.budget, quant=args.quant, sensitivity=args.sensitivity,
             budgets=args.budgets, samples=args.samples, seed=args.seed, threads=args.threads,
-            solver=args.solver, allowed_k=_allowed_k(args), min_k=args.min_k, force=args.force)
+            solver=args.solver, allowed_k=_allowed_k(args), min_k=args.min_k, force=args.force,
+            weight_norm=args.weight_norm)
 
 
 def cmd_chat(args) -> None:
@@ -322,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     p.add_argument("--threads", type=int)
     p.add_argument("--force", action="store_true", help="overwrite the output")
+    p.add_argument("--weight-norm", default="renorm", choices=["renorm", "base"], help=WEIGHT_NORM_HELP)
     add_alloc_opts(p, False)
     p.set_defaults(func=cmd_apply)
 
@@ -340,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend-safe", choices=["cpu", "cuda", "metal"])
     p.add_argument("--min-k", type=int, default=1)
     p.add_argument("--force", action="store_true")
+    p.add_argument("--weight-norm", default="renorm", choices=["renorm", "base"], help=WEIGHT_NORM_HELP)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("chat", help="streaming local chat (stdin may be piped; /budget X switches in place)")

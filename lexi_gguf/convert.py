@@ -50,7 +50,7 @@ def _stage(i: int, n: int, msg: str) -> None:
 def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, quant: str = "Q8_0",
             sensitivity: str | Path | None = None, budgets: list[float] | None = None, samples: int = 8192,
             seed: int = 0, threads: int | None = None, solver: str = "exact", allowed_k: list[int] | None = None,
-            min_k: int = 1, force: bool = False) -> Path:
+            min_k: int = 1, force: bool = False, weight_norm: str = "renorm") -> Path:
     from .profile import profile
     from .runtime import _install_log_hook, llama_cpp_dir
     from .tinymodels import convert_to_gguf
@@ -73,8 +73,10 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
             raise LexiError(f"{p} does not exist")
         sens = json.loads(p.read_text())
         print(f"      reusing {p}")
+        from .apply import check_weight_norm
+        check_weight_norm(sens, weight_norm)
     else:
-        sens = profile(src, samples=samples, seed=seed, threads=threads)
+        sens = profile(src, samples=samples, seed=seed, threads=threads, weight_norm=weight_norm)
     _stage(2, n, f"allocate budget {budget} (+ ladder {', '.join(f'{b:g}' for b in ladder_budgets)})")
     plan = allocate(sens, budget=budget, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed)
     ladder = [allocate(sens, budget=b, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed) for b in ladder_budgets]
@@ -88,7 +90,8 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
         _stage(4, n, "write lexi keys, ladder and sensitivity table")
         keyed = copy_with_metadata(base, tmpdir / "keyed.gguf",
                                    lexi_metadata(info, plan["expert_used_count"], f"lexi-{solver}",
-                                                 sensitivity=sens, ladder=ladder), progress=False)
+                                                 sensitivity=sens, ladder=ladder, weight_norm=weight_norm),
+                                   progress=False)
         base.unlink()
         if quant.upper() in FLOAT_TYPES:
             final = keyed

@@ -113,7 +113,7 @@ def atomic_output(out: str | Path, force: bool = False):
 
 
 def lexi_metadata(info: GGUFModelInfo, counts: list[int], method: str, *, sensitivity: dict | None = None,
-                  ladder: list[dict] | None = None) -> dict:
+                  ladder: list[dict] | None = None, weight_norm: str | None = None) -> dict:
     """Build the lexi key/value set (name -> (value, GGUFValueType, sub_type))."""
     gguf = _gguf()
     T = gguf.GGUFValueType
@@ -127,6 +127,8 @@ def lexi_metadata(info: GGUFModelInfo, counts: list[int], method: str, *, sensit
         keys.TOTAL: (total, T.UINT32, None),
         keys.BUDGET: (total / (n_moe * info.expert_used_count), T.FLOAT32, None),
     }
+    if weight_norm and weight_norm != "renorm":     # renorm is the runtime's default: files stay as they were
+        md[keys.WEIGHT_NORM] = (weight_norm, T.STRING, None)
     if ladder:
         rows = [r["expert_used_count"] for r in ladder]
         for r in rows:

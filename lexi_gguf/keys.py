@@ -12,6 +12,8 @@ LADDER_BUDGETS = "lexi.ladder.budgets"                      # f32[n]: budget fra
 LADDER_TOTALS = "lexi.ladder.totals"                        # u32[n]: total of each row
 LADDER_EXPERT_USED_COUNT = "lexi.ladder.expert_used_count"  # u32[n * block_count], row-major
 BUDGET_INDEX = "lexi.budget_index"              # u32 (file or kv override int:N): run ladder row N
+WEIGHT_NORM = "lexi.weight_norm"                # str (file or kv override str:X): renorm (default) | base
+WEIGHT_NORMS = ("renorm", "base")
 
 SENS_DEVIATION = "lexi.sensitivity.deviation"   # f32[block_count * base k], zeros on dense blocks
 SENS_STDERR = "lexi.sensitivity.stderr"         # f32[block_count * base k]

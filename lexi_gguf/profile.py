@@ -48,11 +48,14 @@ def route(x: torch.Tensor, lw: LayerWeights, r: Routing, k: int) -> tuple[torch.
     return idx, probs.gather(1, idx)
 
 
-def weights_for_k(p: torch.Tensor, r: Routing, k: int) -> torch.Tensor:
-    """Routing weights over the first k selected experts, as the runtime computes them at top-k."""
+def weights_for_k(p: torch.Tensor, r: Routing, k: int, weight_norm: str = "renorm") -> torch.Tensor:
+    """Routing weights over the first k selected experts, as the runtime computes them at top-k.
+    p holds the gate values of the trained top-k (or more) in selection order. On architectures that
+    normalise, "renorm" divides by the k survivors' sum, "base" by the trained top-k's (lexi.weight_norm)."""
     w = p[:, :k]
     if r.norm_topk:
-        w = w / w.sum(-1, keepdim=True).clamp_min(6.103515625e-5)  # llama.cpp clamps like this
+        denom = p if weight_norm == "base" else w
+        w = w / denom.sum(-1, keepdim=True).clamp_min(6.103515625e-5)  # llama.cpp clamps like this
     return w * r.scale
 
 
@@ -119,7 +122,7 @@ class LayerProfile:
 
 def profile_layer(lw: LayerWeights, model: MoEModel, samples: int, seed: int, layer: int,
                   draw_tokens: int = DEFAULT_DRAW_TOKENS, device: str = "cpu", input_mode: str = "raw",
-                  norm_weight: torch.Tensor | None = None, dtype: str = "auto") -> LayerProfile:
+                  norm_weight: torch.Tensor | None = None, dtype: str = "auto", weight_norm: str = "renorm") -> LayerProfile:
     kb, r = model.k_base, model.routing
     cdt = compute_dtype(lw.dtype, device, dtype)
     if samples % draw_tokens:
@@ -142,7 +145,7 @@ def profile_layer(lw: LayerWeights, model: MoEModel, samples: int, seed: int, la
         # deviation weights per k: (w_k padded with zeros) - w_base, shape [kb, n, kb]
         dw = torch.zeros(kb, n, kb, device=x.device)
         for k in range(1, kb + 1):
-            dw[k - 1, :, :k] = weights_for_k(p, r, k)
+            dw[k - 1, :, :k] = weights_for_k(p, r, k, weight_norm)
         dw -= w_base
         dev = torch.bmm(dw.transpose(0, 1), o)                          # [n, kb, H]: Y_k - Y_base
         norms = dev.view(n // draw_tokens, draw_tokens, kb, h).pow(2).sum((1, 3)).sqrt().T.double().cpu()
@@ -160,8 +163,13 @@ def profile_layer(lw: LayerWeights, model: MoEModel, samples: int, seed: int, la
 
 def profile(source, samples: int = DEFAULT_SAMPLES, seed: int = 0, device: str = "cpu",
             draw_tokens: int = DEFAULT_DRAW_TOKENS, input_mode: str = "raw", threads: int | None = None,
-            progress: bool = True, dtype: str = "auto") -> dict:
-    """Profile every MoE layer of a weight source; returns the sensitivity dict (JSON shape in docs)."""
+            progress: bool = True, dtype: str = "auto", weight_norm: str = "renorm") -> dict:
+    """Profile every MoE layer of a weight source; returns the sensitivity dict (JSON shape in docs).
+    weight_norm: how the runtime will weight a layer's fewer experts (lexi.weight_norm), so the
+    deviation measured is the one that will run."""
+    from .keys import WEIGHT_NORMS
+    if weight_norm not in WEIGHT_NORMS:
+        raise LexiError(f"unknown weight norm {weight_norm!r}: use {' or '.join(WEIGHT_NORMS)}")
     if threads:
         torch.set_num_threads(threads)
     if device not in ("cpu", "cuda", "mps"):
@@ -195,7 +203,7 @@ def profile(source, samples: int = DEFAULT_SAMPLES, seed: int = 0, device: str =
                                 ([x.to(device) for x in t] if isinstance(t, list) else t)
                                 for t in (lw.router, lw.bias, lw.gate, lw.up, lw.down)))
         norm_w = source.norm_weight(i) if input_mode == "rmsnorm" else None
-        lp = profile_layer(lw, m, samples, seed, i, draw_tokens, device, input_mode, norm_w, dtype)
+        lp = profile_layer(lw, m, samples, seed, i, draw_tokens, device, input_mode, norm_w, dtype, weight_norm)
         cdt_used = lp.compute_dtype
         total_flops += lp.flops
         layers.append({"index": i, "moe": True, "deviation": lp.deviation, "stderr": lp.stderr,
@@ -214,7 +222,8 @@ def profile(source, samples: int = DEFAULT_SAMPLES, seed: int = 0, device: str =
         "arch": m.spec.name, "gguf_arch": m.spec.gguf_arch, "k_base": m.k_base, "n_expert": m.n_expert,
         "n_layer": m.n_layer, "routing": vars(m.routing),
         "settings": {"samples": samples, "seed": seed, "draw_tokens": draw_tokens, "input": input_mode,
-                     "device": device, "dtype": dtype_w, "compute_dtype": cdt_used, "norm": "frobenius", "threads": torch.get_num_threads()},
+                     "device": device, "dtype": dtype_w, "compute_dtype": cdt_used, "norm": "frobenius", "threads": torch.get_num_threads(),
+                     "weight_norm": weight_norm},
         "timing": {"seconds": round(elapsed, 3), "gflops": round(total_flops / 1e9, 3),
                    "gflop_per_s": round(total_flops / 1e9 / max(elapsed, 1e-9), 2)},
         "layers": layers,

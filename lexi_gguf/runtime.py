@@ -65,9 +65,14 @@ def captured_log() -> str:
 
 
 def lexi_overrides(arch: str | None = None, *, lexi: bool = True, budget_index: int | None = None,
-                   uniform_k: int | None = None) -> dict:
-    """kv_overrides for llama-cpp-python: the stored lexi counts, a ladder row, or a uniform k."""
+                   uniform_k: int | None = None, weight_norm: str | None = None) -> dict:
+    """kv_overrides for llama-cpp-python: the stored lexi counts, a ladder row, or a uniform k; and
+    how fewer experts than trained are weighted (renorm | base), whatever the file says."""
     kv: dict = {}
+    if weight_norm is not None:
+        if weight_norm not in keys.WEIGHT_NORMS:
+            raise LexiError(f"unknown weight norm {weight_norm!r}: use {' or '.join(keys.WEIGHT_NORMS)}")
+        kv[keys.WEIGHT_NORM] = weight_norm
     if not lexi or uniform_k is not None:
         kv[keys.ENABLE] = False
     if uniform_k is not None:
