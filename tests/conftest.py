@@ -9,6 +9,22 @@ from lexi_gguf import cli, tinymodels
 from lexi_gguf.tinymodels import make_checkpoint
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "granitemoe"]
+GGML_TYPE_F32 = 0
+TOKENS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 1212, 318, 257, 1332, 286, 262, 1080]
+
+
+def f32_logits(path, tokens=TOKENS, **kv):
+    """Logits of every token through the patched runtime, f32 KV cache (llama.cpp's default f16 cache
+    alone moves logits by ~1e-3), with kv overrides."""
+    import numpy as np
+
+    from lexi_gguf import runtime
+    llm = runtime.load(path, kv_overrides=kv or None, n_ctx=64, logits_all=True, n_threads=2,
+                       type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+    llm.eval(tokens)
+    out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    llm.close()
+    return out
 
 
 @pytest.fixture(scope="session")

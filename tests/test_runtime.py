@@ -10,10 +10,8 @@ from lexi_gguf import keys, runtime
 from lexi_gguf.gguf_io import copy_with_metadata, lexi_metadata, model_info
 from lexi_gguf.tinymodels import hf_set_top_k
 
-from conftest import ARCHS
+from conftest import ARCHS, TOKENS, f32_logits
 
-GGML_TYPE_F32 = 0
-TOKENS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 1212, 318, 257, 1332, 286, 262, 1080]
 # 4 blocks, 8 experts, base k 4 (deepseek_v2: block 0 dense). Layer 0 smallest and k above base included.
 PATTERNS = {"default": [[1, 4, 2, 3], [3, 1, 4, 2], [8, 2, 6, 1]], "deepseek_v2": [[0, 1, 4, 2], [0, 3, 1, 8]]}
 
@@ -32,16 +30,6 @@ def _hf_logits(path, counts):
         return model(torch.tensor([TOKENS])).logits[0].numpy()
 
 
-def _llama_logits(path, **kv):
-    # f32 KV cache: llama.cpp's default f16 cache alone moves logits by ~1e-3
-    llm = runtime.load(path, kv_overrides=kv or None, n_ctx=64, logits_all=True, n_threads=2,
-                       type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
-    llm.eval(TOKENS)
-    out = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
-    del llm
-    return out
-
-
 def _with_counts(src, dst, counts):
     info = model_info(src)
     copy_with_metadata(src, dst, lexi_metadata(info, counts, "manual"), progress=False)
@@ -55,17 +43,17 @@ def test_per_layer_k_matches_transformers(arch, tiny_checkpoint, tiny_gguf, tmp_
     base = [info.expert_used_count if i in info.moe_layers else 0 for i in range(info.block_count)]
     # the plain file runs the model's own k everywhere
     ref = _hf_logits(hf_dir, base)
-    got = _llama_logits(gguf)
+    got = f32_logits(gguf)
     assert np.abs(got - ref).max() <= 1e-3
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     for j, counts in enumerate(PATTERNS.get(arch, PATTERNS["default"])):
         f = _with_counts(gguf, tmp_path / f"p{j}.gguf", counts)
         ref = _hf_logits(hf_dir, counts)
-        got = _llama_logits(f)
+        got = f32_logits(f)
         assert np.abs(got - ref).max() <= 1e-3, (counts, float(np.abs(got - ref).max()))
         assert (got.argmax(-1) == ref.argmax(-1)).all(), counts
         # lexi.enable=false on the same file runs the model's own k, bit for bit as the plain file
-        assert np.array_equal(_llama_logits(f, **{keys.ENABLE: False}), _llama_logits(gguf))
+        assert np.array_equal(f32_logits(f, **{keys.ENABLE: False}), f32_logits(gguf))
 
 
 def test_uniform_override_and_ladder_selection(tiny_checkpoint, tiny_gguf, tmp_path):
@@ -77,12 +65,12 @@ def test_uniform_override_and_ladder_selection(tiny_checkpoint, tiny_gguf, tmp_p
     md = lexi_metadata(info, [2, 2, 2, 2], "manual", ladder=rows)
     f = copy_with_metadata(gguf, tmp_path / "ladder.gguf", md, progress=False)
     # what users do today: a uniform k by override, with the lexi counts switched off
-    uni = _llama_logits(f, **runtime.lexi_overrides(info.arch, uniform_k=3))
+    uni = f32_logits(f, **runtime.lexi_overrides(info.arch, uniform_k=3))
     assert np.abs(uni - _hf_logits(hf_dir, [3, 3, 3, 3])).max() <= 1e-3
     # a stored budget chosen at load time by a scalar override
-    row1 = _llama_logits(f, **runtime.lexi_overrides(info.arch, budget_index=1))
+    row1 = f32_logits(f, **runtime.lexi_overrides(info.arch, budget_index=1))
     assert np.abs(row1 - _hf_logits(hf_dir, [1, 3, 2, 2])).max() <= 1e-3
-    default = _llama_logits(f)
+    default = f32_logits(f)
     assert np.abs(default - _hf_logits(hf_dir, [2, 2, 2, 2])).max() <= 1e-3
 
 

@@ -14,8 +14,8 @@ from lexi_gguf.gguf_io import copy_with_metadata, lexi_metadata, model_info
 from lexi_gguf.profile import weights_for_k
 from lexi_gguf.tinymodels import hf_set_top_k
 
-GGML_TYPE_F32 = 0
-TOKENS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 1212]
+from conftest import TOKENS, f32_logits
+
 COUNTS = [1, 4, 2, 3]     # base k 4: layers 0, 2, 3 run fewer
 
 
@@ -44,15 +44,6 @@ def _hf_logits(hf_dir, counts, base: bool):
         return model(torch.tensor([TOKENS])).logits[0].numpy()
 
 
-def _llama_logits(path, **kv):
-    llm = runtime.load(path, kv_overrides=kv or None, n_ctx=64, logits_all=True, n_threads=2,
-                       type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
-    llm.eval(TOKENS)
-    out = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
-    llm.close()
-    return out
-
-
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_base_mode_equals_patched_reference(arch, tiny_checkpoint, tiny_gguf, tmp_path):
     src = tiny_gguf(arch)
@@ -61,23 +52,23 @@ def test_base_mode_equals_patched_reference(arch, tiny_checkpoint, tiny_gguf, tm
                                    lexi_metadata(info, COUNTS, "manual", weight_norm="base"), progress=False)
     renorm_file = copy_with_metadata(src, tmp_path / "renorm.gguf", lexi_metadata(info, COUNTS, "manual"), progress=False)
     ref = _hf_logits(tiny_checkpoint(arch), COUNTS, base=True)
-    for got in (_llama_logits(base_file), _llama_logits(renorm_file, **{keys.WEIGHT_NORM: "base"})):
+    for got in (f32_logits(base_file), f32_logits(renorm_file, **{keys.WEIGHT_NORM: "base"})):
         assert np.abs(got - ref).max() <= 1e-3
         assert (got.argmax(-1) == ref.argmax(-1)).all()
-    renorm = _llama_logits(renorm_file)
+    renorm = f32_logits(renorm_file)
     assert np.abs(renorm - ref).max() > 1e-2                     # the modes really differ at these counts
     assert np.abs(renorm - _hf_logits(tiny_checkpoint(arch), COUNTS, base=False)).max() <= 1e-3
     # renorm, written or overridden, is bit-identical to today's file
-    assert np.array_equal(_llama_logits(base_file, **{keys.WEIGHT_NORM: "renorm"}), renorm)
+    assert np.array_equal(f32_logits(base_file, **{keys.WEIGHT_NORM: "renorm"}), renorm)
 
 
 def test_base_mode_leaves_non_normalising_archs_and_full_k_alone(tiny_gguf, tmp_path):
     src = tiny_gguf("olmoe")                                     # does not normalise top-k
     info = model_info(src)
     f = copy_with_metadata(src, tmp_path / "o.gguf", lexi_metadata(info, COUNTS, "manual"), progress=False)
-    assert np.array_equal(_llama_logits(f, **{keys.WEIGHT_NORM: "base"}), _llama_logits(f))
+    assert np.array_equal(f32_logits(f, **{keys.WEIGHT_NORM: "base"}), f32_logits(f))
     mix = tiny_gguf("mixtral")                                   # at the trained k, base == renorm
-    assert np.array_equal(_llama_logits(mix, **{keys.WEIGHT_NORM: "base"}), _llama_logits(mix))
+    assert np.array_equal(f32_logits(mix, **{keys.WEIGHT_NORM: "base"}), f32_logits(mix))
 
 
 def test_profile_follows_the_mode():
@@ -92,7 +83,7 @@ def test_profile_follows_the_mode():
 def test_bad_weight_norm_is_a_loader_error(tiny_gguf, tmp_path):
     src = tiny_gguf("mixtral")
     with pytest.raises(runtime.ModelLoadError, match="lexi.weight_norm = 'half' is not 'renorm' or 'base'"):
-        _llama_logits(src, **{keys.WEIGHT_NORM: "half"})
+        f32_logits(src, **{keys.WEIGHT_NORM: "half"})
 
 
 def test_apply_writes_and_profiles_the_mode(tiny_gguf, tmp_path, capsys):
