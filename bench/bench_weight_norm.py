@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Weighting fewer experts (issue 13): renorm (divide the survivors by their own sum, today) vs base
+(divide by the trained top-k mass), each with its own profile and allocation, on the trained built-in
+models (both Mixtral-architecture: top-k normalising). Mean KL divergence from the full model on
+their held-out text, LExI and uniform at budgets 0.75 and 0.5.
+
+Target (issue 13): base cuts LExI's mean KLD by >= 15 % at budget 0.5 on every normalising testbed.
+Results: bench/results/weight-norm-<machine>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default=str(ROOT / "out" / "bench"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=256)
+    args = ap.parse_args()
+    from lexi_gguf.bench import machine, save_results
+    from lexi_gguf.convert import convert
+    from lexi_gguf.default_model import ensure_default_model, recipe_hash
+    from lexi_gguf.evaluate import evaluate
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    budgets = [0.75, 0.5]
+    res = {"ctx": args.ctx, "budgets": budgets, "models": []}
+    lines = ["| model | config | budget | avg k | KLD renorm | KLD base | change |", "|---|---|---|---|---|---|---|"]
+    for name in ("default", "caching"):
+        model_dir = ensure_default_model(name=name)
+        text = (model_dir / "eval.txt").read_text()
+        got = {}
+        for mode in ("renorm", "base"):
+            out = work / f"{name}-{recipe_hash(name)}-{mode}-Q8_0.gguf"
+            if not out.exists():
+                convert(model_dir, out, budget=0.75, budgets=[1.0, *budgets], quant="Q8_0", threads=args.threads,
+                        samples=4096, weight_norm=mode)
+            got[mode] = evaluate(out, text, budgets, ctx=args.ctx, threads=args.threads, progress=False)
+        rows = []
+        for r, b in zip(got["renorm"]["rows"], got["base"]["rows"]):
+            if r["config"] == "full":
+                continue
+            change = b["kld_mean"] / r["kld_mean"] - 1
+            rows.append({"config": r["config"], "budget": r["budget"], "avg_k_renorm": r["avg_k"], "avg_k_base": b["avg_k"],
+                         "counts_renorm": r["expert_used_count"], "counts_base": b["expert_used_count"],
+                         "kld_renorm": r["kld_mean"], "kld_base": b["kld_mean"], "change": change,
+                         "ppl_renorm": r["ppl"], "ppl_base": b["ppl"]})
+            lines.append(f"| {name} | {r['config']} | {r['budget']:g} | {r['avg_k']:.2f} | {r['kld_mean']:.4f} | "
+                         f"{b['kld_mean']:.4f} | {change:+.0%} |")
+        res["models"].append({"model": name, "rows": rows})
+    print("\n".join(lines))
+    lexi05 = [r for m in res["models"] for r in m["rows"] if r["config"] == "lexi" and r["budget"] == 0.5]
+    res["targets_met"] = {"base cuts LExI KLD >= 15 % at 0.5 on every testbed": all(r["change"] <= -0.15 for r in lexi05)}
+    res["machine"] = machine()
+    save_results(res, "weight-norm", ROOT / "bench" / "results")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
