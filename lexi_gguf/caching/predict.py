@@ -18,11 +18,10 @@ from .trace import Trace
 
 
 def _routers(gguf_path, moe_layers) -> tuple[dict[int, np.ndarray], str]:
-    from ..gguf_io import open_reader
+    from ..gguf_io import model_info, open_reader
     from ..gguf_source import _routing, _to_torch
     r = open_reader(gguf_path)
     by_name = {t.name: t for t in r.tensors}
-    from ..gguf_io import model_info
     info = model_info(gguf_path, r)
     out = {}
     for il in moe_layers:
