@@ -113,7 +113,9 @@ def save_results(res: dict, name: str, results_dir: Path) -> Path:
     """Print each target's verdict and save the results, named by benchmark and machine."""
     for k, v in res.get("targets_met", {}).items():
         print(f"target {k}: {'met' if v else 'NOT met'}")
-    out = Path(results_dir) / f"{name}-{platform.machine()}-{res['machine']['cores']}c.json"
+    m = res["machine"]
+    cls = f"-{m['cpu_class']}" if m.get("cpu_class") and m["cpu_class"] != platform.machine() else ""
+    out = Path(results_dir) / f"{name}-{platform.machine()}{cls}-{m['cores']}c.json"   # one file per CPU class
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"results -> {out}")
     return out
