@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import LexiError
+from . import LexiError, keys
 from .gguf_io import read_ladder
 from .runtime import ROW_LOADED, ROW_MODEL
 
@@ -31,13 +31,13 @@ class Budget:
     counts: list[int]  # experts per block (0 = dense)
 
 
-def budgets(info) -> dict[str, Budget]:
+def budgets(info, ladder: list[dict] | None = None) -> dict[str, Budget]:
     """Every budget a loaded file can switch to, by name: default, full, then the stored fractions."""
     base = [info.expert_used_count if i in info.moe_layers else 0 for i in range(info.block_count)]
     lx = info.lexi
-    default = [int(x) for x in lx["lexi.expert_used_count"]] if "lexi.expert_used_count" in lx else base
+    default = [int(x) for x in lx[keys.EXPERT_USED_COUNT]] if keys.EXPERT_USED_COUNT in lx else base
     out = {DEFAULT: Budget(DEFAULT, ROW_LOADED, default), FULL: Budget(FULL, ROW_MODEL, base)}
-    for r in read_ladder(info):
+    for r in read_ladder(info) if ladder is None else ladder:
         out[f"{r['budget']:g}"] = Budget(f"{r['budget']:g}", r["index"], r["expert_used_count"])
     return out
 
@@ -45,7 +45,8 @@ def budgets(info) -> dict[str, Budget]:
 def resolve(info, spec: str, name: str) -> Budget:
     """A budget name or fraction -> Budget; unknown ones are an error listing what the file stores."""
     spec = spec.strip().lower()
-    have = budgets(info)
+    ladder = read_ladder(info)
+    have = budgets(info, ladder)
     if spec in have:
         return have[spec]
     try:
@@ -53,4 +54,4 @@ def resolve(info, spec: str, name: str) -> Budget:
     except ValueError:
         raise LexiError(f"unknown budget {spec!r}: use a stored fraction ({', '.join(k for k in have if k not in (FULL, DEFAULT)) or 'none stored'}), "
                         f"'{FULL}' or '{DEFAULT}'") from None
-    return have[f"{find_budget(read_ladder(info), frac, name)['budget']:g}"]
+    return have[f"{find_budget(ladder, frac, name)['budget']:g}"]

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import LexiError, __version__
+from . import LexiError, __version__, keys
 
 
 def _ints(s: str) -> list[int]:
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     p.add_argument("--threads", type=int)
     p.add_argument("--force", action="store_true", help="overwrite the output")
-    p.add_argument("--weight-norm", default="renorm", choices=["renorm", "base"], help=WEIGHT_NORM_HELP)
+    p.add_argument("--weight-norm", default="renorm", choices=keys.WEIGHT_NORMS, help=WEIGHT_NORM_HELP)
     add_alloc_opts(p, False)
     p.set_defaults(func=cmd_apply)
 
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend-safe", choices=["cpu", "cuda", "metal"])
     p.add_argument("--min-k", type=int, default=1)
     p.add_argument("--force", action="store_true")
-    p.add_argument("--weight-norm", default="renorm", choices=["renorm", "base"], help=WEIGHT_NORM_HELP)
+    p.add_argument("--weight-norm", default="renorm", choices=keys.WEIGHT_NORMS, help=WEIGHT_NORM_HELP)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("chat", help="streaming local chat (stdin may be piped; /budget X switches in place)")

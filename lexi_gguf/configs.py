@@ -25,6 +25,11 @@ class RunConfig:
         return "full" if self.config == "full" else f"{self.config} {self.budget:g}"
 
 
+def uniform_k(budget: float, base: int) -> int:
+    """The k every MoE layer runs for uniform reduction at a budget (what --override-kv users set)."""
+    return max(1, min(base, round(budget * base)))
+
+
 def run_configs(path: str | Path, budgets: list[float]) -> list[RunConfig]:
     info = model_info(path)
     if not info.is_moe:
@@ -39,7 +44,7 @@ def run_configs(path: str | Path, budgets: list[float]) -> list[RunConfig]:
     ladder = read_ladder(info)
     for b in budgets:
         row = find_budget(ladder, b, Path(path).name)   # refuses budgets the file does not store
-        k_u = max(1, min(base, round(b * base)))
+        k_u = uniform_k(b, base)
         out.append(RunConfig("uniform", b, float(k_u), per_layer(k_u), lexi_overrides(info.arch, uniform_k=k_u)))
         counts = row["expert_used_count"]
         out.append(RunConfig("lexi", b, sum(counts) / n_moe, counts, lexi_overrides(budget_index=row["index"])))

@@ -1,7 +1,8 @@
 """The caching experiment end to end (used by `make demo` and bench/bench_caching.py): on the built-in
 caching testbed (64 experts, k 8, 8 layers), trace held-out prompts at full k, at LExI budgets and at
-uniform k of equal budget; score the look-ahead router predictor; replay every trace through the
-caches; one table per question and a hit-rate-vs-capacity plot."""
+uniform k of equal budget; score the look-ahead predictors (router baseline, and a learned one trained
+on a disjoint prompt set); replay every trace through the caches; one table per question and a
+hit-rate-vs-capacity plot."""
 from __future__ import annotations
 
 import time
@@ -45,12 +46,13 @@ def run(gguf: Path, prompts: list[str], train_prompts: list[str], budgets=(0.75,
     data) at each configuration, then score predictors and simulate caches on the evaluation traces."""
     if set(prompts) & set(train_prompts):
         raise LexiError("the predictor's training prompts must be disjoint from the evaluation prompts")
+    from ..configs import uniform_k
     from ..gguf_io import model_info
     info = model_info(gguf)
     k = info.expert_used_count
     configs = [("full", {"no_lexi": True})]
     for b in budgets:
-        configs += [(f"lexi {b:g}", {"budget": f"{b:g}"}), (f"uniform {b:g}", {"uniform_k": max(1, round(b * k))})]
+        configs += [(f"lexi {b:g}", {"budget": f"{b:g}"}), (f"uniform {b:g}", {"uniform_k": uniform_k(b, k)})]
     out = {"model": str(gguf), "prompts": len(prompts), "max_new_tokens": max_new_tokens, "depth": depth,
            "temperature": temperature, "configs": []}
     for name, kw in configs:
@@ -66,7 +68,7 @@ def run(gguf: Path, prompts: list[str], train_prompts: list[str], budgets=(0.75,
         dec = tr.generated.nonzero()[0]
         pred_rows = {f"router d={d}": predict.score(tr, preds[d], dec) for d in preds}
         pred_rows.update({f"learned d={d}": predict.score(tr, learned[d], dec) for d in learned})
-        pred_rows["random"] = predict.score(tr, predict.random_predictions(tr)[1], tr.generated.nonzero()[0])
+        pred_rows["random"] = predict.score(tr, predict.random_predictions(tr)[1], dec)
         for r in pred_rows.values():
             r.pop("layers")
         sim = simulate.run(tr, list(capacities), POLICIES, depth=depth, predictors={

@@ -171,7 +171,7 @@ def quotas(trace: Trace, slots: int, mode: str) -> list[int] | None:
 
 def simulate(trace: Trace, capacity: float, policy: str, *, predictions: dict | None = None,
              depth: int = 1, phase: str = "auto", slot_mode: str = "global") -> SimResult:
-    """Replay the trace. policy: lru | lfu | belady, or "prefetch:<name>" with predictions
+    """Replay the trace. policy: lru | lfu | eamc | belady, or "prefetch:<name>" with predictions
     {d: {(token, moe layer j): experts}}: what is known of layer j at layer j - d, for d in 1..depth
     (LRU eviction). A predictor without a depth d is not used at that distance."""
     L, E = len(trace.moe_layers), trace.n_expert

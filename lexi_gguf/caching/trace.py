@@ -188,9 +188,8 @@ def record(path, *, prompts: list[str] | None = None, texts: list[str] | None = 
            max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, hidden: bool = False,
            n_ctx: int = 1024, threads: int | None = None, n_gpu_layers: int = 0, progress: bool = True) -> Trace:
     """Run the model on prompts (prompt, then generation: greedy, or sampled at `temperature` with a
-    fixed seed) or texts / token lists (no
-    generation) at a budget (or a uniform k in every layer, as --override-kv does), recording every
-    MoE layer's experts for every evaluated token."""
+    fixed seed) or on texts / token lists (no generation), at a budget or a uniform k in every layer
+    (as --override-kv does), recording every MoE layer's experts for every evaluated token."""
     from ..budgets import DEFAULT, FULL, Budget, resolve
     from ..gguf_io import model_info
     from ..runtime import ROW_LOADED, lexi_overrides, load, set_lexi_row

@@ -23,8 +23,9 @@ SERVER_DEPS = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pyda
 
 
 def model_ids(name: str, info, default: Budget) -> dict[str, Budget]:
-    ids = {name: default, f"{name}@{FULL}": budgets(info)[FULL]}
-    for b in budgets(info).values():
+    stored = budgets(info)
+    ids = {name: default, f"{name}@{FULL}": stored[FULL]}
+    for b in stored.values():
         if b.name not in (FULL, DEFAULT):
             ids[f"{name}@{b.name}"] = b
     return ids
@@ -50,7 +51,6 @@ class LexiProxy:
 
     def __init__(self, llm, ids: dict[str, Budget], default_id: str):
         self._llm, self._ids, self._default_id = llm, ids, default_id
-        self.current = default_id
 
     def __call__(self, model: str | None = None):
         from fastapi import HTTPException
@@ -58,7 +58,6 @@ class LexiProxy:
         if mid not in self._ids:
             raise HTTPException(status_code=404, detail=f"model {mid!r} is not served here; model ids: {', '.join(self._ids)}")
         set_lexi_row(self._llm, self._ids[mid].row)
-        self.current = mid
         return self._llm
 
     def __iter__(self):
