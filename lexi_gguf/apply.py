@@ -39,13 +39,35 @@ def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict
             sens["source"] = "gguf:" + "+".join(src.types)
     if sens is not stored:
         check_weight_norm(sens, weight_norm)
-    moe = [L["index"] for L in sens["layers"] if L["moe"]]
-    if len(sens["layers"]) != info.block_count or moe != info.moe_layers:
-        raise LexiError(f"the sensitivity table (MoE layers {moe}) does not match {info.path.name} "
-                        f"(MoE layers {info.moe_layers}); it was made for another model")
+    extra_blocks(sens, info)
     if int(sens["k_base"]) != info.expert_used_count:
         raise LexiError(f"the sensitivity table has base k {sens['k_base']}, the model {info.expert_used_count}")
     return sens
+
+
+def extra_blocks(sens: dict, info) -> list[int]:
+    """GGUF blocks after the checkpoint's layers (GLM-4.5's NextN/MTP block: the converter adds it, the
+    main graph never runs it). They keep the model's own k and stay out of the budget."""
+    n = len(sens["layers"])
+    moe = [L["index"] for L in sens["layers"] if L["moe"]]
+    if n > info.block_count or moe != [i for i in info.moe_layers if i < n]:
+        raise LexiError(f"the sensitivity table (MoE layers {moe}) does not match {info.path.name} "
+                        f"(MoE layers {info.moe_layers}); it was made for another model")
+    return list(range(n, info.block_count))
+
+
+def fit_counts(counts: list[int], sens: dict, info) -> list[int]:
+    """Per-layer counts of the checkpoint's layers, extended to every block of the GGUF."""
+    return list(counts) + [info.expert_used_count if i in info.moe_layers else 0 for i in extra_blocks(sens, info)]
+
+
+def fit_sensitivity(sens: dict, info) -> dict:
+    """The table extended to the GGUF's blocks (extra blocks as not profiled), for the file's metadata."""
+    extra = extra_blocks(sens, info)
+    if not extra:
+        return sens
+    return {**sens, "layers": sens["layers"] + [{"index": i, "moe": False, "deviation": None, "stderr": None}
+                                                for i in extra]}
 
 
 def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan: str | dict | None = None,
@@ -76,6 +98,7 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
         sens = sensitivity_for(info, sensitivity, stored=stored, samples=samples, seed=seed, threads=threads, source_path=src,
                                weight_norm=weight_norm)
         counts = allocate(sens, budget=budget, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed)["expert_used_count"]
+        counts = fit_counts(counts, sens, info)
         method = f"lexi-{solver}"
     validate_counts(info, counts)
     ladder = None
@@ -84,5 +107,8 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
             sens = sensitivity_for(info, sensitivity, stored=stored, samples=samples, seed=seed, threads=threads, source_path=src,
                                weight_norm=weight_norm)
         ladder = [allocate(sens, budget=b, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed) for b in budgets]
+        ladder = [{**r, "expert_used_count": fit_counts(r["expert_used_count"], sens, info)} for r in ladder]
+    if sens is not None:
+        sens = fit_sensitivity(sens, info)
     md = lexi_metadata(info, counts, method, sensitivity=sens, ladder=ladder, weight_norm=weight_norm)
     return copy_with_metadata(src, out, md, force=force, progress=progress)

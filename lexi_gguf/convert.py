@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import LexiError
 from .allocate import allocate
+from .apply import fit_counts, fit_sensitivity
 from .gguf_io import copy_with_metadata, lexi_metadata, model_info
 
 DEFAULT_LADDER = (1.0, 0.875, 0.75, 0.625, 0.5)
@@ -88,9 +89,11 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
         base = convert_to_gguf(model_dir, tmpdir / "base.gguf", llama_cpp_dir(), outtype=outtype)
         info = model_info(base)
         _stage(4, n, "write lexi keys, ladder and sensitivity table")
+        ladder = [{**r, "expert_used_count": fit_counts(r["expert_used_count"], sens, info)} for r in ladder]
         keyed = copy_with_metadata(base, tmpdir / "keyed.gguf",
-                                   lexi_metadata(info, plan["expert_used_count"], f"lexi-{solver}",
-                                                 sensitivity=sens, ladder=ladder, weight_norm=weight_norm),
+                                   lexi_metadata(info, fit_counts(plan["expert_used_count"], sens, info), f"lexi-{solver}",
+                                                 sensitivity=fit_sensitivity(sens, info), ladder=ladder,
+                                                 weight_norm=weight_norm),
                                    progress=False)
         base.unlink()
         if quant.upper() in FLOAT_TYPES:

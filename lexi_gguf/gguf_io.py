@@ -217,9 +217,14 @@ def sensitivity_from_gguf(info: GGUFModelInfo) -> dict | None:
     kb = int(lx.get(keys.BASE_EXPERT_USED_COUNT, info.expert_used_count))
     dev = np.asarray(lx[keys.SENS_DEVIATION], dtype=np.float64).reshape(info.block_count, kb)
     se = np.asarray(lx.get(keys.SENS_STDERR, np.zeros(dev.size)), dtype=np.float64).reshape(info.block_count, kb)
-    return {"arch": info.arch, "k_base": kb, "n_expert": info.expert_count, "n_layer": info.block_count,
+    # trailing blocks the checkpoint did not carry (GLM's NextN block) were not profiled: all-zero rows.
+    # Dropping trailing dense rows too changes nothing: extra blocks keep k_base if MoE, else 0.
+    n = info.block_count
+    while n > 1 and not dev[n - 1].any():
+        n -= 1
+    return {"arch": info.arch, "k_base": kb, "n_expert": info.expert_count, "n_layer": n,
             "settings": {"samples": int(lx.get(keys.SENS_SAMPLES, 0)), "seed": int(lx.get(keys.SENS_SEED, 0)),
                          "input": lx.get(keys.SENS_INPUT, "raw")},
             "layers": [{"index": i, "moe": i in info.moe_layers,
                         "deviation": dev[i].tolist() if i in info.moe_layers else None,
-                        "stderr": se[i].tolist() if i in info.moe_layers else None} for i in range(info.block_count)]}
+                        "stderr": se[i].tolist() if i in info.moe_layers else None} for i in range(n)]}

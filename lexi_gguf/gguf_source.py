@@ -15,7 +15,7 @@ from .weights import LayerWeights
 
 # llama.cpp archs whose builder renormalises the selected weights without a metadata key
 _NORM_BY_ARCH = {"llama": True, "mixtral": True, "qwen3moe": True, "granitemoe": True, "qwen2moe": False,
-                 "olmoe": False}
+                 "olmoe": False, "gpt-oss": True, "gemma4": True, "qwen35moe": True, "qwen3next": True}
 _SPEC_BY_GGUF = {}
 for _s in ARCHS.values():
     _SPEC_BY_GGUF.setdefault(_s.gguf_arch, _s)
@@ -32,9 +32,11 @@ def _routing(reader, arch: str) -> Routing:
     norm = kv("expert_weights_norm")
     norm = _NORM_BY_ARCH.get(arch, False) if norm is None else bool(norm)
     groups = int(kv("expert_group_count", 0) or 0)
+    spec = _SPEC_BY_GGUF[arch]
     return Routing(gating, norm, float(kv("expert_weights_scale", 0.0) or 1.0),
                    n_group=max(groups, 1), topk_group=int(kv("expert_group_used_count", 0) or 1),
-                   group_score="top2sum", has_bias=False)
+                   group_score="top2sum", has_bias=False,
+                   softmax_after_topk=spec.routing({}).softmax_after_topk)
 
 
 def _to_torch(t) -> torch.Tensor:
@@ -63,8 +65,11 @@ class GGUFSource:
         self.tensors = {t.name: t for t in self.reader.tensors}
         spec = replace(spec, name=spec.name)
         hidden = int(field_value(self.reader, f"{info.arch}.embedding_length"))
-        self.model = MoEModel(spec, {"hidden_size": hidden}, info.block_count, info.expert_count,
-                              info.expert_used_count, tuple(info.moe_layers), _routing(self.reader, info.arch))
+        # NextN/MTP blocks (GLM-4.5) sit after the main layers and never run in the main graph: not profiled
+        n_main = info.block_count - int(field_value(self.reader, f"{info.arch}.nextn_predict_layers") or 0)
+        eps = field_value(self.reader, f"{info.arch}.attention.layer_norm_rms_epsilon") or 1e-6
+        self.model = MoEModel(spec, {"hidden_size": hidden, "rms_norm_eps": float(eps)}, n_main, info.expert_count, info.expert_used_count,
+                              tuple(i for i in info.moe_layers if i < n_main), _routing(self.reader, info.arch))
         self.types = sorted({self.tensors[f"blk.{i}.ffn_down_exps.weight"].tensor_type.name for i in info.moe_layers
                              if f"blk.{i}.ffn_down_exps.weight" in self.tensors})
 
@@ -90,8 +95,17 @@ class GGUFSource:
             gate, up = self._get(p + "ffn_gate_exps.weight"), self._get(p + "ffn_up_exps.weight")  # [E, F, H]
         down = self._get(p + "ffn_down_exps.weight")                 # [E, H, F]
         dt = torch.bfloat16 if any(x.dtype == torch.bfloat16 for x in (gate, up, down)) else torch.float32
-        return LayerWeights(router.float(), bias, [g.to(dt) for g in gate], [u.to(dt) for u in up],
-                            [d.to(dt) for d in down])
+        opt = lambda name: self._get(p + name).float() if p + name in self.tensors else None
+        rows = lambda t: None if t is None else list(t)
+        lw = LayerWeights(router.float(), bias, [g.to(dt) for g in gate], [u.to(dt) for u in up],
+                          [d.to(dt) for d in down], router_bias=opt("ffn_gate_inp.bias"),
+                          gate_bias=rows(opt("ffn_gate_exps.bias")), up_bias=rows(opt("ffn_up_exps.bias")),
+                          down_bias=rows(opt("ffn_down_exps.bias")))
+        if self.info.arch == "gemma4":   # see archs.py: router and experts see their own normed input
+            lw.router_norm = opt("ffn_gate_inp.scale") * router.shape[1] ** -0.5
+            lw.expert_norm = opt("pre_ffw_norm_2.weight")
+            lw.expert_scale = opt("ffn_down_exps.scale")
+        return lw
 
     def norm_weight(self, i: int):
         name = f"blk.{i}.ffn_norm.weight"

@@ -30,6 +30,8 @@ def route(x: torch.Tensor, lw: LayerWeights, r: Routing, k: int) -> tuple[torch.
     """Select experts as llama.cpp's build_moe_ffn does. Returns (idx [N, k], probs [N, k]) ordered by
     selection score, with probs the un-normalised gate values of the selected experts."""
     logits = x.float() @ lw.router.float().T
+    if lw.router_bias is not None:
+        logits = logits + lw.router_bias.float()
     if r.gating == "softmax":
         probs = logits.softmax(-1)
     elif r.gating == "sigmoid":
@@ -54,7 +56,7 @@ def weights_for_k(p: torch.Tensor, r: Routing, k: int, weight_norm: str = "renor
     normalise, "renorm" divides by the k survivors' sum, "base" by the trained top-k's (lexi.weight_norm)."""
     w = p[:, :k]
     if r.norm_topk:
-        denom = p if weight_norm == "base" else w
+        denom = p if weight_norm == "base" and not r.softmax_after_topk else w
         w = w / denom.sum(-1, keepdim=True).clamp_min(6.103515625e-5)  # llama.cpp clamps like this
     return w * r.scale
 
@@ -89,16 +91,50 @@ def compute_dtype(weights: torch.dtype, device: str, requested: str = "auto") ->
     return _FAST_DTYPE[device]
 
 
+def activation(name: str, config: dict):
+    """The expert's hidden activation h(gate, up) (up only for non-gated experts), as llama.cpp runs it."""
+    if name == "silu":
+        return lambda g, u: F.silu(g) * u
+    if name == "gelu_tanh":
+        return lambda g, u: F.gelu(g, approximate="tanh") * u
+    if name == "swiglu_oai":   # gpt-oss: clamped SwiGLU, (up + 1) * gate * sigmoid(alpha * gate)
+        limit, alpha = float(config.get("swiglu_limit", 7.0)), float(config.get("swiglu_alpha", 1.702))
+
+        def swiglu_oai(g, u):
+            g = g.clamp(max=limit)
+            return (u.clamp(-limit, limit) + 1) * g * torch.sigmoid(alpha * g)
+        return swiglu_oai
+    if name == "relu2":        # non-gated squared ReLU (Nemotron-H)
+        return lambda g, u: F.relu(u).square()
+    raise LexiError(f"unknown expert activation {name!r}")
+
+
+def block_inputs(x: torch.Tensor, lw: LayerWeights, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the router and the experts see of the block input x: x itself on most architectures; two
+    differently scaled RMS-normalised copies on Gemma 4."""
+    if lw.router_norm is None and lw.expert_norm is None:
+        return x, x
+    xn = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    xr = xn * lw.router_norm.float() if lw.router_norm is not None else x
+    xe = xn * lw.expert_norm.float() if lw.expert_norm is not None else x
+    return xr, xe
+
+
 def expert_outputs(x: torch.Tensor, idx: torch.Tensor, lw: LayerWeights,
-                   cdt: torch.dtype | None = None) -> torch.Tensor:
-    """O[n, s] = expert_{idx[n, s]}(x[n]) (SwiGLU), computed per expert over its tokens. f32 result."""
+                   cdt: torch.dtype | None = None, act=None) -> torch.Tensor:
+    """O[n, s] = expert_{idx[n, s]}(x[n]), computed per expert over its tokens. f32 result."""
     n, k = idx.shape
     cdt = cdt or lw.dtype
+    act = act or activation("silu", {})
     out = torch.zeros(n, k, x.shape[1], dtype=torch.float32, device=x.device)
     xc = x.to(cdt)
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=len(lw.gate)).tolist()
+    counts = torch.bincount(flat, minlength=len(lw.up)).tolist()
+
+    def lin(v, w, b, e):
+        y = v @ w[e].to(cdt).T
+        return y if b is None else y + b[e].to(cdt)
     start = 0
     for e, c in enumerate(counts):
         if c == 0:
@@ -106,8 +142,12 @@ def expert_outputs(x: torch.Tensor, idx: torch.Tensor, lw: LayerWeights,
         pos = order[start:start + c]
         start += c
         xe = xc[pos // k]
-        h = F.silu(xe @ lw.gate[e].to(cdt).T) * (xe @ lw.up[e].to(cdt).T)
-        out.view(n * k, -1)[pos] = (h @ lw.down[e].to(cdt).T).float()
+        g = lin(xe, lw.gate, lw.gate_bias, e) if lw.gate is not None else None
+        h = act(g, lin(xe, lw.up, lw.up_bias, e))
+        y = lin(h, lw.down, lw.down_bias, e).float()
+        if lw.expert_scale is not None:
+            y = y * lw.expert_scale[e].float()
+        out.view(n * k, -1)[pos] = y
     return out
 
 
@@ -132,6 +172,8 @@ def profile_layer(lw: LayerWeights, model: MoEModel, samples: int, seed: int, la
     sums = torch.zeros(kb, dtype=torch.float64)
     sqs = torch.zeros(kb, dtype=torch.float64)
     n_draws = samples // draw_tokens
+    act = activation(model.spec.experts.activation, model.config)
+    eps = float(model.config.get("rms_norm_eps", 1e-6))
     t0 = time.perf_counter()
     done = 0
     while done < samples:
@@ -139,8 +181,9 @@ def profile_layer(lw: LayerWeights, model: MoEModel, samples: int, seed: int, la
         x = torch.randn(n, h, generator=gen).to(device)
         if input_mode == "rmsnorm" and norm_weight is not None:
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight.float().to(device)
-        idx, p = route(x, lw, r, kb)
-        o = expert_outputs(x, idx, lw, cdt)
+        xr, xe = block_inputs(x, lw, eps)
+        idx, p = route(xr, lw, r, kb)
+        o = expert_outputs(xe, idx, lw, cdt, act)
         w_base = weights_for_k(p, r, kb)
         # deviation weights per k: (w_k padded with zeros) - w_base, shape [kb, n, kb]
         dw = torch.zeros(kb, n, kb, device=x.device)
@@ -155,8 +198,8 @@ def profile_layer(lw: LayerWeights, model: MoEModel, samples: int, seed: int, la
     mean = sums / n_draws
     var = (sqs / n_draws - mean.pow(2)).clamp_min(0) * n_draws / max(n_draws - 1, 1)
     se = (var / n_draws).sqrt()
-    ff = lw.gate[0].shape[0]
-    flops = 2.0 * samples * kb * 3 * h * ff
+    ff = lw.up[0].shape[0]
+    flops = 2.0 * samples * kb * (3 if lw.gate is not None else 2) * h * ff
     return LayerProfile(mean.tolist(), se.tolist(), time.perf_counter() - t0, flops,
                         str(cdt).replace("torch.", ""))
 
@@ -199,9 +242,7 @@ def profile(source, samples: int = DEFAULT_SAMPLES, seed: int = 0, device: str =
         lw.check_finite(f"layer {i}")
         dtype_w = str(lw.dtype).replace("torch.", "")
         if device != "cpu":
-            lw = LayerWeights(*(t.to(device) if isinstance(t, torch.Tensor) else
-                                ([x.to(device) for x in t] if isinstance(t, list) else t)
-                                for t in (lw.router, lw.bias, lw.gate, lw.up, lw.down)))
+            lw = lw.to(device)
         norm_w = source.norm_weight(i) if input_mode == "rmsnorm" else None
         lp = profile_layer(lw, m, samples, seed, i, draw_tokens, device, input_mode, norm_w, dtype, weight_norm)
         cdt_used = lp.compute_dtype

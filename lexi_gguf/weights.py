@@ -20,22 +20,39 @@ from .archs import FUSED_HF, MoEModel, resolve
 class LayerWeights:
     router: torch.Tensor                 # [E, H]
     bias: torch.Tensor | None            # [E] selection bias
-    gate: list[torch.Tensor]             # E x [F, H]
+    gate: list[torch.Tensor] | None      # E x [F, H]; None when experts are not gated
     up: list[torch.Tensor]               # E x [F, H]
     down: list[torch.Tensor]             # E x [H, F]
+    router_bias: torch.Tensor | None = None     # [E] added to the router logits
+    gate_bias: list[torch.Tensor] | None = None  # E x [F]
+    up_bias: list[torch.Tensor] | None = None    # E x [F]
+    down_bias: list[torch.Tensor] | None = None  # E x [H]
+    expert_scale: torch.Tensor | None = None     # [E] per-expert output scale (Gemma 4)
+    router_norm: torch.Tensor | None = None      # [H] router input = rmsnorm(x) * router_norm (Gemma 4)
+    expert_norm: torch.Tensor | None = None      # [H] expert input = rmsnorm(x) * expert_norm (Gemma 4)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.gate[0].dtype
+        return self.up[0].dtype
+
+    def fields(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def to(self, device: str) -> "LayerWeights":
+        move = lambda t: None if t is None else [x.to(device) for x in t] if isinstance(t, list) else t.to(device)
+        return LayerWeights(**{k: move(v) for k, v in self.fields().items()})
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.gate, *self.up, *self.down))
+        return sum(t.numel() * t.element_size() for t in (*(self.gate or []), *self.up, *self.down))
 
     def check_finite(self, where: str) -> None:
-        for name, ts in (("router", [self.router]), ("gate", self.gate), ("up", self.up), ("down", self.down)):
-            for e, t in enumerate(ts):
+        for name, ts in self.fields().items():
+            if ts is None:
+                continue
+            for e, t in enumerate(ts if isinstance(ts, list) else [ts]):
                 if not torch.isfinite(t).all():
-                    raise LexiError(f"{where}: {name} weights (expert {e}) contain NaN or Inf; "
+                    what = f"{name} weights (expert {e})" if isinstance(ts, list) else f"{name} weights"
+                    raise LexiError(f"{where}: {what} contain NaN or Inf; "
                                     "the checkpoint is corrupt, re-download or re-export it")
 
 
@@ -50,6 +67,30 @@ def load_config(model_dir: Path) -> dict:
     if "text_config" in cfg and "num_hidden_layers" not in cfg:
         return cfg["text_config"]
     return cfg
+
+
+# OCP MX FP4 (E2M1) code points, as in the gpt-oss checkpoints and transformers' dequantiser
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """One expert's MXFP4 tensor: blocks [out, G, 16] uint8 (two E2M1 values a byte, low nibble first),
+    scales [out, G] uint8 (E8M0, bias 127) -> [out, G * 32] float32."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    b = blocks.to(torch.uint8)
+    out = torch.empty(*b.shape[:-1], b.shape[-1] * 2, dtype=torch.float32)
+    out[..., 0::2] = lut[(b & 0x0F).long()]
+    out[..., 1::2] = lut[(b >> 4).long()]
+    out = torch.ldexp(out, scales.to(torch.int32)[..., None] - 127)
+    return out.reshape(out.shape[0], -1)
+
+
+def _split_gate_up(t: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate and up halves of a fused [2F, ...] tensor: first/second half, or even/odd rows."""
+    if how == "interleave":
+        return t[0::2], t[1::2]
+    f = t.shape[0] // 2
+    return t[:f], t[f:]
 
 
 class SafetensorsSource:
@@ -71,6 +112,10 @@ class SafetensorsSource:
             for f in files:
                 for k in self._open(f.name).keys():
                     self.weight_map[k] = f.name
+        self.layer_root = "model.layers."
+        if not any(k.startswith("model.layers.") for k in self.weight_map):
+            self.layer_root = next((r for r in ("model.language_model.layers.", "language_model.model.layers.")
+                                    if any(k.startswith(r) for k in self.weight_map)), "model.layers.")
         missing = sorted({f for f in self.weight_map.values() if not (self.dir / f).exists()})
         if missing:
             raise LexiError(f"checkpoint shard(s) missing: {', '.join(missing)} (listed in "
@@ -102,30 +147,64 @@ class SafetensorsSource:
             raise LexiError(f"cannot read tensor {name} from {self.weight_map[name]}: {e}; "
                             "the file is truncated or corrupt, re-download it") from None
 
+    def prefix(self, i: int) -> str:
+        """Layer i's MoE prefix; multimodal checkpoints keep the text model under model.language_model."""
+        return self.model.prefix(i).replace("model.layers.", self.layer_root, 1) + "."
+
+    def _expert_tensor(self, p: str, name: str) -> list[torch.Tensor] | None:
+        """A fused [E, ...] tensor as E per-expert [out, in] tensors (MXFP4 dequantised one expert at a time)."""
+        ex = self.model.spec.experts
+        if self.has(p + name):
+            t = self.get(p + name)
+            return [t[e].T if ex.layout == "in_out" else t[e] for e in range(t.shape[0])]
+        if self.has(p + name + "_blocks"):
+            blocks, scales = self.get(p + name + "_blocks"), self.get(p + name + "_scales")
+            return [dequant_mxfp4(blocks[e], scales[e]) for e in range(blocks.shape[0])]
+        return None
+
     def layer(self, i: int) -> LayerWeights:
         m = self.model
-        p = m.prefix(i) + "."
+        p = self.prefix(i)
         spec = m.spec
+        ex = spec.experts
         router = self.get(p + spec.router)
         bias = self.get(p + spec.bias) if spec.bias and self.has(p + spec.bias) else None
-        fused_hf = self.has(p + FUSED_HF["gate_up"])
-        if spec.fused or fused_hf:
-            names = {"gate_up": spec.experts["gate_up"], "down": spec.experts["down"]} if spec.fused else FUSED_HF
-            gu, down = self.get(p + names["gate_up"]), self.get(p + names["down"])
-            f = gu.shape[1] // 2
-            gate = [gu[e, :f] for e in range(m.n_expert)]
-            up = [gu[e, f:] for e in range(m.n_expert)]
-            downs = [down[e] for e in range(m.n_expert)]
+        router_bias = self.get(p + spec.router_bias) if spec.router_bias else None
+        gate_bias = up_bias = down_bias = None
+        names = ex.names if ex.fused else FUSED_HF
+        gu = self._expert_tensor(p, names["gate_up"]) if ex.gated else None
+        if ex.fused or gu is not None:
+            downs = self._expert_tensor(p, names["down"])
+            up_name = names.get("up")
+            if gu is None and up_name:   # non-gated fused experts
+                up, gate = self._expert_tensor(p, up_name), None
+            elif gu is None:
+                raise LexiError(f"layer {i}: expert tensors {p}{names['gate_up']} not found in {self.dir}; "
+                                f"the checkpoint does not match its config ({spec.name})")
+            else:
+                gate, up = zip(*(_split_gate_up(t, ex.gate_up) for t in gu))
+                gate, up = list(gate), list(up)
+            if ex.bias:
+                b = self.get(p + ex.bias["gate_up"])
+                gate_bias, up_bias = zip(*(_split_gate_up(b[e], ex.gate_up) for e in range(m.n_expert)))
+                gate_bias, up_bias = list(gate_bias), list(up_bias)
+                db = self.get(p + ex.bias["down"])
+                down_bias = [db[e] for e in range(m.n_expert)]
         else:
-            gate = [self.get(p + spec.experts["gate"].format(e=e)) for e in range(m.n_expert)]
-            up = [self.get(p + spec.experts["up"].format(e=e)) for e in range(m.n_expert)]
-            downs = [self.get(p + spec.experts["down"].format(e=e)) for e in range(m.n_expert)]
-        lw = LayerWeights(router, bias, gate, up, downs)
+            gate = [self.get(p + ex.names["gate"].format(e=e)) for e in range(m.n_expert)] if ex.gated else None
+            up = [self.get(p + ex.names["up"].format(e=e)) for e in range(m.n_expert)]
+            downs = [self.get(p + ex.names["down"].format(e=e)) for e in range(m.n_expert)]
+        opt = lambda name: self.get(p + name) if name else None
+        router_norm = opt(spec.router_norm)
+        if router_norm is not None:   # Gemma 4 scales the normalised router input by hidden^-0.5
+            router_norm = router_norm.float() * router_norm.shape[0] ** -0.5
+        lw = LayerWeights(router, bias, gate, up, downs, router_bias, gate_bias, up_bias, down_bias,
+                          opt(spec.expert_scale), router_norm, opt(spec.expert_norm))
         if lw.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise LexiError(f"layer {i}: expert weights are {lw.dtype}; lexi-gguf reads bf16, f16 and f32 checkpoints")
+            raise LexiError(f"layer {i}: expert weights are {lw.dtype}; lexi-gguf reads bf16, f16, f32 and MXFP4 checkpoints")
         return lw
 
     def norm_weight(self, i: int) -> torch.Tensor | None:
         """The RMSNorm weight in front of layer i's MoE block (for --input rmsnorm)."""
-        name = f"model.layers.{i}.post_attention_layernorm.weight"
+        name = f"{self.layer_root}{i}.post_attention_layernorm.weight"
         return self.get(name) if self.has(name) else None

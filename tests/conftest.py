@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 
 from lexi_gguf import cli, tinymodels
+from lexi_gguf.archs import ARCHS as REGISTRY
 from lexi_gguf.tinymodels import make_checkpoint
 
-ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "granitemoe"]
+ARCHS = list(REGISTRY)   # every registered architecture is tested (and listed in docs/architectures.md)
 GGML_TYPE_F32 = 0
 TOKENS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 1212, 318, 257, 1332, 286, 262, 1080]
 
@@ -89,3 +90,40 @@ def laddered_gguf(tiny_gguf, workdir):
     ladder = [{"budget": b, "total": sum(c), "expert_used_count": c} for b, c in LADDER.items()]
     md = lexi_metadata(model_info(src), LADDER_DEFAULT, "manual", ladder=ladder)
     return copy_with_metadata(src, workdir / "qwen3_moe-ladder.gguf", md, progress=False)
+
+
+# --- docs/architectures.md is written from these tests' results -------------------------------------------
+ARCH_TESTS = {"test_stage1_matches_transformers_moe_block": "profile", "test_convert_and_apply_every_arch": "convert",
+              "test_per_layer_k_matches_transformers": "runtime"}
+_ARCH_RESULTS: dict[str, dict[str, str]] = {}
+_ARCH_DETAIL: dict[tuple[str, str], str] = {}
+
+
+@pytest.fixture
+def arch_detail():
+    """arch_detail(arch, column, text): a number to show next to the pass in docs/architectures.md."""
+    def record(arch: str, column: str, text: str) -> None:
+        _ARCH_DETAIL[(arch, column)] = text
+    return record
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    col = ARCH_TESTS.get(getattr(item, "originalname", ""))
+    if col is None or not hasattr(item, "callspec") or (rep.when != "call" and not rep.failed):
+        return
+    arch = item.callspec.params["arch"]
+    detail = _ARCH_DETAIL.get((arch, col))
+    _ARCH_RESULTS.setdefault(arch, {})[col] = ("pass" + (f" ({detail})" if detail else "")) if rep.passed else "FAIL"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from lexi_gguf import archdoc
+    from lexi_gguf.cpu import machine
+    if all(col in _ARCH_RESULTS.get(a, {}) for a in REGISTRY for col in ARCH_TESTS.values()):
+        m = machine()
+        where = f"{m['cpu']} ({m['cpu_class']}), {m['cores']} cores"
+        out = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
+        out.write_text(archdoc.render(_ARCH_RESULTS, where))
