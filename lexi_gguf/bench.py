@@ -29,10 +29,10 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=0) -> dict:
+def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=0, prefetch="off") -> dict:
     import numpy as np
     llm = load(path, kv_overrides=kv, n_ctx=n_prompt + n_gen + 16, n_batch=min(512, n_prompt),
-               n_threads=threads, n_gpu_layers=n_gpu_layers)
+               n_threads=threads, n_gpu_layers=n_gpu_layers, prefetch=prefetch)
     rng = np.random.default_rng(0)
     vocab = llm.n_vocab()
     prompt = rng.integers(100, vocab, n_prompt).tolist()   # random tokens, as llama-bench uses
@@ -54,7 +54,8 @@ def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_
             "tg_tps": statistics.median(tg), "tg_min": min(tg), "tg_max": max(tg)}
 
 
-def bench(path, budgets, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=0, progress=True) -> dict:
+def bench(path, budgets, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=0, progress=True,
+          prefetch="off") -> dict:
     fp = footprint(path)
     configs = run_configs(path, budgets)
     full_bytes = active(fp, configs[0].counts)[0]
@@ -62,7 +63,8 @@ def bench(path, budgets, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu
     for c in configs:
         if progress:
             print(f"  bench {c.label:<14} k={c.counts}", flush=True)
-        m = measure(path, c.kv, n_prompt=n_prompt, n_gen=n_gen, reps=reps, threads=threads, n_gpu_layers=n_gpu_layers)
+        m = measure(path, c.kv, n_prompt=n_prompt, n_gen=n_gen, reps=reps, threads=threads, n_gpu_layers=n_gpu_layers,
+                    prefetch=prefetch)
         b = active(fp, c.counts)[0]
         rows.append({"config": c.config, "budget": c.budget, "avg_k": c.avg_k, "expert_used_count": c.counts,
                      "active_bytes": b, "ideal_speedup": full_bytes / b, **m})

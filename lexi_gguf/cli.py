@@ -137,13 +137,13 @@ def cmd_chat(args) -> None:
     from .chat import chat
     chat(args.model, budget=args.budget, no_lexi=args.no_lexi, n_gpu_layers=args.n_gpu_layers,
          threads=args.threads, max_tokens=args.max_tokens, n_ctx=args.ctx, temperature=args.temperature,
-         seed=args.seed)
+         seed=args.seed, prefetch=args.prefetch)
 
 
 def cmd_serve(args) -> None:
     from .serve import serve
     serve(args.model, budget=args.budget, host=args.host, port=args.port, n_ctx=args.ctx, threads=args.threads,
-          n_gpu_layers=args.n_gpu_layers, api_key=args.api_key)
+          n_gpu_layers=args.n_gpu_layers, api_key=args.api_key, prefetch=args.prefetch)
 
 
 def _lines(path: str, what: str) -> list[str]:
@@ -232,6 +232,27 @@ def _outputs(args, stem: str) -> tuple[Path, Path]:
 
 def cmd_bench(args) -> None:
     from .bench import bench, plot, switch_bench, switch_table, table
+    if args.mem_limit:
+        if args.switch or args.n_gpu_layers:
+            raise LexiError("--mem-limit runs each configuration in its own memory-limited CPU process: "
+                            "leave out --switch and --n-gpu-layers")
+        from . import memlimit
+        # each token may read hundreds of MB from disk: fewer tokens and one repetition unless asked
+        res = memlimit.bench_mem_limited(args.model, args.budgets, mem_limit=args.mem_limit, n_gen=args.n_gen or 16,
+                                         warmup=args.warmup, threads=args.threads, reps=args.reps or 1,
+                                         prefetch=tuple(args.prefetch.split(",")))
+        js, png = _outputs(args, "memlimit")
+        print(memlimit.table(res))
+        _write_json(res, js)
+        memlimit.plot(res, png)
+        print(f"json -> {js}\nplot -> {png}")
+        return
+    if args.n_gen is None:
+        args.n_gen = 128
+    if args.reps is None:
+        args.reps = 3
+    if "," in args.prefetch:
+        raise LexiError("several --prefetch modes are compared with --mem-limit only; give one mode")
     if args.switch:
         res = switch_bench(args.model, args.budgets, n_gen=args.n_gen, threads=args.threads, n_gpu_layers=args.n_gpu_layers)
         js = Path(args.json) if args.json else Path(args.model).with_suffix(".switch.json")
@@ -240,7 +261,7 @@ def cmd_bench(args) -> None:
         print(f"json -> {js}")
         return
     res = bench(args.model, args.budgets, n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.reps,
-                threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+                threads=args.threads, n_gpu_layers=args.n_gpu_layers, prefetch=args.prefetch)
     js, png = _outputs(args, "bench")
     print(table(res))
     _write_json(res, js)
@@ -361,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefetch", default="off", choices=["off", "chosen", "guess"],
+                   help="expert prefetch from the mmapped file (docs/memory.md): off, chosen experts, + next-layer guess")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("trace", help="record the experts every token selects in every MoE layer (npz)")
@@ -416,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default loopback; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", help="require this bearer token")
+    p.add_argument("--prefetch", default="off", choices=["off", "chosen", "guess"],
+                   help="expert prefetch from the mmapped file (docs/memory.md): off, chosen experts, + next-layer guess")
     p.add_argument("--n-gpu-layers", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--ctx", type=int, default=2048)
@@ -425,8 +450,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--budgets", type=_floats, default=[0.75, 0.5], help="budgets stored in the file (default 0.75,0.5)")
     p.add_argument("--n-prompt", type=int, default=512)
-    p.add_argument("--n-gen", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--n-gen", type=int, help="decode tokens (default 128; 16 with --mem-limit)")
+    p.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --mem-limit)")
+    p.add_argument("--prefetch", default="off",
+                   help="expert prefetch mode: off, chosen or guess (docs/memory.md); with --mem-limit a list "
+                        "to compare, e.g. off,chosen,guess")
+    p.add_argument("--mem-limit", metavar="SIZE",
+                   help="decode each configuration in a child inside a memory cgroup of SIZE (e.g. 3G, 3.5GiB; "
+                        "needs root), the model mmapped and evicted first: tok/s, major faults and bytes read per token")
+    p.add_argument("--warmup", type=int, default=4, help="with --mem-limit: decode tokens before timing (default 4)")
     p.add_argument("--threads", type=int)
     p.add_argument("--n-gpu-layers", type=int, default=0)
     p.add_argument("--switch", action="store_true",

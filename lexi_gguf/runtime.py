@@ -104,15 +104,16 @@ def _context_params_with(eval_callback):
 
 def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512, n_threads: int | None = None,
          n_gpu_layers: int = 0, logits_all: bool = False, verbose: bool = False, seed: int = 0, n_batch: int = 512,
-         eval_callback=None, **kw):
+         eval_callback=None, prefetch: str = "off", **kw):
     """Open a GGUF with the patched llama-cpp-python; loader errors become ModelLoadError.
+    prefetch: expert prefetch mode (set_prefetch).
 
     eval_callback: a llama_cpp.ggml_backend_sched_eval_callback that sees the graph's tensors as they
     are computed (kept alive on the returned Llama)."""
     if eval_callback is not None:
         with _context_params_with(eval_callback):
             llm = load(path, kv_overrides=kv_overrides, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                       logits_all=logits_all, verbose=verbose, seed=seed, n_batch=n_batch, **kw)
+                       logits_all=logits_all, verbose=verbose, seed=seed, n_batch=n_batch, prefetch=prefetch, **kw)
         llm._lexi_eval_callback = eval_callback
         return llm
     global _log_echo
@@ -124,10 +125,15 @@ def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512
     with _log_lock:
         _log_lines.clear()
     _log_echo = verbose
+    if prefetch not in PREFETCH_MODES:
+        raise LexiError(f"unknown prefetch mode {prefetch!r}: use {', '.join(PREFETCH_MODES)}")
     try:
-        return llama_cpp.Llama(str(path), kv_overrides=kv_overrides or None, n_ctx=n_ctx, n_threads=n_threads,
-                               n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=logits_all,
-                               verbose=verbose, seed=seed, n_batch=n_batch, n_ubatch=n_batch, **kw)
+        llm = llama_cpp.Llama(str(path), kv_overrides=kv_overrides or None, n_ctx=n_ctx, n_threads=n_threads,
+                              n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=logits_all,
+                              verbose=verbose, seed=seed, n_batch=n_batch, n_ubatch=n_batch, **kw)
+        if prefetch != "off":
+            set_prefetch(llm, prefetch)
+        return llm
     except ValueError:
         with _log_lock:
             errors = [s.strip() for lvl, s in _log_lines if lvl == 3 or "error" in s.lower()]
@@ -172,6 +178,24 @@ def set_lexi_row(llm, row: int, *, keep_cache: bool = False) -> None:
                         f"({ROW_MODEL}: the model's own k, {ROW_LOADED}: as loaded)")
     if not keep_cache:
         llm.reset()
+
+
+PREFETCH_MODES = {"off": -1, "chosen": 0, "guess": 1}
+
+
+def set_prefetch(llm, mode: str | int) -> None:
+    """Expert prefetch for experts read from the mmapped file (docs/memory.md): "off", "chosen" (as soon
+    as a layer's router has chosen, ask the OS for exactly those experts' bytes) or "guess" (also, one
+    layer ahead, the experts the next layer's router picks from this layer's input). Outputs are unchanged."""
+    value = PREFETCH_MODES.get(mode, mode) if isinstance(mode, str) else mode
+    if value not in PREFETCH_MODES.values():
+        raise LexiError(f"unknown prefetch mode {mode!r}: use {', '.join(PREFETCH_MODES)}")
+    _lexi_fn("llama_lexi_set_prefetch", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])(llm._ctx.ctx, value)
+
+
+def prefetch_mode(llm) -> str:
+    value = _lexi_fn("llama_lexi_get_prefetch", ctypes.c_int32, [ctypes.c_void_p])(llm._ctx.ctx)
+    return next(k for k, v in PREFETCH_MODES.items() if v == value)
 
 
 def library_path() -> Path | None:

@@ -109,7 +109,7 @@ def add_request_checks(app) -> None:
 
 
 def build_app(path, *, budget: str | None = None, n_ctx: int = 2048, threads: int | None = None,
-              n_gpu_layers: int = 0, api_key: str | None = None, name: str | None = None):
+              n_gpu_layers: int = 0, api_key: str | None = None, name: str | None = None, prefetch: str = "off"):
     """llama-cpp-python's FastAPI app, serving the one model at every stored budget."""
     app_mod, ModelSettings, ServerSettings = _server_modules()
     path = Path(path)
@@ -117,7 +117,7 @@ def build_app(path, *, budget: str | None = None, n_ctx: int = 2048, threads: in
     name = name or path.stem
     default = resolve(info, budget or DEFAULT, path.name)
     ids = model_ids(name, info, default)
-    llm = load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers)
+    llm = load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, prefetch=prefetch)
     set_lexi_row(llm, default.row)
     proxy = LexiProxy(llm, ids, name)
     # requests queue (interrupt_requests would cut a streaming answer when the next request arrives)
@@ -143,9 +143,10 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(path, *, budget: str | None = None, host: str = "127.0.0.1", port: int = 8080, n_ctx: int = 2048,
-          threads: int | None = None, n_gpu_layers: int = 0, api_key: str | None = None) -> None:
+          threads: int | None = None, n_gpu_layers: int = 0, api_key: str | None = None, prefetch: str = "off") -> None:
     import uvicorn
-    app, ids = build_app(path, budget=budget, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, api_key=api_key)
+    app, ids = build_app(path, budget=budget, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, api_key=api_key,
+                         prefetch=prefetch)
     if not _is_loopback(host) and not api_key:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model",
               file=sys.stderr)
