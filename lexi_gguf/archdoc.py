@@ -49,7 +49,7 @@ def render(results: dict[str, dict[str, str]], machine: str) -> str:
         cells = [res.get(col, "not run") for col, _ in COLUMNS]
         lines.append(f"| {names} | `{spec.gguf_arch}` | {_features(spec, {})} | " + " | ".join(cells)
                      + " | " + ", ".join(spec.checkpoints) + " |")
-    lines += ["", "Bars: max |dlogit| <= 1e-3 and the same argmax at every token, except Gemma 4 (3e-3): ggml's CPU",
+    lines += ["", "Bars: max |Δlogit| <= 1e-3 and the same argmax at every token, except Gemma 4 (3e-3): ggml's CPU",
               "GELU is an fp16 lookup table; the reference uses the same table, and transformers itself moves by",
               "~3e-3 between f32 and f64 through the table's steps. A wrong k moves these logits by 1 to 6.",
               "", "Architectures not listed are refused with the list above; a model whose base k is 1 (e.g.",

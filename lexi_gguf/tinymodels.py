@@ -59,7 +59,9 @@ _HYBRID_QWEN = dict(head_dim=32, linear_num_key_heads=2, linear_num_value_heads=
                     linear_value_head_dim=16, linear_conv_kernel_dim=4,
                     layer_types=["linear_attention", "full_attention"] * 2, moe_intermediate_size=48,
                     shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=4)
+# the real 151,936-token vocabulary (see save_qwen_tokenizer): tied embeddings halve the file
 TINY["qwen3_5_moe_text"] = dict(_HYBRID_QWEN, vocab_size=151936, bos_token_id=None, eos_token_id=151643,
+                                tie_word_embeddings=True,
                                 rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
                                                  "mrope_section": [2, 1, 1], "mrope_interleaved": True})
 TINY["qwen3_next"] = dict(_HYBRID_QWEN, intermediate_size=96, norm_topk_prob=True, decoder_sparse_step=1,

@@ -48,7 +48,7 @@ def _mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] -> (blocks [out, in/32, 16], scales [out, in/32]): nearest E2M1 code, shared power-of-2 scale."""
     g = w.reshape(w.shape[0], -1, 32)
     exp = torch.floor(torch.log2(g.abs().amax(-1).clamp_min(1e-30) / 6.0)).clamp(-127, 127) + 1
-    q = g / torch.ldexp(torch.ones(()), exp.int())[..., None]
+    q = g / torch.exp2(exp)[..., None]
     codes = (q[..., None] - torch.tensor(FP4_VALUES)).abs().argmin(-1).to(torch.uint8)
     return codes[..., 0::2] | (codes[..., 1::2] << 4), (exp + 127).to(torch.uint8)
 

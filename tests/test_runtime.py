@@ -84,7 +84,7 @@ def test_per_layer_k_matches_transformers(arch, tiny_checkpoint, tiny_gguf, tmp_
         assert (got.argmax(-1) == ref.argmax(-1)).all(), counts
         # lexi.enable=false on the same file runs the model's own k, bit for bit as the plain file
         assert np.array_equal(f32_logits(f, toks, **{keys.ENABLE: False}), f32_logits(gguf, toks))
-    arch_detail(arch, "runtime", f"max |dlogit| {worst:.1e}")
+    arch_detail(arch, "runtime", f"max Δlogit {worst:.1e}")
 
 
 def test_uniform_override_and_ladder_selection(tiny_checkpoint, tiny_gguf, tmp_path):
