@@ -19,8 +19,10 @@ def check_weight_norm(sens: dict, weight_norm: str) -> None:
 
 
 def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict | None, samples: int, seed: int,
-                    threads: int | None, source_path: Path, weight_norm: str = "renorm") -> dict:
-    """A sensitivity table for the model: given, stored in the file (`stored`), or profiled from the GGUF's weights."""
+                    threads: int | None, source_path: Path, weight_norm: str = "renorm", calib_text: str | None = None,
+                    calib_tokens: int = 4096) -> dict:
+    """A sensitivity table for the model: given, stored in the file (`stored`), or profiled from the GGUF's
+    weights (with calib_text: fed the MoE layers' real inputs while the GGUF reads that text)."""
     if isinstance(sensitivity, dict):
         sens = sensitivity
     elif sensitivity:
@@ -29,13 +31,17 @@ def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict
             raise LexiError(f"{p} does not exist")
         sens = json.loads(p.read_text())
     else:
-        # the file stores a renorm table (its settings are not stored): base mode profiles anew
-        sens = stored if weight_norm == "renorm" else None
+        # the file stores a data-free renorm table (its settings are not stored): other modes profile anew
+        sens = stored if weight_norm == "renorm" and calib_text is None else None
         if sens is None:
             from .gguf_source import GGUFSource
             from .profile import profile
             src = GGUFSource(source_path)
-            sens = profile(src, samples=samples, seed=seed, threads=threads, weight_norm=weight_norm)
+            calib = None
+            if calib_text is not None:
+                from .calib import capture_inputs
+                calib = capture_inputs(source_path, calib_text, max_tokens=calib_tokens, threads=threads)
+            sens = profile(src, samples=samples, seed=seed, threads=threads, weight_norm=weight_norm, calib=calib)
             sens["source"] = "gguf:" + "+".join(src.types)
     if sens is not stored:
         check_weight_norm(sens, weight_norm)
@@ -74,7 +80,7 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
           sensitivity=None, budget: float | None = None, budgets: list[float] | None = None,
           solver: str = "exact", allowed_k: list[int] | None = None, min_k: int = 1, samples: int = 8192,
           seed: int = 0, threads: int | None = None, force: bool = False, progress: bool = True,
-          weight_norm: str = "renorm") -> Path:
+          weight_norm: str = "renorm", calib_text: str | None = None, calib_tokens: int = 4096) -> Path:
     src, out = Path(src), Path(out)
     if src.resolve() == out.resolve():
         raise LexiError("the output must be a new file, not the input")
@@ -85,6 +91,8 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
         raise LexiError(f"{src.name} ({info.arch}) has no MoE layers: this is a dense model, LExI has nothing to adapt")
     if sum(x is not None for x in (k, plan, budget)) != 1:
         raise LexiError("give exactly one of --k LIST, --plan plan.json or --budget FRACTION")
+    if calib_text is not None and sensitivity:
+        raise LexiError("give --calib or --sensitivity, not both: a given table is used as it is")
     stored = sensitivity_from_gguf(info)
     sens = None
     if k is not None:
@@ -96,7 +104,7 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
         sens = stored
     else:
         sens = sensitivity_for(info, sensitivity, stored=stored, samples=samples, seed=seed, threads=threads, source_path=src,
-                               weight_norm=weight_norm)
+                               weight_norm=weight_norm, calib_text=calib_text, calib_tokens=calib_tokens)
         counts = allocate(sens, budget=budget, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed)["expert_used_count"]
         counts = fit_counts(counts, sens, info)
         method = f"lexi-{solver}"
@@ -105,7 +113,7 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
     if budgets:
         if sens is None:
             sens = sensitivity_for(info, sensitivity, stored=stored, samples=samples, seed=seed, threads=threads, source_path=src,
-                               weight_norm=weight_norm)
+                               weight_norm=weight_norm, calib_text=calib_text, calib_tokens=calib_tokens)
         ladder = [allocate(sens, budget=b, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed) for b in budgets]
         ladder = [{**r, "expert_used_count": fit_counts(r["expert_used_count"], sens, info)} for r in ladder]
     if sens is not None:

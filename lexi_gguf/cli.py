@@ -76,12 +76,39 @@ def cmd_doctor(args) -> None:
     print("ok: the llama_cpp in use honours lexi.expert_used_count")
 
 
+def _calib_text(args) -> str | None:
+    if args.calib is None:
+        return None
+    from .calib import read_text
+    return read_text(args.calib)
+
+
+def _calib_inputs(args, src) -> dict | None:
+    """--calib on `profile`: the MoE inputs captured with --calib-model, or with a temporary conversion."""
+    text = _calib_text(args)
+    if text is None:
+        return None
+    import tempfile
+
+    from .calib import capture_inputs
+    if args.calib_model:
+        return capture_inputs(args.calib_model, text, max_tokens=args.calib_tokens, threads=args.threads)
+    from .runtime import llama_cpp_dir
+    from .tinymodels import convert_to_gguf
+    out_dir = Path(args.output).resolve().parent
+    with tempfile.TemporaryDirectory(prefix=".calib.", dir=out_dir) as tmp:
+        print("converting a temporary GGUF to read the calibration text (pass --calib-model to reuse one)", flush=True)
+        g = convert_to_gguf(args.model_dir, Path(tmp) / "calib.gguf", llama_cpp_dir(), outtype="auto")
+        return capture_inputs(g, text, max_tokens=args.calib_tokens, threads=args.threads)
+
+
 def cmd_profile(args) -> None:
     from .profile import profile
     from .weights import SafetensorsSource
     src = SafetensorsSource(args.model_dir)
     sens = profile(src, samples=args.samples, seed=args.seed, device=args.device, threads=args.threads,
-                   draw_tokens=args.draw_tokens, input_mode=args.input, dtype=args.compute_dtype)
+                   draw_tokens=args.draw_tokens, input_mode=args.input, dtype=args.compute_dtype,
+                   calib=_calib_inputs(args, src))
     _write_json(sens, args.output)
     t = sens["timing"]
     print(f"profiled {len(src.model.moe_layers)} MoE layers of {sens['arch']} (k_base {sens['k_base']}, "
@@ -115,7 +142,7 @@ def cmd_apply(args) -> None:
     out = apply(args.input, args.output, k=args.k, plan=args.plan, sensitivity=args.sensitivity,
                 budget=args.budget, budgets=args.budgets, solver=args.solver, allowed_k=_allowed_k(args),
                 min_k=args.min_k, samples=args.samples, seed=args.seed, threads=args.threads, force=args.force,
-                weight_norm=args.weight_norm)
+                weight_norm=args.weight_norm, calib_text=_calib_text(args), calib_tokens=args.calib_tokens)
     print(f"wrote {out}")
 
 
@@ -130,7 +157,7 @@ def cmd_convert(args) -> None:
     convert(args.model_dir, args.output, budget=args.budget, quant=args.quant, sensitivity=args.sensitivity,
             budgets=args.budgets, samples=args.samples, seed=args.seed, threads=args.threads,
             solver=args.solver, allowed_k=_allowed_k(args), min_k=args.min_k, force=args.force,
-            weight_norm=args.weight_norm)
+            weight_norm=args.weight_norm, calib_text=_calib_text(args), calib_tokens=args.calib_tokens)
 
 
 def cmd_chat(args) -> None:
@@ -316,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed N(0,1) raw (the paper) or through the layer's RMSNorm weight")
     p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="matmul dtype; auto measures bf16 vs f32 on this device for bf16/f16 weights")
+    p.add_argument("--calib", metavar="TEXT", help="calibrated profiling: feed Stage 1 the MoE layers' real inputs "
+                   "captured while the model reads this UTF-8 text (default: data-free N(0,1))")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens to use (default 4096)")
+    p.add_argument("--calib-model", metavar="GGUF", help="with --calib: a GGUF of the same model to read the text with "
+                   "(default: a temporary conversion of MODEL_DIR)")
     p.add_argument("--plot", help="also write a PNG heatmap here")
     p.set_defaults(func=cmd_profile)
 
@@ -350,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.add_argument("--weight-norm", default="renorm", choices=keys.WEIGHT_NORMS, help=WEIGHT_NORM_HELP)
+    p.add_argument("--calib", metavar="TEXT", help="calibrated profiling: feed Stage 1 the MoE layers' real inputs "
+                   "captured while the model reads this UTF-8 text (default: data-free N(0,1))")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens to use (default 4096)")
     add_alloc_opts(p, False)
     p.set_defaults(func=cmd_apply)
 
@@ -369,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-k", type=int, default=1)
     p.add_argument("--force", action="store_true")
     p.add_argument("--weight-norm", default="renorm", choices=keys.WEIGHT_NORMS, help=WEIGHT_NORM_HELP)
+    p.add_argument("--calib", metavar="TEXT", help="calibrated profiling: feed Stage 1 the MoE layers' real inputs "
+                   "captured while the model reads this UTF-8 text (default: data-free N(0,1))")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens to use (default 4096)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("chat", help="streaming local chat (stdin may be piped; /budget X switches in place)")

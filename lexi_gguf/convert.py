@@ -51,7 +51,8 @@ def _stage(i: int, n: int, msg: str) -> None:
 def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, quant: str = "Q8_0",
             sensitivity: str | Path | None = None, budgets: list[float] | None = None, samples: int = 8192,
             seed: int = 0, threads: int | None = None, solver: str = "exact", allowed_k: list[int] | None = None,
-            min_k: int = 1, force: bool = False, weight_norm: str = "renorm") -> Path:
+            min_k: int = 1, force: bool = False, weight_norm: str = "renorm", calib_text: str | None = None,
+            calib_tokens: int = 4096) -> Path:
     from .profile import profile
     from .runtime import _install_log_hook, llama_cpp_dir
     from .tinymodels import convert_to_gguf
@@ -68,7 +69,12 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
     n = 5
     _stage(1, n, f"profile {src.model.spec.name}: {len(src.model.moe_layers)} MoE layers, "
                      f"{src.model.n_expert} experts, base k {src.model.k_base}")
-    if sensitivity:
+    if sensitivity and calib_text is not None:
+        raise LexiError("give --calib or --sensitivity, not both: a given table is used as it is")
+    if calib_text is not None:
+        print("      calibrated: profiled after conversion, on inputs captured while the model reads the text")
+        sens = None
+    elif sensitivity:
         p = Path(sensitivity)
         if not p.exists():
             raise LexiError(f"{p} does not exist")
@@ -78,16 +84,27 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
         check_weight_norm(sens, weight_norm)
     else:
         sens = profile(src, samples=samples, seed=seed, threads=threads, weight_norm=weight_norm)
-    _stage(2, n, f"allocate budget {budget} (+ ladder {', '.join(f'{b:g}' for b in ladder_budgets)})")
-    plan = allocate(sens, budget=budget, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed)
-    ladder = [allocate(sens, budget=b, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed) for b in ladder_budgets]
-    print(f"      k per layer: {plan['expert_used_count']} (total {plan['total']})")
+
+    def plan_and_ladder(sens):
+        _stage(2, n, f"allocate budget {budget} (+ ladder {', '.join(f'{b:g}' for b in ladder_budgets)})")
+        plan = allocate(sens, budget=budget, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed)
+        ladder = [allocate(sens, budget=b, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed) for b in ladder_budgets]
+        print(f"      k per layer: {plan['expert_used_count']} (total {plan['total']})")
+        return plan, ladder
+    if sens is not None:
+        plan, ladder = plan_and_ladder(sens)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         outtype = FLOAT_TYPES.get(quant.upper(), "auto")
         _stage(3, n, f"convert with llama.cpp's convert_hf_to_gguf.py (--outtype {outtype})")
         base = convert_to_gguf(model_dir, tmpdir / "base.gguf", llama_cpp_dir(), outtype=outtype)
         info = model_info(base)
+        if sens is None:   # calibrated: the converted model reads the text, its MoE inputs feed Stage 1
+            from .calib import capture_inputs
+            calib = capture_inputs(base, calib_text, max_tokens=calib_tokens, threads=threads)
+            print(f"      captured {min(len(v) for v in calib.values())} tokens of MoE inputs")
+            sens = profile(src, samples=samples, seed=seed, threads=threads, weight_norm=weight_norm, calib=calib)
+            plan, ladder = plan_and_ladder(sens)
         _stage(4, n, "write lexi keys, ladder and sensitivity table")
         ladder = [{**r, "expert_used_count": fit_counts(r["expert_used_count"], sens, info)} for r in ladder]
         keyed = copy_with_metadata(base, tmpdir / "keyed.gguf",

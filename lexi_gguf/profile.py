@@ -162,9 +162,16 @@ class LayerProfile:
 
 def profile_layer(lw: LayerWeights, model: MoEModel, samples: int, seed: int, layer: int,
                   draw_tokens: int = DEFAULT_DRAW_TOKENS, device: str = "cpu", input_mode: str = "raw",
-                  norm_weight: torch.Tensor | None = None, dtype: str = "auto", weight_norm: str = "renorm") -> LayerProfile:
+                  norm_weight: torch.Tensor | None = None, dtype: str = "auto", weight_norm: str = "renorm",
+                  inputs: torch.Tensor | None = None) -> LayerProfile:
+    """inputs: the layer's real inputs [T, H] (calibrated profiling) instead of N(0, 1) draws; the first
+    T - T % draw_tokens are used, in draws of draw_tokens consecutive tokens."""
     kb, r = model.k_base, model.routing
     cdt = compute_dtype(lw.dtype, device, dtype)
+    if inputs is not None:
+        samples = inputs.shape[0] - inputs.shape[0] % draw_tokens
+        if samples < 2 * draw_tokens:
+            raise LexiError(f"calibration gave {inputs.shape[0]} tokens; at least {2 * draw_tokens} are needed")
     if samples % draw_tokens:
         raise LexiError(f"--samples ({samples}) must be a multiple of the draw size ({draw_tokens})")
     gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)  # same seed, same layer -> same X
@@ -178,7 +185,7 @@ def profile_layer(lw: LayerWeights, model: MoEModel, samples: int, seed: int, la
     done = 0
     while done < samples:
         n = min(CHUNK_TOKENS - CHUNK_TOKENS % draw_tokens, samples - done)
-        x = torch.randn(n, h, generator=gen).to(device)
+        x = (inputs[done:done + n].float() if inputs is not None else torch.randn(n, h, generator=gen)).to(device)
         if input_mode == "rmsnorm" and norm_weight is not None:
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight.float().to(device)
         xr, xe = block_inputs(x, lw, eps)
@@ -206,10 +213,12 @@ def profile_layer(lw: LayerWeights, model: MoEModel, samples: int, seed: int, la
 
 def profile(source, samples: int = DEFAULT_SAMPLES, seed: int = 0, device: str = "cpu",
             draw_tokens: int = DEFAULT_DRAW_TOKENS, input_mode: str = "raw", threads: int | None = None,
-            progress: bool = True, dtype: str = "auto", weight_norm: str = "renorm") -> dict:
+            progress: bool = True, dtype: str = "auto", weight_norm: str = "renorm", calib: dict | None = None) -> dict:
     """Profile every MoE layer of a weight source; returns the sensitivity dict (JSON shape in docs).
     weight_norm: how the runtime will weight a layer's fewer experts (lexi.weight_norm), so the
-    deviation measured is the one that will run."""
+    deviation measured is the one that will run.
+    calib: {block index: [tokens, hidden]} real inputs of every MoE layer (lexi_gguf.calib): calibrated
+    profiling; the draws are consecutive calibration tokens and `samples` is what the text gives."""
     from .keys import WEIGHT_NORMS
     if weight_norm not in WEIGHT_NORMS:
         raise LexiError(f"unknown weight norm {weight_norm!r}: use {' or '.join(WEIGHT_NORMS)}")
@@ -244,7 +253,16 @@ def profile(source, samples: int = DEFAULT_SAMPLES, seed: int = 0, device: str =
         if device != "cpu":
             lw = lw.to(device)
         norm_w = source.norm_weight(i) if input_mode == "rmsnorm" else None
-        lp = profile_layer(lw, m, samples, seed, i, draw_tokens, device, input_mode, norm_w, dtype, weight_norm)
+        x_cal = None
+        if calib is not None:
+            if i not in calib:
+                raise LexiError(f"the calibration inputs have no layer {i}: they were captured from another model")
+            x_cal = torch.as_tensor(calib[i])
+            if x_cal.shape[1] != lw.router.shape[1]:
+                raise LexiError(f"layer {i}: calibration inputs are {x_cal.shape[1]} wide, the model's hidden size is "
+                                f"{lw.router.shape[1]}: they were captured from another model")
+        lp = profile_layer(lw, m, samples, seed, i, draw_tokens, device, "raw" if calib is not None else input_mode,
+                           norm_w, dtype, weight_norm, inputs=x_cal)
         cdt_used = lp.compute_dtype
         total_flops += lp.flops
         layers.append({"index": i, "moe": True, "deviation": lp.deviation, "stderr": lp.stderr,
@@ -262,7 +280,8 @@ def profile(source, samples: int = DEFAULT_SAMPLES, seed: int = 0, device: str =
         "format": "lexi-sensitivity/1", "lexi_gguf_version": __version__,
         "arch": m.spec.name, "gguf_arch": m.spec.gguf_arch, "k_base": m.k_base, "n_expert": m.n_expert,
         "n_layer": m.n_layer, "routing": vars(m.routing),
-        "settings": {"samples": samples, "seed": seed, "draw_tokens": draw_tokens, "input": input_mode,
+        "settings": {"samples": samples if calib is None else min(len(v) for v in calib.values()) // draw_tokens * draw_tokens,
+                     "seed": seed, "draw_tokens": draw_tokens, "input": "calib" if calib is not None else input_mode,
                      "device": device, "dtype": dtype_w, "compute_dtype": cdt_used, "norm": "frobenius", "threads": torch.get_num_threads(),
                      "weight_norm": weight_norm},
         "timing": {"seconds": round(elapsed, 3), "gflops": round(total_flops / 1e9, 3),
