@@ -102,7 +102,9 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     train_text, _ = corpus()
-    res = {"ctx": args.ctx, "chunks": args.chunks, "budgets": BUDGETS, "calib_tokens": TOKENS, "models": []}
+    from lexi_gguf.cpu import machine
+    res = {"ctx": args.ctx, "chunks": args.chunks, "budgets": BUDGETS, "calib_tokens": TOKENS, "models": [],
+           "machine": machine()}
     lines = ["| model | budget | data-free | " + " | ".join(f"calib {t // 1024}k" for t in TOKENS) +
              " | greedy (sees eval text) | best calib / greedy |", "|---|---|---|" + "---|" * len(TOKENS) + "---|---|"]
     for name in args.models.split(","):
