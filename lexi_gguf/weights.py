@@ -177,15 +177,10 @@ class SafetensorsSource:
         gu = self._expert_tensor(p, names["gate_up"]) if ex.gated else None
         if ex.fused or gu is not None:
             downs = self._expert_tensor(p, names["down"])
-            up_name = names.get("up")
-            if gu is None and up_name:   # non-gated fused experts
-                up, gate = self._expert_tensor(p, up_name), None
-            elif gu is None:
-                raise LexiError(f"layer {i}: expert tensors {p}{names['gate_up']} not found in {self.dir}; "
-                                f"the checkpoint does not match its config ({spec.name})")
-            else:
-                gate, up = zip(*(_split_gate_up(t, ex.gate_up) for t in gu))
-                gate, up = list(gate), list(up)
+            if gu is None or downs is None:
+                raise LexiError(f"layer {i}: expert tensors {p}{names['gate_up']} / {names['down']} not found in "
+                                f"{self.dir}; the checkpoint does not match its config ({spec.name})")
+            gate, up = (list(x) for x in zip(*(_split_gate_up(t, ex.gate_up) for t in gu)))
             if ex.bias:
                 b = self.get(p + ex.bias["gate_up"])
                 gate_bias, up_bias = zip(*(_split_gate_up(b[e], ex.gate_up) for e in range(m.n_expert)))
