@@ -67,6 +67,11 @@ def fit_counts(counts: list[int], sens: dict, info) -> list[int]:
     return list(counts) + [info.expert_used_count if i in info.moe_layers else 0 for i in extra_blocks(sens, info)]
 
 
+def fit_ladder(ladder: list[dict], sens: dict, info) -> list[dict]:
+    """Allocated ladder rows with their counts extended to every block of the GGUF (fit_counts)."""
+    return [{**r, "expert_used_count": fit_counts(r["expert_used_count"], sens, info)} for r in ladder]
+
+
 def fit_sensitivity(sens: dict, info) -> dict:
     """The table extended to the GGUF's blocks (extra blocks as not profiled), for the file's metadata."""
     extra = extra_blocks(sens, info)
@@ -115,7 +120,7 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
             sens = sensitivity_for(info, sensitivity, stored=stored, samples=samples, seed=seed, threads=threads, source_path=src,
                                weight_norm=weight_norm, calib_text=calib_text, calib_tokens=calib_tokens)
         ladder = [allocate(sens, budget=b, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed) for b in budgets]
-        ladder = [{**r, "expert_used_count": fit_counts(r["expert_used_count"], sens, info)} for r in ladder]
+        ladder = fit_ladder(ladder, sens, info)
     if sens is not None:
         sens = fit_sensitivity(sens, info)
     md = lexi_metadata(info, counts, method, sensitivity=sens, ladder=ladder, weight_norm=weight_norm)

@@ -184,6 +184,12 @@ def supported() -> str:
     return ", ".join(sorted(ARCHS))
 
 
+# llama.cpp arch name -> the first registered spec that converts to it (GGUF files name only that)
+GGUF_ARCHS: dict[str, ArchSpec] = {}
+for _spec in ARCHS.values():
+    GGUF_ARCHS.setdefault(_spec.gguf_arch, _spec)
+
+
 def spec_for(model_type: str | None) -> ArchSpec | None:
     if model_type in ARCHS:
         return ARCHS[model_type]

@@ -30,11 +30,12 @@ def capture_inputs(gguf_path: str | Path, text: str, *, max_tokens: int = DEFAUL
                    threads: int | None = None, min_tokens: int = 32) -> dict[int, np.ndarray]:
     """{block index: [tokens, hidden] float32}: every MoE layer's input while the GGUF reads `text`
     (in n_ctx chunks, at most max_tokens tokens), at the model's own k in every layer."""
-    from .archs import ARCHS
+    from .archs import GGUF_ARCHS
     from .caching.trace import record
     from .gguf_io import model_info
     arch = model_info(gguf_path).arch
-    if any(a.gguf_arch == arch and (a.router_norm or a.expert_norm) for a in ARCHS.values()):
+    spec = GGUF_ARCHS.get(arch)
+    if spec is not None and (spec.router_norm or spec.expert_norm):
         raise LexiError(f"{Path(gguf_path).name} ({arch}): its router and experts read differently normalised "
                         "copies of the block input and the runtime exposes only the router's, so there is no MoE "
                         "router input to capture that the profile could use; profile it data-free (leave out --calib)")

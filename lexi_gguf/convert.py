@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import LexiError
 from .allocate import allocate
-from .apply import fit_counts, fit_sensitivity
+from .apply import fit_counts, fit_ladder, fit_sensitivity
 from .gguf_io import copy_with_metadata, lexi_metadata, model_info
 
 DEFAULT_LADDER = (1.0, 0.875, 0.75, 0.625, 0.5)
@@ -106,7 +106,7 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
             sens = profile(src, samples=samples, seed=seed, threads=threads, weight_norm=weight_norm, calib=calib)
             plan, ladder = plan_and_ladder(sens)
         _stage(4, n, "write lexi keys, ladder and sensitivity table")
-        ladder = [{**r, "expert_used_count": fit_counts(r["expert_used_count"], sens, info)} for r in ladder]
+        ladder = fit_ladder(ladder, sens, info)
         keyed = copy_with_metadata(base, tmpdir / "keyed.gguf",
                                    lexi_metadata(info, fit_counts(plan["expert_used_count"], sens, info), f"lexi-{solver}",
                                                  sensitivity=fit_sensitivity(sens, info), ladder=ladder,

@@ -9,16 +9,13 @@ import numpy as np
 import torch
 
 from . import LexiError
-from .archs import ARCHS, MoEModel, Routing
+from .archs import GGUF_ARCHS, MoEModel, Routing
 from .gguf_io import GGUFModelInfo, field_value, model_info, open_reader
 from .weights import LayerWeights
 
 # llama.cpp archs whose builder renormalises the selected weights without a metadata key
 _NORM_BY_ARCH = {"llama": True, "mixtral": True, "qwen3moe": True, "granitemoe": True, "qwen2moe": False,
                  "olmoe": False, "gpt-oss": True, "gemma4": True, "qwen35moe": True, "qwen3next": True}
-_SPEC_BY_GGUF = {}
-for _s in ARCHS.values():
-    _SPEC_BY_GGUF.setdefault(_s.gguf_arch, _s)
 
 
 def _routing(reader, arch: str) -> Routing:
@@ -32,7 +29,7 @@ def _routing(reader, arch: str) -> Routing:
     norm = kv("expert_weights_norm")
     norm = _NORM_BY_ARCH.get(arch, False) if norm is None else bool(norm)
     groups = int(kv("expert_group_count", 0) or 0)
-    spec = _SPEC_BY_GGUF[arch]
+    spec = GGUF_ARCHS[arch]
     return Routing(gating, norm, float(kv("expert_weights_scale", 0.0) or 1.0),
                    n_group=max(groups, 1), topk_group=int(kv("expert_group_used_count", 0) or 1),
                    group_score="top2sum", has_bias=False,
@@ -58,10 +55,10 @@ class GGUFSource:
         info = self.info
         if not info.is_moe:
             raise LexiError(f"{path} ({info.arch}) has no MoE layers: this is a dense model, LExI has nothing to adapt")
-        spec = _SPEC_BY_GGUF.get(info.arch)
+        spec = GGUF_ARCHS.get(info.arch)
         if spec is None:
             raise LexiError(f"unsupported GGUF architecture {info.arch!r}; lexi-gguf supports: "
-                            f"{', '.join(sorted(_SPEC_BY_GGUF))}")
+                            f"{', '.join(sorted(GGUF_ARCHS))}")
         self.tensors = {t.name: t for t in self.reader.tensors}
         spec = replace(spec, name=spec.name)
         hidden = int(field_value(self.reader, f"{info.arch}.embedding_length"))
