@@ -29,7 +29,13 @@ RECIPE = {
 # a second built-in model for the expert-caching work: OLMoE-like ratios (64 experts, k 8, 8 layers),
 # so that "10 % of the experts" is more than one token's worth of activations
 CACHING_RECIPE = dict(RECIPE, layers=8, experts=64, k=8, expert_ffn=96, steps=240, aux_loss=0.1)
-RECIPES = {"default": RECIPE, "caching": CACHING_RECIPE}
+# quality testbeds of other router families (issue 13): Qwen3-MoE normalises its top-k weights, OLMoE does
+# not. Their converters only take a byte-level BPE they recognise, so they read GPT-2's vocabulary
+# (50,257 ids: ~2 s a step here instead of 0.5 s); 8 layers, 16 experts, k 4 as in the issue's check
+QWEN3_TESTBED = dict(RECIPE, arch="qwen3_moe", tokenizer="gpt2", vocab=50257, layers=8, steps=240)
+OLMOE_TESTBED = dict(RECIPE, arch="olmoe", tokenizer="gpt2", vocab=50257, layers=8, kv_heads=6, steps=240)
+RECIPES = {"default": RECIPE, "caching": CACHING_RECIPE, "qwen3-testbed": QWEN3_TESTBED,
+           "olmoe-testbed": OLMOE_TESTBED}
 
 DOC_MODULES = ["os", "sys", "re", "json", "pathlib", "collections", "itertools", "functools", "typing",
                "subprocess", "threading", "asyncio", "socket", "http.client", "urllib.request", "email",
@@ -99,27 +105,54 @@ def _train_tokenizer(text: str, out_dir: Path, vocab: int) -> None:
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2))
 
 
-def train(out_dir: Path, steps: int | None = None, log=print, name: str = "default") -> Path:
+def _tokenize(r: dict, train_text: str, out_dir: Path) -> tuple[list[int], int, int, int]:
+    """Save the recipe's tokenizer into out_dir; (train ids, vocab size, bos id, eos id)."""
+    if r.get("tokenizer", "spm") == "gpt2":
+        from transformers import AutoTokenizer
+        from .runtime import llama_cpp_dir
+        from .tinymodels import GPT2_VOCAB, save_gpt2_tokenizer
+        if r["vocab"] != GPT2_VOCAB:
+            raise LexiError(f"a gpt2-tokenizer recipe has vocab {GPT2_VOCAB}, not {r['vocab']}")
+        save_gpt2_tokenizer(out_dir, llama_cpp_dir())
+        tok = AutoTokenizer.from_pretrained(out_dir)
+        return tok(train_text)["input_ids"], r["vocab"], tok.bos_token_id, tok.eos_token_id
     import sentencepiece as spm
+    _train_tokenizer(train_text, out_dir, r["vocab"])
+    sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
+    return sp.encode(train_text), r["vocab"], 1, 2
+
+
+def _hf_config(r: dict, vocab: int, bos: int, eos: int):
+    from transformers import AutoConfig
+    moe = {"mixtral": dict(intermediate_size=r["expert_ffn"], num_local_experts=r["experts"], sliding_window=None),
+           "qwen3_moe": dict(intermediate_size=r["expert_ffn"], moe_intermediate_size=r["expert_ffn"],
+                             num_experts=r["experts"], norm_topk_prob=True, head_dim=r["hidden"] // r["heads"],
+                             decoder_sparse_step=1, mlp_only_layers=[]),
+           "olmoe": dict(intermediate_size=r["expert_ffn"], num_experts=r["experts"], norm_topk_prob=False)}
+    if r["arch"] not in moe:
+        raise LexiError(f"built-in models can be {', '.join(moe)}, not {r['arch']!r}")
+    return AutoConfig.for_model(
+        r["arch"], vocab_size=vocab, hidden_size=r["hidden"], num_hidden_layers=r["layers"],
+        num_attention_heads=r["heads"], num_key_value_heads=r["kv_heads"], num_experts_per_tok=r["k"],
+        max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+        bos_token_id=bos, eos_token_id=eos, output_router_logits=True, router_aux_loss_coef=r["aux_loss"],
+        **moe[r["arch"]])
+
+
+def train(out_dir: Path, steps: int | None = None, log=print, name: str = "default") -> Path:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     recipe = _recipe(name)
     r = dict(recipe, steps=steps or recipe["steps"])
     out_dir.mkdir(parents=True, exist_ok=True)
     train_text, eval_text = corpus()
     (out_dir / "eval.txt").write_text(eval_text)
-    _train_tokenizer(train_text, out_dir, r["vocab"])
-    sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
-    ids = torch.tensor(sp.encode(train_text), dtype=torch.long)
+    ids, vocab, bos, eos = _tokenize(r, train_text, out_dir)
+    ids = torch.tensor(ids, dtype=torch.long)
     log(f"corpus: {len(train_text) / 1e6:.2f} MB, {len(ids) / 1e6:.2f} M tokens; eval {len(eval_text) / 1e3:.0f} kB")
     torch.manual_seed(r["seed"])
-    cfg = AutoConfig.for_model(
-        "mixtral", vocab_size=r["vocab"], hidden_size=r["hidden"], intermediate_size=r["expert_ffn"],
-        num_hidden_layers=r["layers"], num_attention_heads=r["heads"], num_key_value_heads=r["kv_heads"],
-        num_local_experts=r["experts"], num_experts_per_tok=r["k"], max_position_embeddings=2048,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-        output_router_logits=True, router_aux_loss_coef=r["aux_loss"], sliding_window=None)
+    cfg = _hf_config(r, vocab, bos, eos)
     # grouped_mm: ~1.4x faster than the eager per-expert loop on CPU (measured, transformers 5.23)
     model = AutoModelForCausalLM.from_config(cfg, experts_implementation="grouped_mm")
     model.train()

@@ -1,0 +1,29 @@
+"""The built-in quality testbeds of other router families (issue 13) train and convert: their recipe gives
+a checkpoint that llama.cpp's own converter accepts (a byte-level BPE it recognises), of the arch and
+routing the recipe names. Two training steps only: the recipe's code path, not its quality."""
+from __future__ import annotations
+
+import pytest
+
+from lexi_gguf.archs import spec_for
+from lexi_gguf.default_model import RECIPES, train
+from lexi_gguf.tinymodels import convert_to_gguf
+from lexi_gguf.weights import load_config
+
+
+@pytest.mark.parametrize("name,gguf_arch,normalises", [("qwen3-testbed", "qwen3moe", True),
+                                                        ("olmoe-testbed", "olmoe", False)])
+def test_testbed_recipe_trains_and_converts(name, gguf_arch, normalises, tmp_path, llama_cpp_dir):
+    import gguf
+    r = RECIPES[name]
+    model_dir = train(tmp_path / "model", steps=2, log=lambda *_: None, name=name)
+    cfg = load_config(model_dir)
+    assert spec_for(cfg["model_type"]).routing(cfg).norm_topk is normalises
+    assert (model_dir / "eval.txt").stat().st_size > 10_000
+    out = convert_to_gguf(model_dir, tmp_path / "m.gguf", llama_cpp_dir, outtype="f16")
+    f = gguf.GGUFReader(out)
+    assert f.fields["general.architecture"].contents() == gguf_arch
+    assert f.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert f.fields[f"{gguf_arch}.block_count"].contents() == r["layers"]
+    assert f.fields[f"{gguf_arch}.expert_count"].contents() == r["experts"]
+    assert f.fields[f"{gguf_arch}.expert_used_count"].contents() == r["k"]
