@@ -5,8 +5,9 @@ greedy allocation that sees the evaluation text itself (an oracle: from full k, 
 the layer whose reduction raises the KLD on that text least).
 
 Mean KL divergence from the full model on held-out text at budgets 0.75 and 0.5, on the trained built-in
-models (Mixtral architecture; f32 GGUFs so only the allocation differs). Every allocation of a model is a
-row of one file's ladder and is run with llama_lexi_set_row on one loaded model.
+models (the Mixtral default and caching models, the Qwen3-MoE and OLMoE testbeds; f32 GGUFs so only the
+allocation differs). Every allocation of a model is a row of one file's ladder and is run with
+llama_lexi_set_row on one loaded model.
 
 Target (issue 13): calibrated LExI within 1.2x of the greedy allocation's KLD.
 Results: bench/results/calib-<machine>.json.
@@ -88,7 +89,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--chunks", type=int, default=12, help="evaluation chunks of --ctx tokens")
-    ap.add_argument("--models", default="default,caching")
+    ap.add_argument("--models", default="default,caching,qwen3-testbed,olmoe-testbed")
     args = ap.parse_args()
     from lexi_gguf.allocate import allocate
     from lexi_gguf.bench import save_results
