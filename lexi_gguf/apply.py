@@ -20,9 +20,9 @@ def check_weight_norm(sens: dict, weight_norm: str) -> None:
 
 def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict | None, samples: int, seed: int,
                     threads: int | None, source_path: Path, weight_norm: str = "renorm", calib_text: str | None = None,
-                    calib_tokens: int = 4096) -> dict:
+                    calib_tokens: int | None = None, calib_metric: str = "kld") -> dict:
     """A sensitivity table for the model: given, stored in the file (`stored`), or profiled from the GGUF's
-    weights (with calib_text: fed the MoE layers' real inputs while the GGUF reads that text)."""
+    weights (with calib_text: calibrated while the GGUF reads that text, calib.calibrated_sensitivity)."""
     if isinstance(sensitivity, dict):
         sens = sensitivity
     elif sensitivity:
@@ -37,11 +37,12 @@ def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict
             from .gguf_source import GGUFSource
             from .profile import profile
             src = GGUFSource(source_path)
-            calib = None
             if calib_text is not None:
-                from .calib import capture_inputs
-                calib = capture_inputs(source_path, calib_text, max_tokens=calib_tokens, threads=threads)
-            sens = profile(src, samples=samples, seed=seed, threads=threads, weight_norm=weight_norm, calib=calib)
+                from .calib import calibrated_sensitivity
+                sens = calibrated_sensitivity(source_path, src, calib_text, metric=calib_metric, tokens=calib_tokens,
+                                              threads=threads, weight_norm=weight_norm, samples=samples, seed=seed)
+            else:
+                sens = profile(src, samples=samples, seed=seed, threads=threads, weight_norm=weight_norm)
             sens["source"] = "gguf:" + "+".join(src.types)
     if sens is not stored:
         check_weight_norm(sens, weight_norm)
@@ -85,7 +86,8 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
           sensitivity=None, budget: float | None = None, budgets: list[float] | None = None,
           solver: str = "exact", allowed_k: list[int] | None = None, min_k: int = 1, samples: int = 8192,
           seed: int = 0, threads: int | None = None, force: bool = False, progress: bool = True,
-          weight_norm: str = "renorm", calib_text: str | None = None, calib_tokens: int = 4096) -> Path:
+          weight_norm: str = "renorm", calib_text: str | None = None, calib_tokens: int | None = None,
+          calib_metric: str = "kld") -> Path:
     src, out = Path(src), Path(out)
     if src.resolve() == out.resolve():
         raise LexiError("the output must be a new file, not the input")
@@ -109,7 +111,8 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
         sens = stored
     else:
         sens = sensitivity_for(info, sensitivity, stored=stored, samples=samples, seed=seed, threads=threads, source_path=src,
-                               weight_norm=weight_norm, calib_text=calib_text, calib_tokens=calib_tokens)
+                               weight_norm=weight_norm, calib_text=calib_text, calib_tokens=calib_tokens,
+                               calib_metric=calib_metric)
         counts = allocate(sens, budget=budget, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed)["expert_used_count"]
         counts = fit_counts(counts, sens, info)
         method = f"lexi-{solver}"
@@ -118,7 +121,8 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
     if budgets:
         if sens is None:
             sens = sensitivity_for(info, sensitivity, stored=stored, samples=samples, seed=seed, threads=threads, source_path=src,
-                               weight_norm=weight_norm, calib_text=calib_text, calib_tokens=calib_tokens)
+                               weight_norm=weight_norm, calib_text=calib_text, calib_tokens=calib_tokens,
+                               calib_metric=calib_metric)
         ladder = [allocate(sens, budget=b, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed) for b in budgets]
         ladder = fit_ladder(ladder, sens, info)
     if sens is not None:

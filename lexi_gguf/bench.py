@@ -111,13 +111,17 @@ def plot(res: dict, out) -> Path:
     return Path(out)
 
 
+def results_path(name: str, results_dir: Path, m: dict) -> Path:
+    """bench/results/<name>-<arch>[-<cpu class>]-<cores>c.json: one file per benchmark and CPU class."""
+    cls = f"-{m['cpu_class']}" if m.get("cpu_class") and m["cpu_class"] != platform.machine() else ""
+    return Path(results_dir) / f"{name}-{platform.machine()}{cls}-{m['cores']}c.json"
+
+
 def save_results(res: dict, name: str, results_dir: Path) -> Path:
     """Print each target's verdict and save the results, named by benchmark and machine."""
     for k, v in res.get("targets_met", {}).items():
         print(f"target {k}: {'met' if v else 'NOT met'}")
-    m = res["machine"]
-    cls = f"-{m['cpu_class']}" if m.get("cpu_class") and m["cpu_class"] != platform.machine() else ""
-    out = Path(results_dir) / f"{name}-{platform.machine()}{cls}-{m['cores']}c.json"   # one file per CPU class
+    out = results_path(name, results_dir, res["machine"])
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"results -> {out}")
     return out

@@ -54,3 +54,115 @@ def capture_inputs(gguf_path: str | Path, text: str, *, max_tokens: int = DEFAUL
         raise LexiError(f"the calibration text gives only {n} tokens; give at least {min_tokens} "
                         f"(a few thousand are better)")
     return {int(il): np.ascontiguousarray(tr.hidden[:n, j], dtype=np.float32) for j, il in enumerate(tr.moe_layers)}
+
+
+KLD_TOKENS = 1024
+
+
+def kld_table(gguf_path: str | Path, text: str, *, max_tokens: int = KLD_TOKENS, n_ctx: int = 256,
+              threads: int | None = None, weight_norm: str = "renorm", progress: bool = True) -> dict:
+    """A sensitivity table measured end to end (`--calib-metric kld`): entry (layer j, k) is the mean KL
+    divergence, in nats per scored token, of the model with only layer j lowered to k from the full
+    model, while the GGUF reads `text` (n_ctx chunks, at most max_tokens tokens). Same shape as
+    profile()'s table, so the allocation is unchanged; it assumes the layers' costs add up.
+
+    Costs one pass over the text per (MoE layer, k < base k): every probe is a row of a temporary
+    copy's ladder, switched in place (llama_lexi_set_row) on one loaded model."""
+    import tempfile
+    import time
+
+    from . import __version__
+    from .evaluate import _chunks, _logprobs
+    from .gguf_io import copy_with_metadata, field_value, lexi_metadata, model_info, open_reader
+    from .runtime import ROW_MODEL, load, set_lexi_row
+
+    gguf_path = Path(gguf_path)
+    if max_tokens < 32:
+        raise LexiError(f"--calib-tokens {max_tokens} is too few to measure a KL divergence; give at least 32")
+    n_ctx = min(n_ctx, max_tokens)
+    info = model_info(gguf_path)
+    kb = info.expert_used_count
+    n_main = info.block_count - int(field_value(open_reader(gguf_path), f"{info.arch}.nextn_predict_layers") or 0)
+    moe = [i for i in info.moe_layers if i < n_main]
+    full = [kb if i in info.moe_layers else 0 for i in range(info.block_count)]
+    probes = [(j, k) for j in moe for k in range(1, kb)]
+    rows = []
+    for j, k in probes:
+        r = list(full)
+        r[j] = k
+        rows.append(r)
+    if not probes:
+        raise LexiError(f"{gguf_path.name} runs 1 expert per token: there is no lower k to measure")
+    ladder = [{"budget": sum(r) / (len(info.moe_layers) * kb), "total": sum(r), "expert_used_count": r} for r in rows]
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".kld.", dir=gguf_path.parent) as td:
+        probe_file = copy_with_metadata(gguf_path, Path(td) / "probe.gguf",
+                                        lexi_metadata(info, full, "manual", ladder=ladder, weight_norm=weight_norm),
+                                        progress=False)
+        llm = load(probe_file, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads)
+        try:
+            chunks = _chunks(llm, text, n_ctx)[: max(1, max_tokens // n_ctx)]
+            kl = np.zeros((len(chunks), len(rows)))
+            bar = None
+            if progress:
+                from tqdm import tqdm
+                bar = tqdm(desc="kld probes", total=len(chunks) * len(rows), unit="pass")
+            # chunk-major: one chunk's reference log-probs in memory at a time (ctx x vocab)
+            for c, chunk in enumerate(chunks):
+                set_lexi_row(llm, ROW_MODEL)
+                ref = _logprobs(llm, chunk).astype(np.float64)
+                p_ref = np.exp(ref)
+                for i in range(len(rows)):
+                    set_lexi_row(llm, i)
+                    kl[c, i] = max(float((p_ref * (ref - _logprobs(llm, chunk))).sum(-1).mean()), 0.0)
+                    if bar is not None:
+                        bar.update()
+            if bar is not None:
+                bar.close()
+        finally:
+            llm.close()
+    mean = kl.mean(0)
+    err = kl.std(0, ddof=1) / np.sqrt(len(chunks)) if len(chunks) > 1 else np.zeros(len(rows))
+    at = {p: i for i, p in enumerate(probes)}
+    layers = []
+    for j in range(n_main):
+        if j in moe:
+            layers.append({"index": j, "moe": True, "deviation": [float(mean[at[(j, k)]]) for k in range(1, kb)] + [0.0],
+                           "stderr": [float(err[at[(j, k)]]) for k in range(1, kb)] + [0.0]})
+        else:
+            layers.append({"index": j, "moe": False, "deviation": None, "stderr": None})
+    return {
+        "format": "lexi-sensitivity/1", "lexi_gguf_version": __version__, "arch": info.arch, "gguf_arch": info.arch,
+        "k_base": kb, "n_expert": info.expert_count, "n_layer": n_main,
+        "settings": {"samples": len(chunks) * n_ctx, "seed": 0, "input": "calib-kld", "norm": "kld",
+                     "ctx": n_ctx, "weight_norm": weight_norm},
+        "timing": {"seconds": round(time.perf_counter() - t0, 3), "passes": len(chunks) * (len(rows) + 1)},
+        "layers": layers,
+    }
+
+
+# --calib-metric: "kld" measures each (layer, k) end to end (kld_table); "deviation" feeds LExI's own
+# Stage 1 the captured MoE inputs instead of N(0, 1) (capture_inputs + profile)
+METRICS = {"kld": KLD_TOKENS, "deviation": DEFAULT_TOKENS}   # metric -> default calibration tokens
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise LexiError(f"unknown --calib-metric {metric!r}: use {' or '.join(METRICS)}")
+
+
+def calibrated_sensitivity(gguf_path: str | Path, src, text: str, *, metric: str = "kld", tokens: int | None = None,
+                           threads: int | None = None, weight_norm: str = "renorm", samples: int = 8192,
+                           seed: int = 0, **profile_kw) -> dict:
+    """The sensitivity table of a model read from `src` (its weights) and `gguf_path` (the same model for
+    the runtime) while it reads `text`, by the chosen metric (profile_kw: more profile() options)."""
+    check_metric(metric)
+    tokens = tokens or METRICS[metric]
+    if metric == "kld":
+        print(f"      kld: {len(src.model.moe_layers) * (src.model.k_base - 1)} probes x {tokens} tokens of text, "
+              "one pass each", flush=True)
+        return kld_table(gguf_path, text, max_tokens=tokens, threads=threads, weight_norm=weight_norm)
+    from .profile import profile
+    calib = capture_inputs(gguf_path, text, max_tokens=tokens, threads=threads)
+    print(f"      captured {min(len(v) for v in calib.values())} tokens of MoE inputs", flush=True)
+    return profile(src, samples=samples, seed=seed, threads=threads, weight_norm=weight_norm, calib=calib, **profile_kw)

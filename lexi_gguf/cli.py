@@ -83,36 +83,50 @@ def _calib_text(args) -> str | None:
     return read_text(args.calib)
 
 
-def _calib_inputs(args, src) -> dict | None:
-    """--calib on `profile`: the MoE inputs captured with --calib-model, or with a temporary conversion."""
+def _calibrated(args, src, **profile_kw) -> dict | None:
+    """--calib on `profile`: the table measured with --calib-model, or with a temporary conversion."""
     text = _calib_text(args)
     if text is None:
         return None
     import tempfile
 
-    from .calib import capture_inputs
+    from .calib import calibrated_sensitivity
+
+    def run(gguf_path):
+        return calibrated_sensitivity(gguf_path, src, text, metric=args.calib_metric, tokens=args.calib_tokens,
+                                      threads=args.threads, samples=args.samples, seed=args.seed, **profile_kw)
     if args.calib_model:
-        return capture_inputs(args.calib_model, text, max_tokens=args.calib_tokens, threads=args.threads)
+        return run(args.calib_model)
     from .runtime import llama_cpp_dir
     from .tinymodels import convert_to_gguf
     out_dir = Path(args.output).resolve().parent
     with tempfile.TemporaryDirectory(prefix=".calib.", dir=out_dir) as tmp:
         print("converting a temporary GGUF to read the calibration text (pass --calib-model to reuse one)", flush=True)
-        g = convert_to_gguf(args.model_dir, Path(tmp) / "calib.gguf", llama_cpp_dir(), outtype="auto")
-        return capture_inputs(g, text, max_tokens=args.calib_tokens, threads=args.threads)
+        return run(convert_to_gguf(args.model_dir, Path(tmp) / "calib.gguf", llama_cpp_dir(), outtype="auto"))
+
+
+def add_calib_opts(p) -> None:
+    p.add_argument("--calib", metavar="TEXT", help="calibrated profiling while the model reads this UTF-8 text "
+                   "(default: data-free, N(0,1) inputs)")
+    p.add_argument("--calib-metric", default="kld", choices=["kld", "deviation"],
+                   help="with --calib: kld (default) measures each layer and k end to end, one pass over the text "
+                   "per (MoE layer, k); deviation feeds Stage 1 the captured MoE inputs (one pass)")
+    p.add_argument("--calib-tokens", type=int, help="calibration tokens to use (default: 1024 for kld, 4096 for deviation)")
 
 
 def cmd_profile(args) -> None:
     from .profile import profile
     from .weights import SafetensorsSource
     src = SafetensorsSource(args.model_dir)
-    sens = profile(src, samples=args.samples, seed=args.seed, device=args.device, threads=args.threads,
-                   draw_tokens=args.draw_tokens, input_mode=args.input, dtype=args.compute_dtype,
-                   calib=_calib_inputs(args, src))
+    opts = dict(device=args.device, draw_tokens=args.draw_tokens, dtype=args.compute_dtype)
+    sens = _calibrated(args, src, **opts)
+    if sens is None:
+        sens = profile(src, samples=args.samples, seed=args.seed, threads=args.threads, input_mode=args.input, **opts)
     _write_json(sens, args.output)
     t = sens["timing"]
+    rate = f" ({t['gflop_per_s']:.0f} GFLOP/s)" if "gflop_per_s" in t else ""
     print(f"profiled {len(src.model.moe_layers)} MoE layers of {sens['arch']} (k_base {sens['k_base']}, "
-          f"{sens['n_expert']} experts) in {t['seconds']:.1f} s ({t['gflop_per_s']:.0f} GFLOP/s) -> {args.output}")
+          f"{sens['n_expert']} experts) in {t['seconds']:.1f} s{rate} -> {args.output}")
     if args.plot:
         from .plots import sensitivity_heatmap
         print(f"heatmap -> {sensitivity_heatmap(sens, args.plot)}")
@@ -142,7 +156,8 @@ def cmd_apply(args) -> None:
     out = apply(args.input, args.output, k=args.k, plan=args.plan, sensitivity=args.sensitivity,
                 budget=args.budget, budgets=args.budgets, solver=args.solver, allowed_k=_allowed_k(args),
                 min_k=args.min_k, samples=args.samples, seed=args.seed, threads=args.threads, force=args.force,
-                weight_norm=args.weight_norm, calib_text=_calib_text(args), calib_tokens=args.calib_tokens)
+                weight_norm=args.weight_norm, calib_text=_calib_text(args), calib_tokens=args.calib_tokens,
+                calib_metric=args.calib_metric)
     print(f"wrote {out}")
 
 
@@ -157,7 +172,8 @@ def cmd_convert(args) -> None:
     convert(args.model_dir, args.output, budget=args.budget, quant=args.quant, sensitivity=args.sensitivity,
             budgets=args.budgets, samples=args.samples, seed=args.seed, threads=args.threads,
             solver=args.solver, allowed_k=_allowed_k(args), min_k=args.min_k, force=args.force,
-            weight_norm=args.weight_norm, calib_text=_calib_text(args), calib_tokens=args.calib_tokens)
+            weight_norm=args.weight_norm, calib_text=_calib_text(args), calib_tokens=args.calib_tokens,
+            calib_metric=args.calib_metric)
 
 
 def cmd_chat(args) -> None:
@@ -343,9 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed N(0,1) raw (the paper) or through the layer's RMSNorm weight")
     p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="matmul dtype; auto measures bf16 vs f32 on this device for bf16/f16 weights")
-    p.add_argument("--calib", metavar="TEXT", help="calibrated profiling: feed Stage 1 the MoE layers' real inputs "
-                   "captured while the model reads this UTF-8 text (default: data-free N(0,1))")
-    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens to use (default 4096)")
+    add_calib_opts(p)
     p.add_argument("--calib-model", metavar="GGUF", help="with --calib: a GGUF of the same model to read the text with "
                    "(default: a temporary conversion of MODEL_DIR)")
     p.add_argument("--plot", help="also write a PNG heatmap here")
@@ -382,9 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.add_argument("--weight-norm", default="renorm", choices=keys.WEIGHT_NORMS, help=WEIGHT_NORM_HELP)
-    p.add_argument("--calib", metavar="TEXT", help="calibrated profiling: feed Stage 1 the MoE layers' real inputs "
-                   "captured while the model reads this UTF-8 text (default: data-free N(0,1))")
-    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens to use (default 4096)")
+    add_calib_opts(p)
     add_alloc_opts(p, False)
     p.set_defaults(func=cmd_apply)
 
@@ -404,9 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-k", type=int, default=1)
     p.add_argument("--force", action="store_true")
     p.add_argument("--weight-norm", default="renorm", choices=keys.WEIGHT_NORMS, help=WEIGHT_NORM_HELP)
-    p.add_argument("--calib", metavar="TEXT", help="calibrated profiling: feed Stage 1 the MoE layers' real inputs "
-                   "captured while the model reads this UTF-8 text (default: data-free N(0,1))")
-    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens to use (default 4096)")
+    add_calib_opts(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("chat", help="streaming local chat (stdin may be piped; /budget X switches in place)")

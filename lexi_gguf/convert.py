@@ -52,7 +52,7 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
             sensitivity: str | Path | None = None, budgets: list[float] | None = None, samples: int = 8192,
             seed: int = 0, threads: int | None = None, solver: str = "exact", allowed_k: list[int] | None = None,
             min_k: int = 1, force: bool = False, weight_norm: str = "renorm", calib_text: str | None = None,
-            calib_tokens: int = 4096) -> Path:
+            calib_tokens: int | None = None, calib_metric: str = "kld") -> Path:
     from .profile import profile
     from .runtime import _install_log_hook, llama_cpp_dir
     from .tinymodels import convert_to_gguf
@@ -72,7 +72,9 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
     if sensitivity and calib_text is not None:
         raise LexiError("give --calib or --sensitivity, not both: a given table is used as it is")
     if calib_text is not None:
-        print("      calibrated: profiled after conversion, on inputs captured while the model reads the text")
+        from .calib import check_metric
+        check_metric(calib_metric)
+        print(f"      calibrated ({calib_metric}): profiled after conversion, while the model reads the text")
         sens = None
     elif sensitivity:
         p = Path(sensitivity)
@@ -99,11 +101,10 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
         _stage(3, n, f"convert with llama.cpp's convert_hf_to_gguf.py (--outtype {outtype})")
         base = convert_to_gguf(model_dir, tmpdir / "base.gguf", llama_cpp_dir(), outtype=outtype)
         info = model_info(base)
-        if sens is None:   # calibrated: the converted model reads the text, its MoE inputs feed Stage 1
-            from .calib import capture_inputs
-            calib = capture_inputs(base, calib_text, max_tokens=calib_tokens, threads=threads)
-            print(f"      captured {min(len(v) for v in calib.values())} tokens of MoE inputs")
-            sens = profile(src, samples=samples, seed=seed, threads=threads, weight_norm=weight_norm, calib=calib)
+        if sens is None:   # calibrated: the converted model reads the text
+            from .calib import calibrated_sensitivity
+            sens = calibrated_sensitivity(base, src, calib_text, metric=calib_metric, tokens=calib_tokens,
+                                          threads=threads, weight_norm=weight_norm, samples=samples, seed=seed)
             plan, ladder = plan_and_ladder(sens)
         _stage(4, n, "write lexi keys, ladder and sensitivity table")
         ladder = fit_ladder(ladder, sens, info)

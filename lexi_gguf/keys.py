@@ -19,7 +19,7 @@ SENS_DEVIATION = "lexi.sensitivity.deviation"   # f32[block_count * base k], zer
 SENS_STDERR = "lexi.sensitivity.stderr"         # f32[block_count * base k]
 SENS_SAMPLES = "lexi.sensitivity.samples"       # u32: token vectors per layer
 SENS_SEED = "lexi.sensitivity.seed"             # u32
-SENS_INPUT = "lexi.sensitivity.input"           # str: raw | rmsnorm
+SENS_INPUT = "lexi.sensitivity.input"           # str: raw | rmsnorm | calib | calib-kld
 SENS_SOURCE = "lexi.sensitivity.source"         # str: safetensors | gguf:<dequantized type>
 
 

@@ -1,13 +1,16 @@
-"""Calibrated profiling: the MoE layers' real inputs, captured from the runtime while the model reads a
-text, replace the N(0, 1) draws; the deviation is then exactly transformers' MoE block on those inputs."""
+"""Calibrated profiling. --calib-metric deviation: the MoE layers' real inputs, captured from the runtime
+while the model reads a text, replace the N(0, 1) draws; the deviation is then exactly transformers' MoE
+block on those inputs. --calib-metric kld (the default): each (layer, k) entry is the KL divergence the
+runtime measures with only that layer lowered, equal to loading a file with those counts."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from lexi_gguf import LexiError, cli, keys, profile as prof
-from lexi_gguf.calib import capture_inputs
-from lexi_gguf.gguf_io import model_info
+from lexi_gguf.allocate import allocate
+from lexi_gguf.calib import capture_inputs, kld_table
+from lexi_gguf.gguf_io import model_info, sensitivity_from_gguf
 from lexi_gguf.tinymodels import hf_moe_block
 from lexi_gguf.weights import SafetensorsSource
 
@@ -40,14 +43,67 @@ def test_apply_and_convert_with_calib(tiny_checkpoint, tiny_gguf, tmp_path, caps
     text.write_text(TEXT)
     out = tmp_path / "a.gguf"
     assert cli.main(["apply", str(tiny_gguf("olmoe")), "-o", str(out), "--budget", "0.5", "--calib", str(text),
-                     "--calib-tokens", "128"]) == 0
+                     "--calib-metric", "deviation", "--calib-tokens", "128"]) == 0
     info = model_info(out)
     assert info.lexi[keys.SENS_INPUT] == "calib" and info.lexi[keys.SENS_SAMPLES] == 128
     conv = tmp_path / "c.gguf"
     assert cli.main(["convert", str(tiny_checkpoint("olmoe")), "-o", str(conv), "--quant", "F32", "--calib", str(text),
-                     "--calib-tokens", "128"]) == 0
+                     "--calib-metric", "deviation", "--calib-tokens", "128"]) == 0
     assert model_info(conv).lexi[keys.SENS_INPUT] == "calib"
     assert "captured 128 tokens" in capsys.readouterr().out
+
+
+def _mean_kld(path, ref_path, ctx: int, n_chunks: int) -> float:
+    from lexi_gguf.evaluate import _chunks, _logprobs
+    from lexi_gguf.runtime import load
+    out = []
+    for p in (ref_path, path):
+        llm = load(p, n_ctx=ctx, n_batch=ctx, logits_all=True)
+        out.append([_logprobs(llm, c).astype("float64") for c in _chunks(llm, TEXT, ctx)[:n_chunks]])
+        llm.close()
+    import numpy as np
+    return float(np.mean([(np.exp(r) * (r - q)).sum(-1).mean() for r, q in zip(*out)]))
+
+
+def test_kld_table_entries_are_the_kld_of_a_file_with_those_counts(tiny_gguf, tmp_path):
+    g = tiny_gguf("mixtral")
+    info = model_info(g)
+    kb = info.expert_used_count
+    sens = kld_table(g, TEXT, max_tokens=192, n_ctx=64, progress=False)
+    assert sens["settings"]["input"] == "calib-kld" and sens["settings"]["samples"] == 192
+    dev = {L["index"]: L["deviation"] for L in sens["layers"] if L["moe"]}
+    assert sorted(dev) == info.moe_layers
+    assert all(d[kb - 1] == 0.0 and min(d) >= 0.0 for d in dev.values())
+    assert all(d[0] > d[kb - 2] for d in dev.values())    # one expert costs more than base k - 1
+    # an entry against an independent route: a file whose load-time counts lower that layer (apply --k)
+    for j, k in ((info.moe_layers[0], 1), (info.moe_layers[-1], kb - 1)):
+        counts = [kb] * info.block_count
+        counts[j] = k
+        f = tmp_path / f"k{j}-{k}.gguf"
+        assert cli.main(["apply", str(g), "-o", str(f), "--k", ",".join(map(str, counts))]) == 0
+        assert dev[j][k - 1] == pytest.approx(_mean_kld(f, g, 64, 3), rel=1e-6, abs=1e-9), (j, k)
+
+
+def test_apply_and_convert_with_kld_calib_allocate_from_the_measured_table(tiny_checkpoint, tiny_gguf, tmp_path,
+                                                                           capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "a.gguf"
+    assert cli.main(["apply", str(tiny_gguf("olmoe")), "-o", str(out), "--budget", "0.5", "--calib", str(text),
+                     "--calib-tokens", "128"]) == 0
+    assert "probes x 128 tokens" in capsys.readouterr().out
+    info = model_info(out)
+    assert info.lexi[keys.SENS_INPUT] == "calib-kld" and info.lexi[keys.SENS_SAMPLES] == 128
+    stored = sensitivity_from_gguf(info)
+    assert allocate(stored, budget=0.5)["expert_used_count"] == info.lexi[keys.EXPERT_USED_COUNT]
+    conv = tmp_path / "c.gguf"     # convert measures on its own converted file, before quantizing
+    assert cli.main(["convert", str(tiny_checkpoint("olmoe")), "-o", str(conv), "--quant", "Q8_0", "--calib", str(text),
+                     "--calib-tokens", "64"]) == 0
+    assert model_info(conv).lexi[keys.SENS_INPUT] == "calib-kld"
+    from lexi_gguf.apply import apply
+    with pytest.raises(LexiError, match="unknown --calib-metric 'nope': use kld or deviation"):
+        apply(tiny_gguf("olmoe"), tmp_path / "b.gguf", budget=0.5, calib_text=TEXT, calib_metric="nope")
+    assert not (tmp_path / "b.gguf").exists()
 
 
 def test_calib_errors_are_clear(tiny_gguf, tmp_path, capsys):
