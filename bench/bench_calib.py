@@ -50,19 +50,14 @@ class KLD:
 
     def __call__(self, rows: list[list[int]], work: Path) -> list[float]:
         """One file with `rows` as its ladder, one load, one switch per row."""
-        from lexi_gguf.gguf_io import copy_with_metadata, lexi_metadata, model_info
+        from lexi_gguf.calib import mean_kld, rows_copy
         from lexi_gguf.runtime import load, set_lexi_row
-        info = model_info(self.path)
-        ladder = [{"budget": sum(r) / (len(info.moe_layers) * info.expert_used_count), "total": sum(r),
-                   "expert_used_count": r} for r in rows]
-        f = copy_with_metadata(self.path, work / "rows.gguf", lexi_metadata(info, rows[0], "manual", ladder=ladder),
-                               force=True, progress=False)
+        f = rows_copy(self.path, rows, work / "rows.gguf")
         llm = load(f, n_ctx=self.ctx, n_batch=self.ctx, logits_all=True, n_threads=self.threads)
         out = []
         for i in range(len(rows)):
             set_lexi_row(llm, i)
-            kl = [(np.exp(ref) * (ref - self._lp(llm, c))).sum(-1).mean() for ref, c in zip(self.ref, self.chunks)]
-            out.append(float(max(np.mean(kl), 0.0)))
+            out.append(float(np.mean([mean_kld(ref, self._lp(llm, c)) for ref, c in zip(self.ref, self.chunks)])))
         llm.close()
         return out
 

@@ -59,6 +59,23 @@ def capture_inputs(gguf_path: str | Path, text: str, *, max_tokens: int = DEFAUL
 KLD_TOKENS = 1024
 
 
+def rows_copy(gguf_path: str | Path, rows: list[list[int]], out: str | Path, *, weight_norm: str = "renorm") -> Path:
+    """A copy of the GGUF whose ladder is `rows` (per-block counts), loaded once and switched row by row
+    with llama_lexi_set_row: many allocations measured without a reload each."""
+    from .gguf_io import copy_with_metadata, lexi_metadata, model_info
+    info = model_info(gguf_path)
+    full = info.expert_used_count * len(info.moe_layers)
+    ladder = [{"budget": sum(r) / full, "total": sum(r), "expert_used_count": list(r)} for r in rows]
+    return copy_with_metadata(gguf_path, out, lexi_metadata(info, list(rows[0]), "manual", ladder=ladder,
+                                                            weight_norm=weight_norm), force=True, progress=False)
+
+
+def mean_kld(ref: np.ndarray, logprobs: np.ndarray, p_ref: np.ndarray | None = None) -> float:
+    """Mean over positions of KL(ref || logprobs), both log-probabilities [positions, vocab]."""
+    p_ref = np.exp(ref) if p_ref is None else p_ref
+    return max(float((p_ref * (ref - logprobs)).sum(-1).mean()), 0.0)
+
+
 def kld_table(gguf_path: str | Path, text: str, *, max_tokens: int = KLD_TOKENS, n_ctx: int = 256,
               threads: int | None = None, weight_norm: str = "renorm", progress: bool = True) -> dict:
     """A sensitivity table measured end to end (`--calib-metric kld`): entry (layer j, k) is the mean KL
@@ -73,7 +90,7 @@ def kld_table(gguf_path: str | Path, text: str, *, max_tokens: int = KLD_TOKENS,
 
     from . import __version__
     from .evaluate import _chunks, _logprobs
-    from .gguf_io import copy_with_metadata, field_value, lexi_metadata, model_info, open_reader
+    from .gguf_io import field_value, model_info, open_reader
     from .runtime import ROW_MODEL, load, set_lexi_row
 
     gguf_path = Path(gguf_path)
@@ -93,12 +110,9 @@ def kld_table(gguf_path: str | Path, text: str, *, max_tokens: int = KLD_TOKENS,
         rows.append(r)
     if not probes:
         raise LexiError(f"{gguf_path.name} runs 1 expert per token: there is no lower k to measure")
-    ladder = [{"budget": sum(r) / (len(info.moe_layers) * kb), "total": sum(r), "expert_used_count": r} for r in rows]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".kld.", dir=gguf_path.parent) as td:
-        probe_file = copy_with_metadata(gguf_path, Path(td) / "probe.gguf",
-                                        lexi_metadata(info, full, "manual", ladder=ladder, weight_norm=weight_norm),
-                                        progress=False)
+        probe_file = rows_copy(gguf_path, rows, Path(td) / "probe.gguf", weight_norm=weight_norm)
         llm = load(probe_file, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads)
         try:
             chunks = _chunks(llm, text, n_ctx)[: max(1, max_tokens // n_ctx)]
@@ -114,7 +128,7 @@ def kld_table(gguf_path: str | Path, text: str, *, max_tokens: int = KLD_TOKENS,
                 p_ref = np.exp(ref)
                 for i in range(len(rows)):
                     set_lexi_row(llm, i)
-                    kl[c, i] = max(float((p_ref * (ref - _logprobs(llm, chunk))).sum(-1).mean()), 0.0)
+                    kl[c, i] = mean_kld(ref, _logprobs(llm, chunk), p_ref)
                     if bar is not None:
                         bar.update()
             if bar is not None:
