@@ -3,8 +3,10 @@ every Python (pydoc topics and standard-library docstrings), with a SentencePiec
 the same text. It is a testbed with real layer structure, not a product claim: random weights have
 no layer structure, so quality numbers on them mean nothing.
 
-Deterministic (fixed seeds, fixed corpus order), a few minutes on 2 CPU cores, cached by a hash of
-its recipe in $LEXI_GGUF_CACHE/default-model/<hash>.
+Seeded (fixed seeds, fixed corpus order) but not bit-reproducible: SentencePiece's trainer gives a
+different tokenizer from run to run and the docstring corpus depends on what the interpreter has
+imported (measured). So a trained model is cached, by a hash of its recipe, in
+$LEXI_GGUF_CACHE/default-model/<arch>-<hash>, and every result is measured on the cached model.
 """
 from __future__ import annotations
 
