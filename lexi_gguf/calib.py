@@ -72,8 +72,8 @@ def rows_copy(gguf_path: str | Path, rows: list[list[int]], out: str | Path, *, 
 
 def mean_kld(ref: np.ndarray, logprobs: np.ndarray, p_ref: np.ndarray | None = None) -> float:
     """Mean over positions of KL(ref || logprobs), both log-probabilities [positions, vocab]."""
-    p_ref = np.exp(ref) if p_ref is None else p_ref
-    return max(float((p_ref * (ref - logprobs)).sum(-1).mean()), 0.0)
+    from .evaluate import token_kld
+    return max(float(token_kld(ref, logprobs, p_ref).mean()), 0.0)
 
 
 def kld_table(gguf_path: str | Path, text: str, *, max_tokens: int = KLD_TOKENS, n_ctx: int = 256,
@@ -90,7 +90,7 @@ def kld_table(gguf_path: str | Path, text: str, *, max_tokens: int = KLD_TOKENS,
 
     from . import __version__
     from .evaluate import _chunks, _logprobs
-    from .gguf_io import field_value, model_info, open_reader
+    from .gguf_io import model_info
     from .runtime import ROW_MODEL, load, set_lexi_row
 
     gguf_path = Path(gguf_path)
@@ -99,7 +99,7 @@ def kld_table(gguf_path: str | Path, text: str, *, max_tokens: int = KLD_TOKENS,
     n_ctx = min(n_ctx, max_tokens)
     info = model_info(gguf_path)
     kb = info.expert_used_count
-    n_main = info.block_count - int(field_value(open_reader(gguf_path), f"{info.arch}.nextn_predict_layers") or 0)
+    n_main = info.n_main
     moe = [i for i in info.moe_layers if i < n_main]
     full = [kb if i in info.moe_layers else 0 for i in range(info.block_count)]
     probes = [(j, k) for j in moe for k in range(1, kb)]

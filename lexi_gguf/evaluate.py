@@ -40,6 +40,12 @@ def _logprobs(llm, chunk: list[int]) -> np.ndarray:
     return (logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))).astype(np.float32)
 
 
+def token_kld(ref: np.ndarray, logprobs: np.ndarray, p_ref: np.ndarray | None = None) -> np.ndarray:
+    """KL(ref || logprobs) at each position; both are log-probabilities [positions, vocab] (p_ref: exp(ref),
+    when the caller already has it)."""
+    return ((np.exp(ref) if p_ref is None else p_ref) * (ref - logprobs)).sum(-1)
+
+
 def evaluate(path, text: str, budgets: list[float], *, ctx=512, threads=None, n_gpu_layers=0, max_chunks=None,
              progress=True) -> dict:
     configs = run_configs(path, budgets)
@@ -66,7 +72,7 @@ def evaluate(path, text: str, budgets: list[float], *, ctx=512, threads=None, n_
                 if c.config == "full":
                     base[sl] = lp
                 ref = np.asarray(base[sl], dtype=np.float64)
-                kld.append((np.exp(ref) * (ref - lp)).sum(-1))
+                kld.append(token_kld(ref, lp))
                 same.append(ref.argmax(-1) == lp.argmax(-1))
             del llm
             nll, kld, same = np.concatenate(nll), np.concatenate(kld), np.concatenate(same)

@@ -53,6 +53,12 @@ class GGUFModelInfo:
     moe_layers: list[int]
     tensor_types: dict[str, str] = field(default_factory=dict)
     lexi: dict = field(default_factory=dict)
+    nextn_blocks: int = 0    # NextN/MTP blocks after the main layers (GLM-4.5, Qwen3.5): never in the main graph
+
+    @property
+    def n_main(self) -> int:
+        """Blocks the main graph runs (the checkpoint's layers)."""
+        return self.block_count - self.nextn_blocks
 
     @property
     def is_moe(self) -> bool:
@@ -74,7 +80,8 @@ def model_info(path: str | Path, reader=None) -> GGUFModelInfo:
     names = {t.name: t.tensor_type.name for t in r.tensors}
     moe = [i for i in range(blocks) if f"blk.{i}.ffn_gate_inp.weight" in names]
     lexi = {f.name: f.contents() for f in r.fields.values() if f.name.startswith("lexi.")}
-    return GGUFModelInfo(Path(path), arch, int(blocks), int(n_exp), int(k), moe, names, lexi)
+    nextn = int(field_value(r, f"{arch}.nextn_predict_layers") or 0)
+    return GGUFModelInfo(Path(path), arch, int(blocks), int(n_exp), int(k), moe, names, lexi, nextn)
 
 
 def validate_counts(info: GGUFModelInfo, counts: list[int], what: str = "--k") -> None:

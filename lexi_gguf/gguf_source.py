@@ -63,7 +63,7 @@ class GGUFSource:
         spec = replace(spec, name=spec.name)
         hidden = int(field_value(self.reader, f"{info.arch}.embedding_length"))
         # NextN/MTP blocks (GLM-4.5) sit after the main layers and never run in the main graph: not profiled
-        n_main = info.block_count - int(field_value(self.reader, f"{info.arch}.nextn_predict_layers") or 0)
+        n_main = info.n_main
         eps = field_value(self.reader, f"{info.arch}.attention.layer_norm_rms_epsilon") or 1e-6
         self.model = MoEModel(spec, {"hidden_size": hidden, "rms_norm_eps": float(eps)}, n_main, info.expert_count, info.expert_used_count,
                               tuple(i for i in info.moe_layers if i < n_main), _routing(self.reader, info.arch))
