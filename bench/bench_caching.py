@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 def trace_cost(gguf: Path, prompts: list[str], threads: int) -> dict:
     """Seconds to evaluate the same token lists plainly and while tracing (with router inputs)."""
     from lexi_gguf.caching.trace import record
-    from lexi_gguf.runtime import load
+    from lexi_gguf.runtime.llama import load
     llm = load(gguf, n_ctx=1024, n_threads=threads, logits_all=True)
     seqs = [llm.tokenize(p.encode(), add_bos=True) for p in prompts]
     t0 = time.perf_counter()
@@ -64,9 +64,9 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    from lexi_gguf.bench import machine, save_results
+    from lexi_gguf.measure.bench import machine, save_results
     from lexi_gguf.caching import experiment as X
-    from lexi_gguf.default_model import ensure_default_model
+    from lexi_gguf.testbeds.builtin import ensure_default_model
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

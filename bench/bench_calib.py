@@ -34,8 +34,8 @@ class KLD:
     """Mean KLD from the full model of any per-layer counts, on fixed chunks of the evaluation text."""
 
     def __init__(self, path: Path, text: str, ctx: int, chunks: int, threads: int):
-        from lexi_gguf.evaluate import _chunks
-        from lexi_gguf.runtime import ROW_MODEL, load, set_lexi_row
+        from lexi_gguf.measure.evaluate import _chunks
+        from lexi_gguf.runtime.llama import ROW_MODEL, load, set_lexi_row
         self.path, self.ctx, self.threads = path, ctx, threads
         llm = load(path, n_ctx=ctx, n_batch=ctx, logits_all=True, n_threads=threads)
         set_lexi_row(llm, ROW_MODEL)    # the reference is the full model, not the file's default budget
@@ -45,13 +45,13 @@ class KLD:
 
     @staticmethod
     def _lp(llm, chunk):
-        from lexi_gguf.evaluate import _logprobs
+        from lexi_gguf.measure.evaluate import _logprobs
         return _logprobs(llm, chunk).astype(np.float64)
 
     def __call__(self, rows: list[list[int]], work: Path) -> list[float]:
         """One file with `rows` as its ladder, one load, one switch per row."""
-        from lexi_gguf.calib import mean_kld, rows_copy
-        from lexi_gguf.runtime import load, set_lexi_row
+        from lexi_gguf.method.calib import mean_kld, rows_copy
+        from lexi_gguf.runtime.llama import load, set_lexi_row
         f = rows_copy(self.path, rows, work / "rows.gguf")
         llm = load(f, n_ctx=self.ctx, n_batch=self.ctx, logits_all=True, n_threads=self.threads)
         out = []
@@ -91,20 +91,20 @@ def main() -> int:
                     "results file instead of searching again (the search is deterministic and the slow part)")
     ap.add_argument("--models", default="default,caching,qwen3-testbed,olmoe-testbed")
     args = ap.parse_args()
-    from lexi_gguf.allocate import allocate
-    from lexi_gguf.bench import save_results
-    from lexi_gguf.bench import results_path
-    from lexi_gguf.calib import capture_inputs, kld_table
-    from lexi_gguf.convert import convert
-    from lexi_gguf.default_model import corpus, ensure_default_model, recipe_hash
-    from lexi_gguf.gguf_io import model_info, sensitivity_from_gguf
-    from lexi_gguf.profile import profile
-    from lexi_gguf.weights import SafetensorsSource
+    from lexi_gguf.method.allocate import allocate
+    from lexi_gguf.measure.bench import save_results
+    from lexi_gguf.measure.bench import results_path
+    from lexi_gguf.method.calib import capture_inputs, kld_table
+    from lexi_gguf.export.convert import convert
+    from lexi_gguf.testbeds.builtin import corpus, ensure_default_model, recipe_hash
+    from lexi_gguf.gguf.reader import model_info, sensitivity_from_gguf
+    from lexi_gguf.method.profile import profile
+    from lexi_gguf.method.weights import SafetensorsSource
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     train_text, _ = corpus()
-    from lexi_gguf.cpu import machine
+    from lexi_gguf.runtime.cpu import machine
     res = {"ctx": args.ctx, "chunks": args.chunks, "budgets": BUDGETS, "deviation_tokens": TOKENS,
            "kld_tokens": KLD_TOKENS, "models": [], "machine": machine()}
     prev = {}

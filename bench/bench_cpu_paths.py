@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def q4_0_model(q8: Path) -> Path:
     """Q4_0 from the Q8_0 bench model with llama.cpp's quantizer (speed, not quality, is measured)."""
-    from lexi_gguf.procs import run_child
-    from lexi_gguf.runtime import tool
+    from lexi_gguf.runtime.procs import run_child
+    from lexi_gguf.runtime.llama import tool
     out = q8.with_name(q8.name.replace("Q8_0", "Q4_0"))
     if not out.exists():
         tmp = out.with_suffix(".tmp")
@@ -32,7 +32,7 @@ def q4_0_model(q8: Path) -> Path:
 
 
 def plot(res: dict, out: Path) -> Path:
-    from lexi_gguf.plots import _plt
+    from lexi_gguf.measure.plots import _plt
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
     quants = sorted({r["quant"] for r in res["rows"]})
@@ -67,10 +67,10 @@ def main() -> int:
     args = ap.parse_args()
     from bench_runtime import build_model
 
-    from lexi_gguf.bench import machine, save_results
-    from lexi_gguf.cpu import amx_matmul_compiled
-    from lexi_gguf.procs import run_child
-    from lexi_gguf.runtime import tool
+    from lexi_gguf.measure.bench import machine, save_results
+    from lexi_gguf.runtime.cpu import amx_matmul_compiled
+    from lexi_gguf.runtime.procs import run_child
+    from lexi_gguf.runtime.llama import tool
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ metadata with the sizes scaled up, Q8_0 tensors of random int8 with a fixed fp16
 random f32 routers. Building takes well under a minute plus the disk's write time, cached under
 ~/.cache/lexi-gguf/bench-models/ (or --out).
 
-Each configuration then runs in a fresh child inside a fresh memory cgroup (lexi_gguf.memlimit):
+Each configuration then runs in a fresh child inside a fresh memory cgroup (lexi_gguf.measure.memlimit):
 evict the file, load mmapped, a fixed warm-up, n_gen decode tokens timed, with major faults and bytes
 read from storage per token. Needs root (cgroups). Results: bench/results/memlimit-<machine>.json + .png.
 
@@ -37,9 +37,10 @@ BUDGETS = [1.0, 0.75, 0.5]
 
 def _template(work: Path, layers: int, experts: int, k: int, seed: int) -> Path:
     """The tiny OLMoE of the same structure, converted and given its LExI ladder (cached)."""
-    from lexi_gguf.apply import apply
-    from lexi_gguf.runtime import llama_cpp_dir
-    from lexi_gguf.tinymodels import convert_to_gguf, make_checkpoint
+    from lexi_gguf.export.apply import apply
+    from lexi_gguf.runtime.llama import llama_cpp_dir
+    from lexi_gguf.export.hf_to_gguf import convert_to_gguf
+    from lexi_gguf.testbeds.tinymodels import make_checkpoint
     out = work / f"olmoe-template-{layers}L-{experts}e-k{k}-s{seed}-lexi.gguf"
     if out.exists():
         return out
@@ -61,8 +62,8 @@ def build_model(out_dir: Path, *, hidden: int = 2048, ffn: int = 1024, layers: i
     import gguf
     import numpy as np
 
-    from lexi_gguf.gguf_io import atomic_output
-    from lexi_gguf.memlimit import evict
+    from lexi_gguf.gguf.writer import atomic_output
+    from lexi_gguf.measure.memlimit import evict
     if hidden % 32 or ffn % 32 or hidden % head_dim:
         raise SystemExit("hidden and ffn must be multiples of 32 (Q8_0 blocks), hidden a multiple of head_dim")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,8 +162,8 @@ def main() -> int:
     ap.add_argument("--build-only", action="store_true")
     args = ap.parse_args()
     from lexi_gguf import LexiError
-    from lexi_gguf.bench import save_results
-    from lexi_gguf.memlimit import bench_mem_limited, fmt_size, plot, table
+    from lexi_gguf.measure.bench import save_results
+    from lexi_gguf.measure.memlimit import bench_mem_limited, fmt_size, plot, table
 
     hidden = args.hidden or (512 if args.small else 2048)
     ffn = args.ffn or (128 if args.small else 1024)

@@ -41,9 +41,9 @@ def matmul_peak(dtype_name: str, n=2048, reps=5) -> float:
 def one_layer(shape: str, samples: int, threads: int) -> dict:
     """Run in a child process so its peak RSS is this layer's alone."""
     import torch
-    from lexi_gguf.archs import MoEModel, Routing, ARCHS
-    from lexi_gguf.profile import profile_layer
-    from lexi_gguf.weights import LayerWeights
+    from lexi_gguf.method.archs import MoEModel, Routing, ARCHS
+    from lexi_gguf.method.profile import profile_layer
+    from lexi_gguf.method.weights import LayerWeights
     torch.set_num_threads(threads)
     s = SHAPES[shape]
     g = torch.Generator().manual_seed(0)
@@ -63,10 +63,10 @@ def one_layer(shape: str, samples: int, threads: int) -> dict:
 
 
 def sample_check(samples: int) -> dict | None:
-    from lexi_gguf.allocate import allocate
-    from lexi_gguf.default_model import cache_dir
-    from lexi_gguf.profile import profile
-    from lexi_gguf.weights import SafetensorsSource
+    from lexi_gguf.method.allocate import allocate
+    from lexi_gguf.testbeds.builtin import cache_dir
+    from lexi_gguf.method.profile import profile
+    from lexi_gguf.method.weights import SafetensorsSource
     d = cache_dir()
     if not (d / "recipe.json").exists():
         return None
@@ -98,7 +98,7 @@ def main() -> int:
         return 0
     import torch
     torch.set_num_threads(args.threads)
-    from lexi_gguf.bench import machine, save_results
+    from lexi_gguf.measure.bench import machine, save_results
     peaks = {dt: matmul_peak(dt) for dt in ("float32", "bfloat16")}
     peak = max(peaks.values())
     print("torch matmul peak (x @ W.T, 4096x2048x2048): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())

@@ -22,8 +22,9 @@ def build_model(work: Path, layers: int) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lexi_gguf.runtime import llama_cpp_dir
-    from lexi_gguf.tinymodels import convert_to_gguf, save_gpt2_tokenizer
+    from lexi_gguf.runtime.llama import llama_cpp_dir
+    from lexi_gguf.export.hf_to_gguf import convert_to_gguf
+    from lexi_gguf.testbeds.tinymodels import save_gpt2_tokenizer
     gguf = work / f"olmoe-shaped-{layers}L-Q8_0.gguf"
     if gguf.exists():
         return gguf
@@ -58,11 +59,11 @@ def main() -> int:
     ap.add_argument("--n-prompt", type=int, default=512)
     ap.add_argument("--n-gen", type=int, default=128)
     args = ap.parse_args()
-    from lexi_gguf.apply import apply
-    from lexi_gguf.bench import machine, measure, save_results
-    from lexi_gguf.gguf_io import model_info
-    from lexi_gguf.inspect import active, footprint
-    from lexi_gguf.runtime import lexi_overrides
+    from lexi_gguf.export.apply import apply
+    from lexi_gguf.measure.bench import machine, measure, save_results
+    from lexi_gguf.gguf.reader import model_info
+    from lexi_gguf.export.inspect import active, footprint
+    from lexi_gguf.runtime.llama import lexi_overrides
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -25,12 +25,12 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--models", default="default,caching,qwen3-testbed,olmoe-testbed")
     args = ap.parse_args()
-    from lexi_gguf.bench import machine, save_results
-    from lexi_gguf.archs import spec_for
-    from lexi_gguf.convert import convert
-    from lexi_gguf.default_model import ensure_default_model, recipe_hash
-    from lexi_gguf.weights import load_config
-    from lexi_gguf.evaluate import evaluate
+    from lexi_gguf.measure.bench import machine, save_results
+    from lexi_gguf.method.archs import spec_for
+    from lexi_gguf.export.convert import convert
+    from lexi_gguf.testbeds.builtin import ensure_default_model, recipe_hash
+    from lexi_gguf.method.weights import load_config
+    from lexi_gguf.measure.evaluate import evaluate
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

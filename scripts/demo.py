@@ -47,16 +47,16 @@ def _model_dir() -> Path:
 
 
 def stage_model() -> dict:
-    from lexi_gguf.default_model import ensure_default_model
+    from lexi_gguf.testbeds.builtin import ensure_default_model
     model_dir = ensure_default_model()
     print(f"   {model_dir}")
     return {"model_dir": str(model_dir)}
 
 
 def stage_convert() -> dict:
-    from lexi_gguf.convert import convert
-    from lexi_gguf.gguf_io import model_info, sensitivity_from_gguf
-    from lexi_gguf.plots import sensitivity_heatmap
+    from lexi_gguf.export.convert import convert
+    from lexi_gguf.gguf.reader import model_info, sensitivity_from_gguf
+    from lexi_gguf.measure.plots import sensitivity_heatmap
     convert(_model_dir(), GGUF, budget=0.75, budgets=[1.0, *BUDGETS], quant="Q8_0", threads=THREADS, force=True)
     info = model_info(GGUF)
     plan = {"expert_used_count": list(info.lexi["lexi.expert_used_count"]), "total": int(info.lexi["lexi.total"])}
@@ -65,7 +65,7 @@ def stage_convert() -> dict:
 
 
 def stage_chat() -> dict:
-    from lexi_gguf.chat import chat
+    from lexi_gguf.serve.chat import chat
     prompt = "What does the len() function return?"
     print(f"> {prompt}")
     stats = chat(GGUF, budget=0.75, threads=THREADS, max_tokens=48, temperature=0.0, n_ctx=512,
@@ -74,7 +74,7 @@ def stage_chat() -> dict:
 
 
 def stage_bench() -> dict:
-    from lexi_gguf.bench import bench, plot, table
+    from lexi_gguf.measure.bench import bench, plot, table
     b = bench(GGUF, BUDGETS, n_prompt=256, n_gen=256, reps=5, threads=THREADS)
     print(table(b))
     plot(b, OUT / "bench.png")
@@ -82,7 +82,7 @@ def stage_bench() -> dict:
 
 
 def stage_eval() -> dict:
-    from lexi_gguf.evaluate import cross_check, evaluate, table
+    from lexi_gguf.measure.evaluate import cross_check, evaluate, table
     text_file = _model_dir() / "eval.txt"
     e = evaluate(GGUF, text_file.read_text(), BUDGETS, ctx=256, threads=THREADS)
     e["llama_perplexity"] = cross_check(GGUF, text_file, 256, THREADS, e["chunks"])
@@ -93,7 +93,7 @@ def stage_eval() -> dict:
 
 def stage_caching() -> dict:
     from lexi_gguf.caching import experiment as X
-    from lexi_gguf.default_model import ensure_default_model
+    from lexi_gguf.testbeds.builtin import ensure_default_model
     gguf = X.testbed_gguf(OUT, threads=THREADS)
     model_dir = ensure_default_model(name="caching")
     prompts, train_prompts = X.held_out_prompts(model_dir, 12), X.held_out_prompts(model_dir, 24, offset=12)
@@ -117,7 +117,7 @@ STAGES = [
 
 def run_stage_child(name: str) -> str | None:
     """Run one stage in a child process, echoing its output; None on success, else the cause."""
-    from lexi_gguf.procs import exit_cause
+    from lexi_gguf.runtime.procs import exit_cause
     last: collections.deque[str] = collections.deque(maxlen=3)
     p = subprocess.Popen([sys.executable, __file__, "--stage", name], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -134,7 +134,7 @@ def run_stage_child(name: str) -> str | None:
 
 
 def summary(failed: dict[str, str]) -> None:
-    from lexi_gguf.cpu import machine
+    from lexi_gguf.runtime.cpu import machine
     b = json.loads((OUT / "bench.json").read_text()) if (OUT / "bench.json").exists() else None
     e = json.loads((OUT / "eval.json").read_text()) if (OUT / "eval.json").exists() else None
     m = (b or {}).get("machine") or machine()
@@ -182,7 +182,7 @@ def main() -> int:
             failed[name] = cause
             print(f"   stage {name} FAILED: {cause}", flush=True)
     if (OUT / "eval.json").exists():
-        from lexi_gguf.evaluate import pareto_plot
+        from lexi_gguf.measure.evaluate import pareto_plot
         b = json.loads((OUT / "bench.json").read_text()) if (OUT / "bench.json").exists() else None
         pareto_plot(json.loads((OUT / "eval.json").read_text()), OUT / "pareto.png", b)
     summary(failed)

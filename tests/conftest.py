@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from lexi_gguf import cli, tinymodels
-from lexi_gguf.archs import ARCHS as REGISTRY
-from lexi_gguf.tinymodels import make_checkpoint
+from lexi_gguf import cli
+from lexi_gguf.testbeds import tinymodels
+from lexi_gguf.method.archs import ARCHS as REGISTRY
+from lexi_gguf.export.hf_to_gguf import convert_to_gguf
+from lexi_gguf.testbeds.tinymodels import make_checkpoint
 
 ARCHS = list(REGISTRY)   # every registered architecture is tested (and listed in docs/architectures.md)
 GGML_TYPE_F32 = 0
@@ -19,7 +21,7 @@ def f32_logits(path, tokens=TOKENS, **kv):
     alone moves logits by ~1e-3), with kv overrides."""
     import numpy as np
 
-    from lexi_gguf import runtime
+    from lexi_gguf.runtime import llama as runtime
     llm = runtime.load(path, kv_overrides=kv or None, n_ctx=64, logits_all=True, n_threads=2,
                        type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
     llm.eval(tokens)
@@ -30,7 +32,7 @@ def f32_logits(path, tokens=TOKENS, **kv):
 
 @pytest.fixture(scope="session")
 def llama_cpp_dir() -> Path:
-    from lexi_gguf.runtime import llama_cpp_dir as find
+    from lexi_gguf.runtime.llama import llama_cpp_dir as find
     return find()
 
 
@@ -56,7 +58,7 @@ def tiny_gguf(workdir, tiny_checkpoint, llama_cpp_dir):
 
     def get(arch: str) -> Path:
         if arch not in made:
-            made[arch] = tinymodels.convert_to_gguf(tiny_checkpoint(arch), workdir / f"{arch}-f32.gguf", llama_cpp_dir)
+            made[arch] = convert_to_gguf(tiny_checkpoint(arch), workdir / f"{arch}-f32.gguf", llama_cpp_dir)
         return made[arch]
     return get
 
@@ -85,7 +87,8 @@ LADDER = {1.0: [4, 4, 4, 4], 0.625: [1, 4, 2, 3], 0.5: [2, 1, 4, 1]}
 
 @pytest.fixture(scope="session")
 def laddered_gguf(tiny_gguf, workdir):
-    from lexi_gguf.gguf_io import copy_with_metadata, lexi_metadata, model_info
+    from lexi_gguf.gguf.writer import copy_with_metadata, lexi_metadata
+    from lexi_gguf.gguf.reader import model_info
     src = tiny_gguf("qwen3_moe")   # renormalises top-k: the counts change every layer's weights
     ladder = [{"budget": b, "total": sum(c), "expert_used_count": c} for b, c in LADDER.items()]
     md = lexi_metadata(model_info(src), LADDER_DEFAULT, "manual", ladder=ladder)
@@ -120,8 +123,8 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    from lexi_gguf import archdoc
-    from lexi_gguf.cpu import machine
+    from lexi_gguf.testbeds import archdoc
+    from lexi_gguf.runtime.cpu import machine
     if all(col in _ARCH_RESULTS.get(a, {}) for a in REGISTRY for col in ARCH_TESTS.values()):
         m = machine()
         where = f"{m['cpu']} ({m['cpu_class']}), {m['cores']} cores"

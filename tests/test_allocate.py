@@ -7,7 +7,7 @@ import random
 import pytest
 
 from lexi_gguf import LexiError
-from lexi_gguf.allocate import allocate, make_problem, solve_evolutionary, solve_exact
+from lexi_gguf.method.allocate import allocate, make_problem, solve_evolutionary, solve_exact
 
 
 def _table(n_layer, k_base, seed):

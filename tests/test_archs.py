@@ -8,14 +8,16 @@ import json
 import pytest
 import torch
 
-from lexi_gguf import LexiError, profile as prof, runtime
-from lexi_gguf.allocate import allocate
-from lexi_gguf.apply import apply, fit_counts
-from lexi_gguf.archs import resolve
-from lexi_gguf.convert import convert
-from lexi_gguf.gguf_io import model_info
-from lexi_gguf.tinymodels import make_checkpoint
-from lexi_gguf.weights import FP4_VALUES, SafetensorsSource, dequant_mxfp4
+from lexi_gguf import LexiError
+from lexi_gguf.method import profile as prof
+from lexi_gguf.runtime import llama as runtime
+from lexi_gguf.method.allocate import allocate
+from lexi_gguf.export.apply import apply, fit_counts
+from lexi_gguf.method.archs import resolve
+from lexi_gguf.export.convert import convert
+from lexi_gguf.gguf.reader import model_info
+from lexi_gguf.testbeds.tinymodels import make_checkpoint
+from lexi_gguf.method.weights import FP4_VALUES, SafetensorsSource, dequant_mxfp4
 
 from conftest import ARCHS
 

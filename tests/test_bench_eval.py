@@ -7,8 +7,8 @@ import json
 import pytest
 
 from lexi_gguf import LexiError, cli
-from lexi_gguf.bench import bench
-from lexi_gguf.evaluate import evaluate
+from lexi_gguf.measure.bench import bench
+from lexi_gguf.measure.evaluate import evaluate
 
 
 def test_bench_rows_and_outputs(converted, tmp_path, capsys):

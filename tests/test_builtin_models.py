@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from lexi_gguf.archs import spec_for
-from lexi_gguf.default_model import RECIPES, train
-from lexi_gguf.tinymodels import convert_to_gguf
-from lexi_gguf.weights import load_config
+from lexi_gguf.method.archs import spec_for
+from lexi_gguf.testbeds.builtin import RECIPES, train
+from lexi_gguf.export.hf_to_gguf import convert_to_gguf
+from lexi_gguf.method.weights import load_config
 
 
 @pytest.mark.parametrize("name,gguf_arch,normalises", [("qwen3-testbed", "qwen3moe", True),

@@ -7,12 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lexi_gguf import LexiError, cli, keys, profile as prof
-from lexi_gguf.allocate import allocate
-from lexi_gguf.calib import capture_inputs, kld_table
-from lexi_gguf.gguf_io import model_info, sensitivity_from_gguf
-from lexi_gguf.tinymodels import hf_moe_block
-from lexi_gguf.weights import SafetensorsSource
+from lexi_gguf import LexiError, cli
+from lexi_gguf.gguf import keys
+from lexi_gguf.method import profile as prof
+from lexi_gguf.method.allocate import allocate
+from lexi_gguf.method.calib import capture_inputs, kld_table
+from lexi_gguf.gguf.reader import model_info, sensitivity_from_gguf
+from lexi_gguf.testbeds.tinymodels import hf_moe_block
+from lexi_gguf.method.weights import SafetensorsSource
 
 TEXT = ("The river bends twice before it reaches the old mill, where the water slows and turns green. "
         "Children from the village used to count the stones on the bank and argue about the number. "
@@ -54,8 +56,8 @@ def test_apply_and_convert_with_calib(tiny_checkpoint, tiny_gguf, tmp_path, caps
 
 
 def _mean_kld(path, ref_path, ctx: int, n_chunks: int) -> float:
-    from lexi_gguf.evaluate import _chunks, _logprobs
-    from lexi_gguf.runtime import load
+    from lexi_gguf.measure.evaluate import _chunks, _logprobs
+    from lexi_gguf.runtime.llama import load
     out = []
     for p in (ref_path, path):
         llm = load(p, n_ctx=ctx, n_batch=ctx, logits_all=True)
@@ -100,7 +102,7 @@ def test_apply_and_convert_with_kld_calib_allocate_from_the_measured_table(tiny_
     assert cli.main(["convert", str(tiny_checkpoint("olmoe")), "-o", str(conv), "--quant", "Q8_0", "--calib", str(text),
                      "--calib-tokens", "64"]) == 0
     assert model_info(conv).lexi[keys.SENS_INPUT] == "calib-kld"
-    from lexi_gguf.apply import apply
+    from lexi_gguf.export.apply import apply
     with pytest.raises(LexiError, match="unknown --calib-metric 'nope': use kld or deviation"):
         apply(tiny_gguf("olmoe"), tmp_path / "b.gguf", budget=0.5, calib_text=TEXT, calib_metric="nope")
     assert not (tmp_path / "b.gguf").exists()

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from lexi_gguf import cli, keys
-from lexi_gguf.archs import supported
-from lexi_gguf.gguf_io import model_info
+from lexi_gguf import cli
+from lexi_gguf.gguf import keys
+from lexi_gguf.method.archs import supported
+from lexi_gguf.gguf.reader import model_info
 
 LEXI = [sys.executable, "-m", "lexi_gguf.cli"]
 
@@ -32,7 +33,7 @@ def test_convert_writes_keys_ladder_and_quantized_experts(converted):
 
 
 def test_converted_file_loads_and_generates(converted):
-    from lexi_gguf import runtime
+    from lexi_gguf.runtime import llama as runtime
     llm = runtime.load(converted, n_ctx=128, n_threads=2)
     out = llm("The quick brown fox", max_tokens=8, temperature=0.0)
     assert out["usage"]["completion_tokens"] > 0
@@ -64,10 +65,10 @@ def test_chat_with_piped_stdin(converted):
 
 def test_apply_on_quantized_gguf_matches_safetensors_allocation(hf_olmoe, converted, tmp_path):
     """Profile the Q8_0 file's own (dequantized) weights and compare with the safetensors profile."""
-    from lexi_gguf.allocate import allocate
-    from lexi_gguf.gguf_source import GGUFSource
-    from lexi_gguf.profile import profile
-    from lexi_gguf.weights import SafetensorsSource
+    from lexi_gguf.method.allocate import allocate
+    from lexi_gguf.method.gguf_weights import GGUFSource
+    from lexi_gguf.method.profile import profile
+    from lexi_gguf.method.weights import SafetensorsSource
     a = profile(SafetensorsSource(hf_olmoe), samples=1024, seed=0, progress=False)
     b = profile(GGUFSource(converted), samples=1024, seed=0, progress=False)
     for la, lb in zip(a["layers"], b["layers"]):        # Q8_0 moves D(k) by well under a percent
@@ -151,7 +152,7 @@ def test_bad_inputs_are_refused_cleanly(hf_olmoe, converted, tmp_path, llama_cpp
 
 
 def test_full_disk_leaves_no_temp_files(hf_olmoe, converted, tmp_path, monkeypatch, capsys):
-    import lexi_gguf.convert as conv
+    import lexi_gguf.export.convert as conv
 
     def no_space(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -19,12 +19,14 @@ import textwrap
 
 import pytest
 
-from lexi_gguf import build, cpu, runtime
-from lexi_gguf.convert import quantize
-from lexi_gguf.evaluate import perplexity_from_output
-from lexi_gguf.gguf_io import copy_with_metadata, lexi_metadata, model_info
-from lexi_gguf.procs import ChildFailed, exit_cause, run_child
-from lexi_gguf.tinymodels import convert_to_gguf, make_checkpoint
+from lexi_gguf.runtime import build, cpu, llama as runtime
+from lexi_gguf.export.convert import quantize
+from lexi_gguf.measure.evaluate import perplexity_from_output
+from lexi_gguf.gguf.writer import copy_with_metadata, lexi_metadata
+from lexi_gguf.gguf.reader import model_info
+from lexi_gguf.runtime.procs import ChildFailed, exit_cause, run_child
+from lexi_gguf.export.hf_to_gguf import convert_to_gguf
+from lexi_gguf.testbeds.tinymodels import make_checkpoint
 
 QUANTS = ["Q8_0", "Q4_0"]
 COUNTS = [2, 4, 1, 3]          # per-layer k, layer 0 below base 4
@@ -50,7 +52,7 @@ def quantized(tmp_path_factory, llama_cpp_dir):
 CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from lexi_gguf import runtime
+    from lexi_gguf.runtime import llama as runtime
     path, batch = sys.argv[1], int(sys.argv[2])
     toks = [(i * 7919) % 50000 + 100 for i in range(batch)]
     llm = runtime.load(path, n_ctx=2 * batch, n_batch=batch, n_threads=2, logits_all=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lexi_gguf import LexiError, memlimit
+from lexi_gguf import LexiError
+from lexi_gguf.measure import memlimit
 
 
 @pytest.mark.parametrize("text,n", [("3G", 3 * 2**30), ("3.5GiB", int(3.5 * 2**30)), ("512M", 512 * 2**20),
@@ -116,7 +117,7 @@ def _can_cgroup() -> str | None:
 def test_real_child_under_a_limit(tiny_gguf, workdir):
     """A real child joins a fresh cgroup, loads the tiny model mmapped, decodes, reports its counters;
     the group is gone afterwards."""
-    from lexi_gguf.configs import run_configs
+    from lexi_gguf.measure.configs import run_configs
     path = tiny_gguf("olmoe")
     limit = memlimit.parse_size("256M")
     cfg = run_configs(path, [])[0]

@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from lexi_gguf import LexiError, runtime
+from lexi_gguf import LexiError
+from lexi_gguf.runtime import llama as runtime
 
 GGML_TYPE_F32 = 0
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931]

@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-from lexi_gguf import LexiError, profile as prof
-from lexi_gguf.tinymodels import hf_moe_block, make_checkpoint
+from lexi_gguf import LexiError
+from lexi_gguf.method import profile as prof
+from lexi_gguf.testbeds.tinymodels import hf_moe_block, make_checkpoint
 
 from conftest import ARCHS
-from lexi_gguf.weights import SafetensorsSource
+from lexi_gguf.method.weights import SafetensorsSource
 
 
 def _hf_model(path):

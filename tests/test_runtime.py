@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lexi_gguf import keys, runtime
-from lexi_gguf.gguf_io import copy_with_metadata, lexi_metadata, model_info
-from lexi_gguf.tinymodels import hf_set_top_k
+from lexi_gguf.gguf import keys
+from lexi_gguf.runtime import llama as runtime
+from lexi_gguf.gguf.writer import copy_with_metadata, lexi_metadata
+from lexi_gguf.gguf.reader import model_info
+from lexi_gguf.testbeds.tinymodels import hf_set_top_k
 
 from conftest import ARCHS, TOKENS, f32_logits
 

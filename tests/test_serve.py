@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from lexi_gguf import runtime
+from lexi_gguf.runtime import llama as runtime
 
 KEY = "test-key"
 MESSAGES = [{"role": "user", "content": "Tell me about the river."}]

@@ -8,8 +8,9 @@ import io
 import numpy as np
 import pytest
 
-from lexi_gguf import LexiError, runtime
-from lexi_gguf.chat import chat
+from lexi_gguf import LexiError
+from lexi_gguf.runtime import llama as runtime
+from lexi_gguf.serve.chat import chat
 
 from conftest import LADDER, LADDER_DEFAULT
 

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from lexi_gguf import LexiError
-from lexi_gguf.gguf_io import field_value, open_reader
-from lexi_gguf.tinymodels import convert_to_gguf, make_checkpoint
+from lexi_gguf.gguf.reader import field_value, open_reader
+from lexi_gguf.export.hf_to_gguf import convert_to_gguf
+from lexi_gguf.testbeds.tinymodels import make_checkpoint
 
 
 def test_gpt2_rebuilt_tokenizer_is_recognised(tiny_gguf):

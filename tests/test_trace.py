@@ -9,10 +9,11 @@ import torch
 
 from lexi_gguf import LexiError
 from lexi_gguf.caching.trace import Trace, record
-from lexi_gguf.gguf_io import copy_with_metadata, lexi_metadata, model_info
-from lexi_gguf.profile import route, weights_for_k
-from lexi_gguf.tinymodels import hf_set_top_k
-from lexi_gguf.weights import SafetensorsSource
+from lexi_gguf.gguf.writer import copy_with_metadata, lexi_metadata
+from lexi_gguf.gguf.reader import model_info
+from lexi_gguf.method.profile import route, weights_for_k
+from lexi_gguf.testbeds.tinymodels import hf_set_top_k
+from lexi_gguf.method.weights import SafetensorsSource
 
 TOKENS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 1212]
 PATTERN = {"default": [1, 4, 2, 3], "deepseek_v2": [0, 3, 1, 4]}

@@ -18,8 +18,8 @@ POLICIES = ["lru", "lfu", "eamc", "belady", "router", "learned", "oracle"]
 
 def testbed_gguf(out_dir: Path, budgets=(0.75, 0.5), threads: int = 2, log=print) -> Path:
     """The caching testbed, trained (cached) and converted (Q8_0) with a ladder holding `budgets`."""
-    from ..convert import convert
-    from ..default_model import ensure_default_model, recipe_hash
+    from ..export.convert import convert
+    from ..testbeds.builtin import ensure_default_model, recipe_hash
     out = Path(out_dir) / f"caching-testbed-{recipe_hash('caching')}-Q8_0.gguf"   # a new recipe, a new file
     if not out.exists():
         convert(ensure_default_model(log=log, name="caching"), out, budget=budgets[0], budgets=[1.0, *budgets],
@@ -46,8 +46,8 @@ def run(gguf: Path, prompts: list[str], train_prompts: list[str], budgets=(0.75,
     data) at each configuration, then score predictors and simulate caches on the evaluation traces."""
     if set(prompts) & set(train_prompts):
         raise LexiError("the predictor's training prompts must be disjoint from the evaluation prompts")
-    from ..configs import uniform_k
-    from ..gguf_io import model_info
+    from ..measure.configs import uniform_k
+    from ..gguf.reader import model_info
     info = model_info(gguf)
     k = info.expert_used_count
     configs = [("full", {"no_lexi": True})]
@@ -127,7 +127,7 @@ def targets(res: dict, cap: float = 0.1) -> dict:
 
 
 def plot(res: dict, out) -> str:
-    from ..plots import _plt
+    from ..measure.plots import _plt
     plt = _plt()
     shown = [c for c in res["configs"] if c["config"] in ("full", "lexi 0.75", "uniform 0.75")]
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), sharey=True)

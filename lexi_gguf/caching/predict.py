@@ -18,8 +18,8 @@ from .trace import Trace
 
 
 def _routers(gguf_path, moe_layers) -> tuple[dict[int, np.ndarray], str]:
-    from ..gguf_io import model_info, open_reader
-    from ..gguf_source import _routing, _to_torch
+    from ..gguf.reader import model_info, open_reader
+    from ..method.gguf_weights import _routing, _to_torch
     r = open_reader(gguf_path)
     by_name = {t.name: t for t in r.tensors}
     info = model_info(gguf_path, r)

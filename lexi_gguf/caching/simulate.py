@@ -292,7 +292,7 @@ def draw_hit_rates(ax, rows: list[dict]) -> None:
 
 
 def plot(res: dict, out) -> str:
-    from ..plots import _plt
+    from ..measure.plots import _plt
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     draw_hit_rates(ax, res["rows"])

@@ -77,7 +77,7 @@ class Trace:
         return int(self.meta["n_expert"])
 
     def save(self, path) -> Path:
-        from ..gguf_io import atomic_output
+        from ..gguf.writer import atomic_output
         arrays = {k: getattr(self, k) for k in ("tokens", "generated", "seq", "moe_layers", "counts", "experts", "weights")}
         if self.hidden is not None:
             arrays["hidden"] = self.hidden
@@ -190,9 +190,9 @@ def record(path, *, prompts: list[str] | None = None, texts: list[str] | None = 
     """Run the model on prompts (prompt, then generation: greedy, or sampled at `temperature` with a
     fixed seed) or on texts / token lists (no generation), at a budget or a uniform k in every layer
     (as --override-kv does), recording every MoE layer's experts for every evaluated token."""
-    from ..budgets import DEFAULT, FULL, Budget, resolve
-    from ..gguf_io import model_info
-    from ..runtime import ROW_LOADED, lexi_overrides, load, set_lexi_row
+    from ..runtime.budgets import DEFAULT, FULL, Budget, resolve
+    from ..gguf.reader import model_info
+    from ..runtime.llama import ROW_LOADED, lexi_overrides, load, set_lexi_row
     if sum(x is not None and x is not False for x in (budget, no_lexi, uniform_k)) > 1:
         raise LexiError("--budget, --no-lexi and --uniform-k exclude each other")
     if sum(x is not None for x in (prompts, texts, tokens)) != 1:
@@ -253,7 +253,7 @@ def record(path, *, prompts: list[str] | None = None, texts: list[str] | None = 
     experts, weights, states = rec.arrays(moe_layers, counts)
     if len(experts) != len(all_tok):
         raise LexiError(f"trace recorded {len(experts)} tokens but {len(all_tok)} were evaluated")
-    from ..inspect import footprint
+    from ..export.inspect import footprint
     expert_bytes = footprint(path)["expert_bytes"]
     meta = {"model": str(path), "arch": info.arch, "expert_bytes": [expert_bytes[il] for il in moe_layers], "n_expert": info.expert_count, "k_base": info.expert_used_count,
             "budget": chosen.name, "block_count": info.block_count, "max_new_tokens": max_new_tokens,

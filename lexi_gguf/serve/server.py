@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from .. import LexiError
-from ..budgets import DEFAULT, FULL, Budget, budgets, resolve
-from ..gguf_io import model_info
-from ..runtime import load, set_lexi_row
+from ..runtime.budgets import DEFAULT, FULL, Budget, budgets, resolve
+from ..gguf.reader import model_info
+from ..runtime.llama import load, set_lexi_row
 
 SERVER_DEPS = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
 

@@ -1,7 +1,7 @@
 """Weight sources for the profiler: one MoE layer at a time, never the whole model.
 
 SafetensorsSource reads a Hugging Face checkpoint (single file or sharded with
-model.safetensors.index.json) through safetensors' mmap. GGUFSource (lexi_gguf.gguf_source) reads
+model.safetensors.index.json) through safetensors' mmap. GGUFSource (lexi_gguf.method.gguf_weights) reads
 the same tensors from a GGUF. Both yield LayerWeights in the Hugging Face [out, in] layout.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import LexiError
+from .. import LexiError
 from .archs import FUSED_HF, MoEModel, resolve
 
 

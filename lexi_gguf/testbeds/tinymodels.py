@@ -8,11 +8,9 @@ recognises it by its pre-tokenizer hash.
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
-from . import LexiError
+from .. import LexiError
 
 GPT2_VOCAB = 50257
 
@@ -207,34 +205,6 @@ def make_checkpoint(arch: str, out_dir: str | Path, llama_cpp_dir: Path, seed: i
     else:
         save_gpt2_tokenizer(out, llama_cpp_dir, EXTRA_TOKENS.get(arch, []))
     return out
-
-
-def convert_to_gguf(model_dir: str | Path, out: str | Path, llama_cpp_dir: Path, outtype: str = "f32") -> Path:
-    """Run the pinned llama.cpp's own convert_hf_to_gguf.py."""
-    script = Path(llama_cpp_dir) / "convert_hf_to_gguf.py"
-    cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(out), "--outtype", outtype]
-    if _lacks_mtp(Path(model_dir)):
-        cmd.append("--no-mtp")
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-15:])
-        raise LexiError(f"convert_hf_to_gguf.py failed on {model_dir}:\n{tail}")
-    return Path(out)
-
-
-def _lacks_mtp(model_dir: Path) -> bool:
-    """A checkpoint of an arch whose converter wants its multi-token-prediction block, without one (tiny
-    test models, pruned checkpoints): convert without it instead of failing."""
-    from .archs import spec_for
-    from .weights import SafetensorsSource, load_config
-    try:
-        spec = spec_for(load_config(model_dir).get("model_type"))
-    except LexiError:
-        return False
-    if spec is None or not spec.mtp_prefix:
-        return False
-    names = SafetensorsSource(model_dir).weight_map
-    return not any(n.startswith((spec.mtp_prefix, "model." + spec.mtp_prefix)) for n in names)
 
 
 def hf_set_top_k(model, counts: list[int]) -> None:

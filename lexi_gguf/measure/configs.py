@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import LexiError
-from .budgets import find_budget
-from .gguf_io import model_info, read_ladder
-from .runtime import lexi_overrides
+from .. import LexiError
+from ..runtime.budgets import find_budget
+from ..gguf.reader import model_info, read_ladder
+from ..runtime.llama import lexi_overrides
 
 
 @dataclass

@@ -13,10 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import LexiError
-from .allocate import allocate
+from .. import LexiError
+from ..method.allocate import allocate
 from .apply import fit_counts, fit_ladder, fit_sensitivity
-from .gguf_io import copy_with_metadata, lexi_metadata, model_info
+from ..gguf.writer import copy_with_metadata, lexi_metadata
+from ..gguf.reader import model_info
 
 DEFAULT_LADDER = (1.0, 0.875, 0.75, 0.625, 0.5)
 FLOAT_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
@@ -40,7 +41,7 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> No
     params.nthread = threads or 0
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
-        from .runtime import captured_log
+        from ..runtime.llama import captured_log
         raise LexiError(f"llama.cpp's quantizer failed ({quant}, code {rc}); {captured_log()[-400:]}")
 
 
@@ -53,10 +54,10 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
             seed: int = 0, threads: int | None = None, solver: str = "exact", allowed_k: list[int] | None = None,
             min_k: int = 1, force: bool = False, weight_norm: str = "renorm", calib_text: str | None = None,
             calib_tokens: int | None = None, calib_metric: str = "kld") -> Path:
-    from .profile import profile
-    from .runtime import _install_log_hook, llama_cpp_dir
-    from .tinymodels import convert_to_gguf
-    from .weights import SafetensorsSource
+    from ..method.profile import profile
+    from ..runtime.llama import _install_log_hook, llama_cpp_dir
+    from .hf_to_gguf import convert_to_gguf
+    from ..method.weights import SafetensorsSource
 
     out = Path(out)
     if out.exists() and not force:
@@ -72,7 +73,7 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
     if sensitivity and calib_text is not None:
         raise LexiError("give --calib or --sensitivity, not both: a given table is used as it is")
     if calib_text is not None:
-        from .calib import check_metric
+        from ..method.calib import check_metric
         check_metric(calib_metric)
         print(f"      calibrated ({calib_metric}): profiled after conversion, while the model reads the text")
         sens = None
@@ -102,7 +103,7 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
         base = convert_to_gguf(model_dir, tmpdir / "base.gguf", llama_cpp_dir(), outtype=outtype)
         info = model_info(base)
         if sens is None:   # calibrated: the converted model reads the text
-            from .calib import calibrated_sensitivity
+            from ..method.calib import calibrated_sensitivity
             sens = calibrated_sensitivity(base, src, calib_text, metric=calib_metric, tokens=calib_tokens,
                                           threads=threads, weight_norm=weight_norm, samples=samples, seed=seed)
             plan, ladder = plan_and_ladder(sens)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import keys
-from .gguf_io import model_info, open_reader, read_ladder
+from ..gguf import keys
+from ..gguf.reader import model_info, open_reader, read_ladder
 
 _EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps")
 
@@ -48,7 +48,7 @@ def base_counts(info) -> list[int]:
 
 
 def inspect_gguf(path: str | Path) -> dict:
-    from .runtime import is_patched
+    from ..runtime.llama import is_patched
     fp = footprint(path)
     info = fp["info"]
     lx = info.lexi

@@ -6,7 +6,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from . import LexiError
+from .. import LexiError
 
 
 def exit_cause(returncode: int) -> str:

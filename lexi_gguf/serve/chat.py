@@ -7,10 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import LexiError
-from .budgets import DEFAULT, FULL, resolve
-from .gguf_io import model_info
-from .runtime import load, set_lexi_row
+from .. import LexiError
+from ..runtime.budgets import DEFAULT, FULL, resolve
+from ..gguf.reader import model_info
+from ..runtime.llama import load, set_lexi_row
 
 
 def switch_budget(llm, info, args: list[str], current, name: str, stdout):

@@ -3,7 +3,7 @@
 never typed by hand."""
 from __future__ import annotations
 
-from .archs import ARCHS, ArchSpec
+from ..method.archs import ARCHS, ArchSpec
 
 COLUMNS = (("profile", "profile = transformers"), ("convert", "convert + apply"),
            ("runtime", "runtime = transformers at per-layer k"))

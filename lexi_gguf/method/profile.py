@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import LexiError, __version__
+from .. import LexiError, __version__
 from .archs import MoEModel, Routing
 from .weights import LayerWeights
 
@@ -217,9 +217,9 @@ def profile(source, samples: int = DEFAULT_SAMPLES, seed: int = 0, device: str =
     """Profile every MoE layer of a weight source; returns the sensitivity dict (JSON shape in docs).
     weight_norm: how the runtime will weight a layer's fewer experts (lexi.weight_norm), so the
     deviation measured is the one that will run.
-    calib: {block index: [tokens, hidden]} real inputs of every MoE layer (lexi_gguf.calib): calibrated
+    calib: {block index: [tokens, hidden]} real inputs of every MoE layer (lexi_gguf.method.calib): calibrated
     profiling; the draws are consecutive calibration tokens and `samples` is what the text gives."""
-    from .keys import WEIGHT_NORMS
+    from ..gguf.keys import WEIGHT_NORMS
     if weight_norm not in WEIGHT_NORMS:
         raise LexiError(f"unknown weight norm {weight_norm!r}: use {' or '.join(WEIGHT_NORMS)}")
     if threads:

@@ -8,9 +8,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from . import LexiError
+from .. import LexiError
 from .archs import GGUF_ARCHS, MoEModel, Routing
-from .gguf_io import GGUFModelInfo, field_value, model_info, open_reader
+from ..gguf.reader import GGUFModelInfo, field_value, model_info, open_reader
 from .weights import LayerWeights
 
 # llama.cpp archs whose builder renormalises the selected weights without a metadata key

@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import LexiError, __version__, keys
+from .. import LexiError, __version__
+from ..gguf import keys
 
 
 def _ints(s: str) -> list[int]:
@@ -24,7 +25,7 @@ def _floats(s: str) -> list[float]:
 
 
 def _write_json(obj: dict, out: str | Path, force: bool = True) -> None:
-    from .gguf_io import atomic_output
+    from ..gguf.writer import atomic_output
     with atomic_output(out, force=force) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
@@ -40,7 +41,7 @@ def _read_json(path: str) -> dict:
 
 
 def _allowed_k(args) -> list[int] | None:
-    from .backends import safe_k
+    from ..method.backends import safe_k
     allowed = args.allowed_k
     if getattr(args, "backend_safe", None):
         s = safe_k(args.backend_safe)
@@ -55,12 +56,12 @@ WEIGHT_NORM_HELP = ("how a layer running fewer experts than trained weights them
 # ---------------------------------------------------------------- commands
 
 def cmd_build_runtime(args) -> None:
-    from .build import build_runtime
+    from ..runtime.build import build_runtime
     build_runtime(args.backend, args.jobs, tools=not args.no_tools)
 
 
 def cmd_doctor(args) -> None:
-    from .runtime import doctor
+    from ..runtime.llama import doctor
     d = doctor()
     print(json.dumps(d, indent=2))
     c = d["cpu"]
@@ -79,7 +80,7 @@ def cmd_doctor(args) -> None:
 def _calib_text(args) -> str | None:
     if args.calib is None:
         return None
-    from .calib import read_text
+    from ..method.calib import read_text
     return read_text(args.calib)
 
 
@@ -90,15 +91,15 @@ def _calibrated(args, src, **profile_kw) -> dict | None:
         return None
     import tempfile
 
-    from .calib import calibrated_sensitivity
+    from ..method.calib import calibrated_sensitivity
 
     def run(gguf_path):
         return calibrated_sensitivity(gguf_path, src, text, metric=args.calib_metric, tokens=args.calib_tokens,
                                       threads=args.threads, samples=args.samples, seed=args.seed, **profile_kw)
     if args.calib_model:
         return run(args.calib_model)
-    from .runtime import llama_cpp_dir
-    from .tinymodels import convert_to_gguf
+    from ..runtime.llama import llama_cpp_dir
+    from ..export.hf_to_gguf import convert_to_gguf
     out_dir = Path(args.output).resolve().parent
     with tempfile.TemporaryDirectory(prefix=".calib.", dir=out_dir) as tmp:
         print("converting a temporary GGUF to read the calibration text (pass --calib-model to reuse one)", flush=True)
@@ -115,8 +116,8 @@ def add_calib_opts(p) -> None:
 
 
 def cmd_profile(args) -> None:
-    from .profile import profile
-    from .weights import SafetensorsSource
+    from ..method.profile import profile
+    from ..method.weights import SafetensorsSource
     src = SafetensorsSource(args.model_dir)
     opts = dict(device=args.device, draw_tokens=args.draw_tokens, dtype=args.compute_dtype)
     sens = _calibrated(args, src, **opts)
@@ -128,12 +129,12 @@ def cmd_profile(args) -> None:
     print(f"profiled {len(src.model.moe_layers)} MoE layers of {sens['arch']} (k_base {sens['k_base']}, "
           f"{sens['n_expert']} experts) in {t['seconds']:.1f} s{rate} -> {args.output}")
     if args.plot:
-        from .plots import sensitivity_heatmap
+        from ..measure.plots import sensitivity_heatmap
         print(f"heatmap -> {sensitivity_heatmap(sens, args.plot)}")
 
 
 def cmd_allocate(args) -> None:
-    from .allocate import allocate
+    from ..method.allocate import allocate
     sens = _read_json(args.sensitivity)
     plan = allocate(sens, budget=args.budget, total=args.total, avg_k=args.avg_k, solver=args.solver,
                     allowed_k=_allowed_k(args), min_k=args.min_k, seed=args.seed, compare=args.compare)
@@ -146,13 +147,13 @@ def cmd_allocate(args) -> None:
     if plan.get("objectives"):
         print("objectives: " + ", ".join(f"{k} {v:.6g}" for k, v in plan["objectives"].items()))
     if args.plot:
-        from .plots import sensitivity_heatmap
+        from ..measure.plots import sensitivity_heatmap
         print(f"heatmap -> {sensitivity_heatmap(sens, args.plot, plan)}")
     print(f"plan -> {args.output}")
 
 
 def cmd_apply(args) -> None:
-    from .apply import apply
+    from ..export.apply import apply
     out = apply(args.input, args.output, k=args.k, plan=args.plan, sensitivity=args.sensitivity,
                 budget=args.budget, budgets=args.budgets, solver=args.solver, allowed_k=_allowed_k(args),
                 min_k=args.min_k, samples=args.samples, seed=args.seed, threads=args.threads, force=args.force,
@@ -162,13 +163,13 @@ def cmd_apply(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from .inspect import inspect_gguf, render
+    from ..export.inspect import inspect_gguf, render
     info = inspect_gguf(args.model)
     print(json.dumps(info, indent=2) if args.json else render(info))
 
 
 def cmd_convert(args) -> None:
-    from .convert import convert
+    from ..export.convert import convert
     convert(args.model_dir, args.output, budget=args.budget, quant=args.quant, sensitivity=args.sensitivity,
             budgets=args.budgets, samples=args.samples, seed=args.seed, threads=args.threads,
             solver=args.solver, allowed_k=_allowed_k(args), min_k=args.min_k, force=args.force,
@@ -177,14 +178,14 @@ def cmd_convert(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from .chat import chat
+    from ..serve.chat import chat
     chat(args.model, budget=args.budget, no_lexi=args.no_lexi, n_gpu_layers=args.n_gpu_layers,
          threads=args.threads, max_tokens=args.max_tokens, n_ctx=args.ctx, temperature=args.temperature,
          seed=args.seed, prefetch=args.prefetch)
 
 
 def cmd_serve(args) -> None:
-    from .serve import serve
+    from ..serve import serve
     serve(args.model, budget=args.budget, host=args.host, port=args.port, n_ctx=args.ctx, threads=args.threads,
           n_gpu_layers=args.n_gpu_layers, api_key=args.api_key, prefetch=args.prefetch)
 
@@ -197,7 +198,7 @@ def _lines(path: str, what: str) -> list[str]:
 
 
 def cmd_trace(args) -> None:
-    from .caching.trace import record
+    from ..caching.trace import record
     if bool(args.text) == bool(args.prompts):
         raise LexiError("give exactly one of --text FILE (read, no generation) or --prompts FILE (one prompt a line)")
     kw = {"texts": ["\n".join(_lines(args.text, "--text"))]} if args.text else \
@@ -214,8 +215,8 @@ def cmd_trace(args) -> None:
 
 
 def cmd_predictor(args) -> None:
-    from .caching import predict
-    from .caching.trace import Trace
+    from ..caching import predict
+    from ..caching.trace import Trace
     tr = Trace.load(args.trace)
     if args.action == "train":
         if not args.output:
@@ -246,8 +247,8 @@ def cmd_predictor(args) -> None:
 
 
 def cmd_cache_sim(args) -> None:
-    from .caching import predict, simulate
-    from .caching.trace import Trace
+    from ..caching import predict, simulate
+    from ..caching.trace import Trace
     tr = Trace.load(args.trace)
     predictors = {"oracle": simulate.oracle_predictions(tr, args.depth), "random": predict.random_predictions(tr, args.depth)}
     if "router" in args.policy:
@@ -274,12 +275,12 @@ def _outputs(args, stem: str) -> tuple[Path, Path]:
 
 
 def cmd_bench(args) -> None:
-    from .bench import bench, plot, switch_bench, switch_table, table
+    from ..measure.bench import bench, plot, switch_bench, switch_table, table
     if args.mem_limit:
         if args.switch or args.n_gpu_layers:
             raise LexiError("--mem-limit runs each configuration in its own memory-limited CPU process: "
                             "leave out --switch and --n-gpu-layers")
-        from . import memlimit
+        from ..measure import memlimit
         # each token may read hundreds of MB from disk: fewer tokens and one repetition unless asked
         res = memlimit.bench_mem_limited(args.model, args.budgets, mem_limit=args.mem_limit, n_gen=args.n_gen or 16,
                                          warmup=args.warmup, threads=args.threads, reps=args.reps or 1,
@@ -313,7 +314,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import cross_check, evaluate, pareto_plot, table
+    from ..measure.evaluate import cross_check, evaluate, pareto_plot, table
     text_path = Path(args.text)
     if not text_path.exists():
         raise LexiError(f"{text_path} does not exist; give a UTF-8 text file with --text")
@@ -346,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="is the llama_cpp in use the lexi-patched build?")
     p.set_defaults(func=cmd_doctor)
 
-    from .profile import DEFAULT_DRAW_TOKENS, DEFAULT_SAMPLES
+    from ..method.profile import DEFAULT_DRAW_TOKENS, DEFAULT_SAMPLES
     p = sub.add_parser("profile", help="Stage 1: data-free per-layer sensitivity of a HF checkpoint")
     p.add_argument("model_dir", type=Path)
     p.add_argument("-o", "--output", required=True)

@@ -28,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from . import LexiError
+from .. import LexiError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MIN_LIMIT = 64 * 2**20          # below this not even the interpreter and the runtime fit
@@ -377,7 +377,7 @@ def _child(spec: dict) -> dict:
         _write(group / "cgroup.procs", os.getpid())     # before anything big is loaded or mapped
     import numpy as np
 
-    from .runtime import load
+    from ..runtime.llama import load
     path = spec["model"]
     ev = evict(path)
     c0 = counters(group)
@@ -421,10 +421,10 @@ def _child(spec: dict) -> dict:
 
 def run_child(spec: dict, *, timeout: float | None = None) -> dict:
     """One configuration in a fresh interpreter; its result is the tagged JSON line it prints."""
-    from .procs import ChildFailed
-    cmd = [sys.executable, "-m", "lexi_gguf.memlimit", json.dumps(spec)]
+    from ..runtime.procs import ChildFailed
+    cmd = [sys.executable, "-m", "lexi_gguf.measure.memlimit", json.dumps(spec)]
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     out = (r.stdout or "") + (r.stderr or "")
@@ -458,15 +458,15 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
                       timeout: float | None = None, progress: bool = True, prefetch: tuple[str, ...] = ("off",),
                       only: list[str] | None = None) -> dict:
     """Decode tok/s, major faults and storage bytes per token of each configuration (full, then uniform
-    and lexi at each stored budget: lexi_gguf.configs.run_configs) under a memory limit; each
+    and lexi at each stored budget: lexi_gguf.measure.configs.run_configs) under a memory limit; each
     configuration and repetition in a fresh child inside a fresh memory cgroup. Same shape as
-    lexi_gguf.bench.bench (rows + machine) plus the limit, the model size, the disk and its rates.
+    lexi_gguf.measure.bench.bench (rows + machine) plus the limit, the model size, the disk and its rates.
     prefetch: expert prefetch modes to run each configuration with (runtime.set_prefetch); only: the
     configuration labels to run (e.g. ["full", "lexi 0.75"]), default all."""
     from .bench import backend_name
     from .configs import run_configs
-    from .cpu import machine
-    from .inspect import active, footprint
+    from ..runtime.cpu import machine
+    from ..export.inspect import active, footprint
 
     limit = parse_size(mem_limit)
     check_limit(limit)
@@ -477,7 +477,7 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
     path = Path(path)
     model_bytes = path.stat().st_size
     fp = footprint(path)
-    from .runtime import PREFETCH_MODES
+    from ..runtime.llama import PREFETCH_MODES
     bad = [m for m in prefetch if m not in PREFETCH_MODES]
     if bad:
         raise LexiError(f"unknown prefetch mode {bad[0]!r}: use {', '.join(PREFETCH_MODES)}")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import LexiError
-from .allocate import allocate
-from .gguf_io import copy_with_metadata, lexi_metadata, model_info, sensitivity_from_gguf, validate_counts
+from .. import LexiError
+from ..method.allocate import allocate
+from ..gguf.writer import copy_with_metadata, lexi_metadata
+from ..gguf.reader import model_info, sensitivity_from_gguf, validate_counts
 
 
 def check_weight_norm(sens: dict, weight_norm: str) -> None:
@@ -34,11 +35,11 @@ def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict
         # the file stores a data-free renorm table (its settings are not stored): other modes profile anew
         sens = stored if weight_norm == "renorm" and calib_text is None else None
         if sens is None:
-            from .gguf_source import GGUFSource
-            from .profile import profile
+            from ..method.gguf_weights import GGUFSource
+            from ..method.profile import profile
             src = GGUFSource(source_path)
             if calib_text is not None:
-                from .calib import calibrated_sensitivity
+                from ..method.calib import calibrated_sensitivity
                 sens = calibrated_sensitivity(source_path, src, calib_text, metric=calib_metric, tokens=calib_tokens,
                                               threads=threads, weight_norm=weight_norm, samples=samples, seed=seed)
             else:

@@ -6,7 +6,7 @@ for CUDA_FAST_K and a slower generic path otherwise. The CPU runs every k.
 """
 from __future__ import annotations
 
-from . import LexiError
+from .. import LexiError
 
 METAL_K = frozenset({1, 2, 4, 5, 6, 8, 10, 16, 22})
 CUDA_FAST_K = frozenset({2, 4, 6, 8, 10, 16, 32})

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import LexiError
+from .. import LexiError
 
 RECIPE = {
     "arch": "mixtral", "vocab": 4096, "hidden": 192, "layers": 6, "heads": 6, "kv_heads": 2,
@@ -58,7 +58,7 @@ def recipe_hash(name: str = "default") -> str:
 
 
 def cache_dir(name: str = "default") -> Path:
-    from .build import cache_root
+    from ..runtime.build import cache_root
     return cache_root() / "default-model" / f"{_recipe(name)['arch']}-{recipe_hash(name)}"
 
 
@@ -111,7 +111,7 @@ def _tokenize(r: dict, train_text: str, out_dir: Path) -> tuple[list[int], int, 
     """Save the recipe's tokenizer into out_dir; (train ids, vocab size, bos id, eos id)."""
     if r.get("tokenizer", "spm") == "gpt2":
         from transformers import AutoTokenizer
-        from .runtime import llama_cpp_dir
+        from ..runtime.llama import llama_cpp_dir
         from .tinymodels import GPT2_VOCAB, save_gpt2_tokenizer
         if r["vocab"] != GPT2_VOCAB:
             raise LexiError(f"a gpt2-tokenizer recipe has vocab {GPT2_VOCAB}, not {r['vocab']}")

@@ -10,7 +10,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from . import LexiError, __version__
+from .. import LexiError, __version__
 
 SOLVERS = ("exact", "evolutionary")
 

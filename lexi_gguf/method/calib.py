@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import LexiError
+from .. import LexiError
 
 DEFAULT_TOKENS = 4096
 
@@ -31,8 +31,8 @@ def capture_inputs(gguf_path: str | Path, text: str, *, max_tokens: int = DEFAUL
     """{block index: [tokens, hidden] float32}: every MoE layer's input while the GGUF reads `text`
     (in n_ctx chunks, at most max_tokens tokens), at the model's own k in every layer."""
     from .archs import GGUF_ARCHS
-    from .caching.trace import record
-    from .gguf_io import model_info
+    from ..caching.trace import record
+    from ..gguf.reader import model_info
     arch = model_info(gguf_path).arch
     spec = GGUF_ARCHS.get(arch)
     if spec is not None and (spec.router_norm or spec.expert_norm):
@@ -62,7 +62,8 @@ KLD_TOKENS = 1024
 def rows_copy(gguf_path: str | Path, rows: list[list[int]], out: str | Path, *, weight_norm: str = "renorm") -> Path:
     """A copy of the GGUF whose ladder is `rows` (per-block counts), loaded once and switched row by row
     with llama_lexi_set_row: many allocations measured without a reload each."""
-    from .gguf_io import copy_with_metadata, lexi_metadata, model_info
+    from ..gguf.writer import copy_with_metadata, lexi_metadata
+    from ..gguf.reader import model_info
     info = model_info(gguf_path)
     full = info.expert_used_count * len(info.moe_layers)
     ladder = [{"budget": sum(r) / full, "total": sum(r), "expert_used_count": list(r)} for r in rows]
@@ -72,7 +73,7 @@ def rows_copy(gguf_path: str | Path, rows: list[list[int]], out: str | Path, *, 
 
 def mean_kld(ref: np.ndarray, logprobs: np.ndarray, p_ref: np.ndarray | None = None) -> float:
     """Mean over positions of KL(ref || logprobs), both log-probabilities [positions, vocab]."""
-    from .evaluate import token_kld
+    from ..measure.evaluate import token_kld
     return max(float(token_kld(ref, logprobs, p_ref).mean()), 0.0)
 
 
@@ -88,10 +89,10 @@ def kld_table(gguf_path: str | Path, text: str, *, max_tokens: int = KLD_TOKENS,
     import tempfile
     import time
 
-    from . import __version__
-    from .evaluate import _chunks, _logprobs
-    from .gguf_io import model_info
-    from .runtime import ROW_MODEL, load, set_lexi_row
+    from .. import __version__
+    from ..measure.evaluate import _chunks, _logprobs
+    from ..gguf.reader import model_info
+    from ..runtime.llama import ROW_MODEL, load, set_lexi_row
 
     gguf_path = Path(gguf_path)
     if max_tokens < 32:

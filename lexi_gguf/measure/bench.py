@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 from .configs import run_configs
-from .cpu import machine
-from .inspect import active, footprint
-from .runtime import load
+from ..runtime.cpu import machine
+from ..export.inspect import active, footprint
+from ..runtime.llama import load
 
 
 def backend_name(n_gpu_layers: int) -> str:
-    from .runtime import runtime_record
+    from ..runtime.llama import runtime_record
     rec = runtime_record() or {}
     b = rec.get("backend", "cpu")
     return "CPU" if n_gpu_layers == 0 or b == "cpu" else b.upper()
@@ -135,9 +135,9 @@ def switch_bench(path, budgets, *, n_gen=64, switches=20, threads=None, n_gpu_la
     median over `switches` switches between the first two budgets given (full <-> budget[0])."""
     import numpy as np
 
-    from .budgets import FULL, resolve
-    from .gguf_io import model_info
-    from .runtime import set_lexi_row
+    from ..runtime.budgets import FULL, resolve
+    from ..gguf.reader import model_info
+    from ..runtime.llama import set_lexi_row
     info = model_info(path)
     choices = [resolve(info, b, Path(path).name) for b in [FULL, *(f"{b:g}" for b in budgets)]]
     llm = load(path, n_ctx=n_gen + 16, n_threads=threads, n_gpu_layers=n_gpu_layers)

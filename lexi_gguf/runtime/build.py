@@ -19,9 +19,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import LexiError
+from .. import LexiError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PATCH_DIR = REPO_ROOT / "patches"
 PIN_FILE = PATCH_DIR / "pin.toml"
 TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize")

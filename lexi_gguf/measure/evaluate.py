@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import LexiError
+from .. import LexiError
 from .configs import run_configs
-from .procs import run_child
-from .runtime import load
+from ..runtime.procs import run_child
+from ..runtime.llama import load
 
 
 def _chunks(llm, text: str, ctx: int) -> list[list[int]]:
@@ -86,7 +86,7 @@ def evaluate(path, text: str, budgets: list[float], *, ctx=512, threads=None, n_
 
 def cross_check(path, text_file, ctx: int, threads=None, chunks: int | None = None) -> dict:
     """Run the patched tree's llama-perplexity on the full model; its PPL should equal ours."""
-    from .runtime import tool
+    from ..runtime.llama import tool
     exe = tool("llama-perplexity")
     cmd = [str(exe), "-m", str(path), "-f", str(text_file), "-c", str(ctx), "-b", str(min(ctx, 512)),
            "--override-kv", "lexi.enable=bool:false", "-t", str(threads or 2)]

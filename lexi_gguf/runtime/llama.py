@@ -10,7 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
-from . import LexiError, keys
+from .. import LexiError
+from ..gguf import keys
 
 PATCH_MARKER = b"lexi.expert_used_count"   # string compiled into the patched libllama
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import LexiError, keys
-from .gguf_io import read_ladder
-from .runtime import ROW_LOADED, ROW_MODEL
+from .. import LexiError
+from ..gguf import keys
+from ..gguf.reader import read_ladder
+from .llama import ROW_LOADED, ROW_MODEL
 
 FULL, DEFAULT = "full", "default"
 

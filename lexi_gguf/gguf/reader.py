@@ -1,21 +1,19 @@
-"""GGUF reading (model facts, lexi keys) and the streaming, atomic copy that writes lexi keys.
-
-Readers and writers are separate; key names come from lexi_gguf.keys.
+"""Reading GGUF files: model facts (architecture, blocks, experts, MoE layers, tensor types) and the
+lexi keys a file stores (counts, ladder, sensitivity table). Key names come from lexi_gguf.gguf.keys;
+the writer (lexi_gguf.gguf.writer) is separate, as in gguf-py.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import LexiError, __version__, keys
+from .. import LexiError
+from . import keys
 
 
-def _gguf():
+def gguf_py():
     try:
         import gguf
     except ImportError:
@@ -24,7 +22,7 @@ def _gguf():
 
 
 def open_reader(path: str | Path):
-    gguf = _gguf()
+    gguf = gguf_py()
     path = Path(path)
     if not path.exists():
         raise LexiError(f"{path} does not exist")
@@ -96,109 +94,6 @@ def validate_counts(info: GGUFModelInfo, counts: list[int], what: str = "--k") -
             raise LexiError(f"{what}[{i}] = {k}: block {i} is an MoE layer, k must be in 1..{info.expert_count}")
         if i not in info.moe_layers and k != 0:
             raise LexiError(f"{what}[{i}] = {k}: block {i} is dense, k must be 0")
-
-
-@contextmanager
-def atomic_output(out: str | Path, force: bool = False):
-    """Yield a temp path beside `out`; rename it onto `out` only if the body succeeds."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise LexiError(f"{out} already exists; pass --force to overwrite it")
-    if not out.parent.exists():
-        raise LexiError(f"output folder {out.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, out)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise LexiError(f"writing {out} failed: {e.strerror or e}; nothing was written") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def lexi_metadata(info: GGUFModelInfo, counts: list[int], method: str, *, sensitivity: dict | None = None,
-                  ladder: list[dict] | None = None, weight_norm: str | None = None) -> dict:
-    """Build the lexi key/value set (name -> (value, GGUFValueType, sub_type))."""
-    gguf = _gguf()
-    T = gguf.GGUFValueType
-    n_moe = len(info.moe_layers)
-    total = int(sum(counts))
-    md = {
-        keys.VERSION: (__version__, T.STRING, None),
-        keys.EXPERT_USED_COUNT: ([int(k) for k in counts], T.ARRAY, T.UINT32),
-        keys.BASE_EXPERT_USED_COUNT: (info.expert_used_count, T.UINT32, None),
-        keys.METHOD: (method, T.STRING, None),
-        keys.TOTAL: (total, T.UINT32, None),
-        keys.BUDGET: (total / (n_moe * info.expert_used_count), T.FLOAT32, None),
-    }
-    if weight_norm and weight_norm != "renorm":     # renorm is the runtime's default: files stay as they were
-        md[keys.WEIGHT_NORM] = (weight_norm, T.STRING, None)
-    if ladder:
-        rows = [r["expert_used_count"] for r in ladder]
-        for r in rows:
-            validate_counts(info, r, "ladder row")
-        md[keys.LADDER_BUDGETS] = ([float(r["budget"]) for r in ladder], T.ARRAY, T.FLOAT32)
-        md[keys.LADDER_TOTALS] = ([int(r["total"]) for r in ladder], T.ARRAY, T.UINT32)
-        md[keys.LADDER_EXPERT_USED_COUNT] = ([int(k) for r in rows for k in r], T.ARRAY, T.UINT32)
-    if sensitivity:
-        kb = int(sensitivity["k_base"])
-        dev, se = [], []
-        for L in sensitivity["layers"]:
-            dev += L["deviation"] if L["moe"] else [0.0] * kb
-            se += (L.get("stderr") or [0.0] * kb) if L["moe"] else [0.0] * kb
-        if len(dev) != info.block_count * kb:
-            raise LexiError(f"the sensitivity table has {len(sensitivity['layers'])} layers but the model has "
-                            f"{info.block_count} blocks; it was made for another model")
-        st = sensitivity.get("settings", {})
-        md[keys.SENS_DEVIATION] = ([float(x) for x in dev], T.ARRAY, T.FLOAT32)
-        md[keys.SENS_STDERR] = ([float(x) for x in se], T.ARRAY, T.FLOAT32)
-        md[keys.SENS_SAMPLES] = (int(st.get("samples", 0)), T.UINT32, None)
-        md[keys.SENS_SEED] = (int(st.get("seed", 0)), T.UINT32, None)
-        md[keys.SENS_INPUT] = (str(st.get("input", "raw")), T.STRING, None)
-        md[keys.SENS_SOURCE] = (str(sensitivity.get("source", "safetensors")), T.STRING, None)
-    return md
-
-
-def copy_with_metadata(src: str | Path, out: str | Path, new: dict, *, force: bool = False,
-                       drop_prefix: str = "lexi.", progress: bool = True) -> Path:
-    """Stream src to out with `new` metadata (old lexi.* keys dropped). Tensors are copied one at a time
-    from the reader's memory map, never the whole file in memory; the output appears atomically."""
-    gguf = _gguf()
-    reader = open_reader(src)
-    arch = field_value(reader, "general.architecture")
-    with atomic_output(out, force) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
-        for f in reader.fields.values():
-            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or f.name.startswith(drop_prefix):
-                continue
-            vt = f.types[0]
-            sub = f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(f.name, f.contents(), vt, sub_type=sub)
-        for name, (val, vt, sub) in new.items():
-            writer.add_key_value(name, val, vt, sub_type=sub)
-        total = 0
-        for t in reader.tensors:
-            total += int(t.n_bytes)
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(desc="write", total=total, unit="B", unit_scale=True)
-        for t in reader.tensors:
-            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
-            if bar:
-                bar.update(int(t.n_bytes))
-        writer.close()
-        if bar:
-            bar.close()
-        del reader
-    return Path(out)
 
 
 def read_ladder(info: GGUFModelInfo) -> list[dict]:

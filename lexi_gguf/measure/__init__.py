@@ -1,0 +1,4 @@
+"""Stage 4, measurement: which configurations are compared (configs: full, uniform k, LExI), speed
+(bench), quality (evaluate: perplexity, KL divergence), a model larger than memory (memlimit) and
+their plots (plots).
+"""
