@@ -1,0 +1,127 @@
+"""`trace`, `predictor` and `cache-sim`: which experts run, predicting them, caching them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import LexiError
+from .common import floats, lines, write_json
+
+
+def cmd_trace(args) -> None:
+    from ..caching.trace import record
+    if bool(args.text) == bool(args.prompts):
+        raise LexiError("give exactly one of --text FILE (read, no generation) or --prompts FILE (one prompt a line)")
+    kw = {"texts": ["\n".join(lines(args.text, "--text"))]} if args.text else \
+         {"prompts": [x for x in lines(args.prompts, "--prompts") if x.strip()]}
+    tr = record(args.model, **kw, budget=args.budget, no_lexi=args.no_lexi, uniform_k=args.uniform_k,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                hidden=args.hidden, n_ctx=args.ctx, threads=args.threads,
+                n_gpu_layers=args.n_gpu_layers)
+    out = tr.save(args.output)
+    m = tr.meta
+    print(f"traced {len(tr.tokens)} tokens ({int(tr.generated.sum())} generated) x {len(tr.moe_layers)} MoE layers "
+          f"at budget {m['budget']} (k per MoE layer {tr.counts.tolist()}) in {m['seconds']:.1f} s "
+          f"(callback {m['callback_seconds']:.2f} s) -> {out}")
+
+
+def cmd_predictor(args) -> None:
+    from ..caching import predict
+    from ..caching.trace import Trace
+    tr = Trace.load(args.trace)
+    if args.action == "train":
+        if not args.output:
+            raise LexiError("predictor train needs -o PREDICTOR.pt")
+        learner = predict.LearnedPredictor(tr.hidden.shape[-1] if tr.hidden is not None else 0, tr.n_expert,
+                                           len(tr.moe_layers), args.depth)
+        fit = learner.fit(tr, epochs=args.epochs, log=print)
+        learner.save(args.output)
+        print(f"trained on {fit['examples']} (layer, look-ahead) examples of {len(tr.tokens)} tokens -> {args.output}")
+        return
+    rows = []
+    if args.model:
+        for d, p in predict.router_predictions(tr, args.model, depth=args.depth).items():
+            rows.append({"predictor": f"router d={d}", **predict.score(tr, p)})
+    if args.predictor:
+        for d, p in predict.LearnedPredictor.load(args.predictor).predictions(tr).items():
+            rows.append({"predictor": f"learned d={d}", **predict.score(tr, p)})
+    if not rows:
+        raise LexiError("give --model MODEL.gguf (router look-ahead) and/or --predictor PREDICTOR.pt (learned)")
+    rows.append({"predictor": "random", **predict.score(tr, predict.random_predictions(tr)[1])})
+    print("| predictor | recall@k | precision | F1 | accuracy | all-zeros accuracy |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['predictor']} | {r['recall']:.3f} | {r['precision']:.3f} | {r['f1']:.3f} | {r['accuracy']:.3f} | "
+              f"{r['all_zeros_accuracy']:.3f} |")
+    if args.json:
+        write_json({"trace": tr.meta, "rows": rows}, args.json)
+        print(f"json -> {args.json}")
+
+
+def cmd_cache_sim(args) -> None:
+    from ..caching import predict, simulate
+    from ..caching.trace import Trace
+    tr = Trace.load(args.trace)
+    predictors = {"oracle": simulate.oracle_predictions(tr, args.depth), "random": predict.random_predictions(tr, args.depth)}
+    if "router" in args.policy:
+        if not args.model:
+            raise LexiError("--policy router needs --model MODEL.gguf (the routers it applies)")
+        predictors["router"] = predict.router_predictions(tr, args.model, depth=args.depth)
+    if "learned" in args.policy:
+        if not args.predictor:
+            raise LexiError("--policy learned needs --predictor PREDICTOR.pt (lexi-gguf predictor train)")
+        predictors["learned"] = predict.LearnedPredictor.load(args.predictor).predictions(tr)
+    res = simulate.run(tr, args.capacity, args.policy, predictors=predictors, depth=args.depth, phase=args.phase,
+                       slot_mode=args.slots)
+    print(simulate.table(res, args.link))
+    js = Path(args.json) if args.json else Path(args.trace).with_suffix(".cache.json")
+    write_json(res, js)
+    png = simulate.plot(res, args.plot or js.with_suffix(".png"))
+    print(f"json -> {js}\nplot -> {png}")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("trace", help="record the experts every token selects in every MoE layer (npz)")
+    p.add_argument("model")
+    p.add_argument("--text", help="text file read in ctx-sized chunks, no generation")
+    p.add_argument("--prompts", help="one prompt a line; each is followed by greedy generation")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--budget", help="a stored budget, 'full' or 'default'")
+    g.add_argument("--no-lexi", action="store_true", help="the model's own k in every layer")
+    g.add_argument("--uniform-k", type=int, help="this k in every MoE layer (what --override-kv does)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled with --seed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", action="store_true", help="also record each MoE layer's router input (large)")
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("predictor", help="train a learned look-ahead predictor on a trace, or score predictors")
+    p.add_argument("action", choices=["train", "eval"])
+    p.add_argument("trace", help="a trace recorded with --hidden (train on one prompt set, eval on another)")
+    p.add_argument("--model", help="eval: the GGUF the trace was recorded from (router look-ahead baseline)")
+    p.add_argument("--predictor", help="eval: a learned predictor (.pt) from `predictor train`")
+    p.add_argument("--depth", type=int, default=2, help="predict layer l+d from layer l, d = 1..depth")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("-o", "--output", help="train: where to write the predictor (.pt)")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_predictor)
+
+    p = sub.add_parser("cache-sim", help="replay a trace through expert caches: hit rate, bytes, stalls")
+    p.add_argument("trace")
+    p.add_argument("--capacity", type=floats, default=[0.05, 0.1, 0.25, 0.5], help="fractions of all routed experts")
+    p.add_argument("--policy", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   default=["lru", "lfu", "eamc", "belady", "router", "oracle"],
+                   help="lru, lfu, eamc (MoE-Infinity-style), belady (offline optimum); "
+                        "router / learned / oracle / random (prefetch)")
+    p.add_argument("--model", help="the GGUF the trace was recorded from (for --policy router)")
+    p.add_argument("--predictor", help="a learned predictor .pt (for --policy learned)")
+    p.add_argument("--depth", type=int, default=1, help="prefetch layers l+1..l+depth")
+    p.add_argument("--slots", default="global", choices=["global", "equal", "k"],
+                   help="one shared cache, or per-layer quotas (equal, or following each layer's k)")
+    p.add_argument("--phase", default="auto", choices=["auto", "decode", "all"])
+    p.add_argument("--link", default="nvme", choices=["pcie4x16", "nvme", "emmc"], help="link for the stall column")
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    p.set_defaults(func=cmd_cache_sim)

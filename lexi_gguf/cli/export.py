@@ -1,0 +1,75 @@
+"""`convert`, `apply` and `inspect`: the lexi GGUF, written and read back."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..gguf import keys
+from ..method.profile import DEFAULT_SAMPLES
+from .common import add_alloc_opts, add_calib_opts, allowed_k, calib_text, floats, ints, WEIGHT_NORM_HELP
+
+
+def cmd_apply(args) -> None:
+    from ..export.apply import apply
+    out = apply(args.input, args.output, k=args.k, plan=args.plan, sensitivity=args.sensitivity,
+                budget=args.budget, budgets=args.budgets, solver=args.solver, allowed_k=allowed_k(args),
+                min_k=args.min_k, samples=args.samples, seed=args.seed, threads=args.threads, force=args.force,
+                weight_norm=args.weight_norm, calib_text=calib_text(args), calib_tokens=args.calib_tokens,
+                calib_metric=args.calib_metric)
+    print(f"wrote {out}")
+
+
+def cmd_convert(args) -> None:
+    from ..export.convert import convert
+    convert(args.model_dir, args.output, budget=args.budget, quant=args.quant, sensitivity=args.sensitivity,
+            budgets=args.budgets, samples=args.samples, seed=args.seed, threads=args.threads,
+            solver=args.solver, allowed_k=allowed_k(args), min_k=args.min_k, force=args.force,
+            weight_norm=args.weight_norm, calib_text=calib_text(args), calib_tokens=args.calib_tokens,
+            calib_metric=args.calib_metric)
+
+
+def cmd_inspect(args) -> None:
+    from ..export.inspect import inspect_gguf, render
+    info = inspect_gguf(args.model)
+    print(json.dumps(info, indent=2) if args.json else render(info))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("apply", help="write lexi keys into a GGUF (streamed copy, atomic)")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--k", type=ints, help="k per block, comma-separated, 0 on dense blocks")
+    p.add_argument("--plan", help="a plan.json from `allocate`")
+    p.add_argument("--sensitivity", help="a sensitivity.json (else the file's stored table, else profile the GGUF)")
+    p.add_argument("--budgets", type=floats, help="ladder of budgets stored in the file, e.g. 1,0.75,0.5")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--force", action="store_true", help="overwrite the output")
+    p.add_argument("--weight-norm", default="renorm", choices=keys.WEIGHT_NORMS, help=WEIGHT_NORM_HELP)
+    add_calib_opts(p)
+    add_alloc_opts(p, False)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("convert", help="HF checkpoint -> profiled, allocated, converted, quantized GGUF")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--budget", type=float, default=0.75, help="default budget the runtime uses (fraction of base)")
+    p.add_argument("--budgets", type=floats, help="ladder stored in the file (default 1,0.875,0.75,0.625,0.5)")
+    p.add_argument("--quant", default="Q8_0", help="Q4_K_M, Q5_K_M, Q8_0, F16, BF16, F32, ... (llama.cpp's names)")
+    p.add_argument("--sensitivity", help="reuse a sensitivity.json instead of profiling")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--solver", default="exact", choices=["exact", "evolutionary"])
+    p.add_argument("--allowed-k", type=ints)
+    p.add_argument("--backend-safe", choices=["cpu", "cuda", "metal"])
+    p.add_argument("--min-k", type=int, default=1)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--weight-norm", default="renorm", choices=keys.WEIGHT_NORMS, help=WEIGHT_NORM_HELP)
+    add_calib_opts(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="per-layer k, budgets and savings stored in a GGUF")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)

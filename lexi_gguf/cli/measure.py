@@ -1,0 +1,101 @@
+"""`bench` and `eval`: speed and quality of full vs uniform vs LExI."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import LexiError
+from .common import floats, outputs, read_json, write_json
+
+
+def cmd_bench(args) -> None:
+    from ..measure.bench import bench, plot, switch_bench, switch_table, table
+    if args.mem_limit:
+        if args.switch or args.n_gpu_layers:
+            raise LexiError("--mem-limit runs each configuration in its own memory-limited CPU process: "
+                            "leave out --switch and --n-gpu-layers")
+        from ..measure import memlimit
+        # each token may read hundreds of MB from disk: fewer tokens and one repetition unless asked
+        res = memlimit.bench_mem_limited(args.model, args.budgets, mem_limit=args.mem_limit, n_gen=args.n_gen or 16,
+                                         warmup=args.warmup, threads=args.threads, reps=args.reps or 1,
+                                         prefetch=tuple(args.prefetch.split(",")))
+        js, png = outputs(args, "memlimit")
+        print(memlimit.table(res))
+        write_json(res, js)
+        memlimit.plot(res, png)
+        print(f"json -> {js}\nplot -> {png}")
+        return
+    if args.n_gen is None:
+        args.n_gen = 128
+    if args.reps is None:
+        args.reps = 3
+    if "," in args.prefetch:
+        raise LexiError("several --prefetch modes are compared with --mem-limit only; give one mode")
+    if args.switch:
+        res = switch_bench(args.model, args.budgets, n_gen=args.n_gen, threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+        js = Path(args.json) if args.json else Path(args.model).with_suffix(".switch.json")
+        print(switch_table(res))
+        write_json(res, js)
+        print(f"json -> {js}")
+        return
+    res = bench(args.model, args.budgets, n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.reps,
+                threads=args.threads, n_gpu_layers=args.n_gpu_layers, prefetch=args.prefetch)
+    js, png = outputs(args, "bench")
+    print(table(res))
+    write_json(res, js)
+    plot(res, png)
+    print(f"json -> {js}\nplot -> {png}")
+
+
+def cmd_eval(args) -> None:
+    from ..measure.evaluate import cross_check, evaluate, pareto_plot, table
+    text_path = Path(args.text)
+    if not text_path.exists():
+        raise LexiError(f"{text_path} does not exist; give a UTF-8 text file with --text")
+    res = evaluate(args.model, text_path.read_text(errors="replace"), args.budgets, ctx=args.ctx,
+                   threads=args.threads, n_gpu_layers=args.n_gpu_layers, max_chunks=args.chunks)
+    if args.cross_check:
+        res["llama_perplexity"] = cross_check(args.model, text_path, args.ctx, args.threads, res["chunks"])
+        print(f"llama-perplexity (full model): PPL {res['llama_perplexity']['ppl']:.4f}  ours {res['rows'][0]['ppl']:.4f}")
+    js, png = outputs(args, "eval")
+    print(table(res))
+    write_json(res, js)
+    bench_res = read_json(args.bench) if args.bench else None
+    pareto_plot(res, png, bench_res)
+    print(f"json -> {js}\nplot -> {png}")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="prefill/decode tok/s: full vs uniform vs lexi at each budget")
+    p.add_argument("model")
+    p.add_argument("--budgets", type=floats, default=[0.75, 0.5], help="budgets stored in the file (default 0.75,0.5)")
+    p.add_argument("--n-prompt", type=int, default=512)
+    p.add_argument("--n-gen", type=int, help="decode tokens (default 128; 16 with --mem-limit)")
+    p.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --mem-limit)")
+    p.add_argument("--prefetch", default="off",
+                   help="expert prefetch mode: off, chosen or guess (docs/memory.md); with --mem-limit a list "
+                        "to compare, e.g. off,chosen,guess")
+    p.add_argument("--mem-limit", metavar="SIZE",
+                   help="decode each configuration in a child inside a memory cgroup of SIZE (e.g. 3G, 3.5GiB; "
+                        "needs root), the model mmapped and evicted first: tok/s, major faults and bytes read per token")
+    p.add_argument("--warmup", type=int, default=4, help="with --mem-limit: decode tokens before timing (default 4)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--switch", action="store_true",
+                   help="one loaded model: decode tok/s per budget and the latency of switching budgets in place")
+    p.add_argument("--json", help="results JSON (default MODEL.bench.json)")
+    p.add_argument("--plot", help="PNG (default beside the JSON)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="perplexity and KL divergence vs the full model")
+    p.add_argument("model")
+    p.add_argument("--text", required=True, help="evaluation text file")
+    p.add_argument("--budgets", type=floats, default=[0.75, 0.5])
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int, help="at most this many chunks")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--cross-check", action="store_true", help="also run llama-perplexity on the full model")
+    p.add_argument("--bench", help="a bench JSON: plot KLD against measured decode speed")
+    p.add_argument("--json", help="results JSON (default MODEL.eval.json)")
+    p.add_argument("--plot", help="PNG (default beside the JSON)")
+    p.set_defaults(func=cmd_eval)
