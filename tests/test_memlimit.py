@@ -9,6 +9,7 @@ import pytest
 
 from lexi_gguf import LexiError
 from lexi_gguf.measure import memlimit
+from lexi_gguf.measure.memlimit import cgroup
 
 
 @pytest.mark.parametrize("text,n", [("3G", 3 * 2**30), ("3.5GiB", int(3.5 * 2**30)), ("512M", 512 * 2**20),
@@ -67,13 +68,13 @@ def test_group_made_and_removed_in_a_fake_hierarchy(tmp_path, monkeypatch):
     (rmdir of a real cgroup removes its control files with it; here the test removes them)."""
     root = _fake_v1(tmp_path)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    real_remove = memlimit.remove_group
+    real_remove = cgroup.remove_group
 
     def remove(group, tries=50):
         for f in group.path.iterdir():
             f.unlink()
         real_remove(group, tries)
-    monkeypatch.setattr(memlimit, "remove_group", remove)
+    monkeypatch.setattr(cgroup, "remove_group", remove)
     with pytest.raises(RuntimeError):
         with memlimit.memory_cgroup("256M", root=root, name="g") as g:
             assert (g.path / "memory.limit_in_bytes").read_text().strip() == str(256 * 2**20)

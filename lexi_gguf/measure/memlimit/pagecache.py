@@ -1,0 +1,68 @@
+"""How much of a file is in the page cache (mincore) and dropping it (posix_fadvise), through libc."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import mmap
+import os
+from pathlib import Path
+
+
+PAGE = mmap.PAGESIZE
+_libc = None
+
+
+def _c():
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+        _libc = libc
+    return _libc
+
+
+def resident_bytes(path: str | Path) -> int | None:
+    """Bytes of the file in the page cache now (mincore on a fresh mapping; touches no page).
+    None where mincore is not available."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    try:
+        libc = _c()
+    except OSError:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            n = (size + PAGE - 1) // PAGE
+            vec = (ctypes.c_ubyte * n)()
+            if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                return None
+            import numpy as np
+            pages = int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1))
+            return min(size, pages * PAGE)
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), size)
+    finally:
+        os.close(fd)
+
+
+def evict(path: str | Path) -> dict:
+    """Drop the file's pages from the page cache (posix_fadvise DONTNEED; no root needed). Pages that
+    a process has mapped (or that are dirty) stay. Returns resident bytes before and after."""
+    before = resident_bytes(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            os.fdatasync(fd)      # dirty pages (a file just written) are not dropped: write them back first
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return {"resident_before": before, "resident_after": resident_bytes(path)}
