@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 def trace_cost(gguf: Path, prompts: list[str], threads: int) -> dict:
     """Seconds to evaluate the same token lists plainly and while tracing (with router inputs)."""
-    from lexi_gguf.caching.trace import record
+    from lexi_gguf.runtime.trace import record
     from lexi_gguf.runtime.llama import load
     llm = load(gguf, n_ctx=1024, n_threads=threads, logits_all=True)
     seqs = [llm.tokenize(p.encode(), add_bos=True) for p in prompts]
@@ -41,7 +41,7 @@ def simulator_speed(events: int = 1_000_000) -> dict:
     import numpy as np
 
     from lexi_gguf.caching import simulate as S
-    from lexi_gguf.caching.trace import Trace
+    from lexi_gguf.runtime.trace import Trace
     T, L, k, E = events // 64, 8, 8, 64
     rng = np.random.default_rng(0)
     p = 1.0 / np.arange(1, E + 1)

@@ -34,19 +34,19 @@ class KLD:
     """Mean KLD from the full model of any per-layer counts, on fixed chunks of the evaluation text."""
 
     def __init__(self, path: Path, text: str, ctx: int, chunks: int, threads: int):
-        from lexi_gguf.measure.evaluate import _chunks
+        from lexi_gguf.runtime.scoring import text_chunks
         from lexi_gguf.runtime.llama import ROW_MODEL, load, set_lexi_row
         self.path, self.ctx, self.threads = path, ctx, threads
         llm = load(path, n_ctx=ctx, n_batch=ctx, logits_all=True, n_threads=threads)
         set_lexi_row(llm, ROW_MODEL)    # the reference is the full model, not the file's default budget
-        self.chunks = _chunks(llm, text, ctx)[:chunks]
+        self.chunks = text_chunks(llm, text, ctx)[:chunks]
         self.ref = [self._lp(llm, c) for c in self.chunks]
         llm.close()
 
     @staticmethod
     def _lp(llm, chunk):
-        from lexi_gguf.measure.evaluate import _logprobs
-        return _logprobs(llm, chunk).astype(np.float64)
+        from lexi_gguf.runtime.scoring import chunk_logprobs
+        return chunk_logprobs(llm, chunk).astype(np.float64)
 
     def __call__(self, rows: list[list[int]], work: Path) -> list[float]:
         """One file with `rows` as its ladder, one load, one switch per row."""
@@ -63,7 +63,7 @@ class KLD:
 
 
 def greedy(kld: KLD, info, budgets: list[float], work: Path) -> dict[float, list[int]]:
-    counts = [info.expert_used_count if i in info.moe_layers else 0 for i in range(info.block_count)]
+    counts = info.base_counts
     full = sum(counts)
     want = {round(b * full): b for b in budgets}
     got = {}

@@ -32,8 +32,8 @@ def q4_0_model(q8: Path) -> Path:
 
 
 def plot(res: dict, out: Path) -> Path:
-    from lexi_gguf.measure.plots import _plt
-    plt = _plt()
+    from lexi_gguf.measure.plots import pyplot
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
     quants = sorted({r["quant"] for r in res["rows"]})
     for ax, test in zip(axes, ("pp", "tg")):

@@ -62,7 +62,7 @@ def main() -> int:
     from lexi_gguf.export.apply import apply
     from lexi_gguf.measure.bench import machine, measure, save_results
     from lexi_gguf.gguf.reader import model_info
-    from lexi_gguf.export.inspect import active, footprint
+    from lexi_gguf.gguf.reader import active, footprint
     from lexi_gguf.runtime.llama import lexi_overrides
 
     work = Path(args.work)

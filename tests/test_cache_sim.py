@@ -7,7 +7,7 @@ import pytest
 
 from lexi_gguf import LexiError
 from lexi_gguf.caching import predict, simulate as S
-from lexi_gguf.caching.trace import Trace
+from lexi_gguf.runtime.trace import Trace
 
 
 def _trace(experts: list[list[list[int]]], n_expert: int, generated=True) -> Trace:

@@ -56,12 +56,12 @@ def test_apply_and_convert_with_calib(tiny_checkpoint, tiny_gguf, tmp_path, caps
 
 
 def _mean_kld(path, ref_path, ctx: int, n_chunks: int) -> float:
-    from lexi_gguf.measure.evaluate import _chunks, _logprobs
+    from lexi_gguf.runtime.scoring import chunk_logprobs, text_chunks
     from lexi_gguf.runtime.llama import load
     out = []
     for p in (ref_path, path):
         llm = load(p, n_ctx=ctx, n_batch=ctx, logits_all=True)
-        out.append([_logprobs(llm, c).astype("float64") for c in _chunks(llm, TEXT, ctx)[:n_chunks]])
+        out.append([chunk_logprobs(llm, c).astype("float64") for c in text_chunks(llm, TEXT, ctx)[:n_chunks]])
         llm.close()
     import numpy as np
     return float(np.mean([(np.exp(r) * (r - q)).sum(-1).mean() for r, q in zip(*out)]))

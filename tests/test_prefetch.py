@@ -44,8 +44,8 @@ def test_prefetch_leaves_every_output_bit_identical(which, tiny_gguf, converted)
 def test_next_layer_guess_is_in_the_graph(tiny_gguf):
     import llama_cpp
 
-    from lexi_gguf.caching.trace import _ggml
-    lib = _ggml()
+    from lexi_gguf.runtime.graph import ggml_lib
+    lib = ggml_lib()
     seen: set[str] = set()
 
     def cb(t, ask, user_data):

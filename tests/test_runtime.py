@@ -64,7 +64,7 @@ def _with_counts(src, dst, counts):
 def test_per_layer_k_matches_transformers(arch, tiny_checkpoint, tiny_gguf, tmp_path, arch_detail):
     hf_dir, gguf = tiny_checkpoint(arch), tiny_gguf(arch)
     info = model_info(gguf)
-    base = [info.expert_used_count if i in info.moe_layers else 0 for i in range(info.block_count)]
+    base = info.base_counts
     # the plain file runs the model's own k everywhere
     tol = TOLERANCE.get(arch, 1e-3)
     n_vocab = _hf_vocab(hf_dir)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lexi_gguf import LexiError
-from lexi_gguf.caching.trace import Trace, record
+from lexi_gguf.runtime.trace import Trace, record
 from lexi_gguf.gguf.writer import copy_with_metadata, lexi_metadata
 from lexi_gguf.gguf.reader import model_info
 from lexi_gguf.method.profile import route, weights_for_k

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import LexiError
 from . import predict, simulate
-from .trace import record
+from ..runtime.trace import record
 
 CAPACITIES = [0.05, 0.1, 0.25, 0.5]
 POLICIES = ["lru", "lfu", "eamc", "belady", "router", "learned", "oracle"]
@@ -127,8 +127,8 @@ def targets(res: dict, cap: float = 0.1) -> dict:
 
 
 def plot(res: dict, out) -> str:
-    from ..measure.plots import _plt
-    plt = _plt()
+    from ..measure.plots import pyplot
+    plt = pyplot()
     shown = [c for c in res["configs"] if c["config"] in ("full", "lexi 0.75", "uniform 0.75")]
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), sharey=True)
     for ax, c in zip(axes, shown):

@@ -14,12 +14,12 @@ from __future__ import annotations
 import numpy as np
 
 from .. import LexiError
-from .trace import Trace
+from ..runtime.trace import Trace
 
 
 def _routers(gguf_path, moe_layers) -> tuple[dict[int, np.ndarray], str]:
     from ..gguf.reader import model_info, open_reader
-    from ..method.gguf_weights import _routing, _to_torch
+    from ..method.gguf_weights import routing_from_gguf, tensor_to_torch
     r = open_reader(gguf_path)
     by_name = {t.name: t for t in r.tensors}
     info = model_info(gguf_path, r)
@@ -28,9 +28,9 @@ def _routers(gguf_path, moe_layers) -> tuple[dict[int, np.ndarray], str]:
         t = by_name.get(f"blk.{il}.ffn_gate_inp.weight")
         if t is None:
             raise LexiError(f"{gguf_path} has no router for block {il} (blk.{il}.ffn_gate_inp.weight)")
-        w = _to_torch(t).float().numpy()
+        w = tensor_to_torch(t).float().numpy()
         out[il] = w.reshape(info.expert_count, -1)
-    return out, _routing(r, info.arch).gating
+    return out, routing_from_gguf(r, info.arch).gating
 
 
 def router_predictions(trace: Trace, gguf_path, depth: int = 3) -> dict[int, dict]:

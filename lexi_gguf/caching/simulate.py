@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import LexiError
-from .trace import Trace
+from ..runtime.trace import Trace
 
 # (bandwidth bytes/s, latency s) of the link an expert miss is served over
 LINKS = {"pcie4x16": (25e9, 10e-6), "nvme": (3.0e9, 80e-6), "emmc": (0.25e9, 300e-6)}
@@ -292,8 +292,8 @@ def draw_hit_rates(ax, rows: list[dict]) -> None:
 
 
 def plot(res: dict, out) -> str:
-    from ..measure.plots import _plt
-    plt = _plt()
+    from ..measure.plots import pyplot
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     draw_hit_rates(ax, res["rows"])
     ax.set_ylabel("expert hit rate")

@@ -8,7 +8,7 @@ from .common import floats, lines, write_json
 
 
 def cmd_trace(args) -> None:
-    from ..caching.trace import record
+    from ..runtime.trace import record
     if bool(args.text) == bool(args.prompts):
         raise LexiError("give exactly one of --text FILE (read, no generation) or --prompts FILE (one prompt a line)")
     kw = {"texts": ["\n".join(lines(args.text, "--text"))]} if args.text else \
@@ -26,7 +26,7 @@ def cmd_trace(args) -> None:
 
 def cmd_predictor(args) -> None:
     from ..caching import predict
-    from ..caching.trace import Trace
+    from ..runtime.trace import Trace
     tr = Trace.load(args.trace)
     if args.action == "train":
         if not args.output:
@@ -58,7 +58,7 @@ def cmd_predictor(args) -> None:
 
 def cmd_cache_sim(args) -> None:
     from ..caching import predict, simulate
-    from ..caching.trace import Trace
+    from ..runtime.trace import Trace
     tr = Trace.load(args.trace)
     predictors = {"oracle": simulate.oracle_predictions(tr, args.depth), "random": predict.random_predictions(tr, args.depth)}
     if "router" in args.policy:

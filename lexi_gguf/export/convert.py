@@ -55,7 +55,7 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
             min_k: int = 1, force: bool = False, weight_norm: str = "renorm", calib_text: str | None = None,
             calib_tokens: int | None = None, calib_metric: str = "kld") -> Path:
     from ..method.profile import profile
-    from ..runtime.llama import _install_log_hook, llama_cpp_dir
+    from ..runtime.llama import install_log_hook, llama_cpp_dir
     from .hf_to_gguf import convert_to_gguf
     from ..method.weights import SafetensorsSource
 
@@ -120,7 +120,7 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
             _stage(5, n, f"no quantization ({quant.upper()})")
         else:
             _stage(5, n, f"quantize to {quant.upper()} with llama.cpp's quantizer")
-            _install_log_hook()
+            install_log_hook()
             final = tmpdir / "quant.gguf"
             quantize(keyed, final, quant, threads)
             keyed.unlink()

@@ -5,54 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..gguf import keys
-from ..gguf.reader import model_info, open_reader, read_ladder
-
-_EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps")
-
-
-def footprint(path: str | Path, reader=None) -> dict:
-    """Bytes and parameters a token touches: everything but the expert tensors and the embedding table,
-    one embedding row, plus k experts' share of each MoE layer."""
-    r = reader or open_reader(path)
-    info = model_info(path, r)
-    fixed_b = fixed_p = 0
-    per_expert_b = [0.0] * info.block_count
-    per_expert_p = [0.0] * info.block_count
-    for t in r.tensors:
-        n_el, n_b = int(t.n_elements), int(t.n_bytes)
-        parts = t.name.split(".")
-        if t.name.startswith("token_embd"):
-            rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
-            fixed_b += n_b / rows
-            fixed_p += n_el / rows
-        elif len(parts) > 2 and parts[0] == "blk" and parts[2] in _EXPERT_TENSORS:
-            i = int(parts[1])
-            per_expert_b[i] += n_b / info.expert_count
-            per_expert_p[i] += n_el / info.expert_count
-        else:
-            fixed_b += n_b
-            fixed_p += n_el
-    return {"fixed_bytes": fixed_b, "fixed_params": fixed_p, "expert_bytes": per_expert_b,
-            "expert_params": per_expert_p, "info": info}
-
-
-def active(fp: dict, counts: list[int]) -> tuple[float, float]:
-    """(bytes, params) active per token for per-layer counts."""
-    b = fp["fixed_bytes"] + sum(k * e for k, e in zip(counts, fp["expert_bytes"]))
-    p = fp["fixed_params"] + sum(k * e for k, e in zip(counts, fp["expert_params"]))
-    return b, p
-
-
-def base_counts(info) -> list[int]:
-    return [info.expert_used_count if i in info.moe_layers else 0 for i in range(info.block_count)]
-
+from ..gguf.reader import active, footprint, read_ladder
 
 def inspect_gguf(path: str | Path) -> dict:
     from ..runtime.llama import is_patched
     fp = footprint(path)
     info = fp["info"]
     lx = info.lexi
-    full_b, full_p = active(fp, base_counts(info))
+    full_b, full_p = active(fp, info.base_counts)
     configs = []
     if keys.EXPERT_USED_COUNT in lx:
         configs.append({"name": "default", "index": None, "expert_used_count": [int(x) for x in lx[keys.EXPERT_USED_COUNT]]})

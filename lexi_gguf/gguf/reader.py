@@ -59,6 +59,11 @@ class GGUFModelInfo:
         return self.block_count - self.nextn_blocks
 
     @property
+    def base_counts(self) -> list[int]:
+        """The model's own k per block (0 on dense blocks): what runs with lexi off."""
+        return [self.expert_used_count if i in self.moe_layers else 0 for i in range(self.block_count)]
+
+    @property
     def is_moe(self) -> bool:
         return self.expert_count > 0 and bool(self.moe_layers)
 
@@ -130,3 +135,39 @@ def sensitivity_from_gguf(info: GGUFModelInfo) -> dict | None:
             "layers": [{"index": i, "moe": i in info.moe_layers,
                         "deviation": dev[i].tolist() if i in info.moe_layers else None,
                         "stderr": se[i].tolist() if i in info.moe_layers else None} for i in range(n)]}
+
+
+_EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps")
+
+
+def footprint(path: str | Path, reader=None) -> dict:
+    """Bytes and parameters a token touches: everything but the expert tensors and the embedding table,
+    one embedding row, plus k experts' share of each MoE layer."""
+    r = reader or open_reader(path)
+    info = model_info(path, r)
+    fixed_b = fixed_p = 0
+    per_expert_b = [0.0] * info.block_count
+    per_expert_p = [0.0] * info.block_count
+    for t in r.tensors:
+        n_el, n_b = int(t.n_elements), int(t.n_bytes)
+        parts = t.name.split(".")
+        if t.name.startswith("token_embd"):
+            rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+            fixed_b += n_b / rows
+            fixed_p += n_el / rows
+        elif len(parts) > 2 and parts[0] == "blk" and parts[2] in _EXPERT_TENSORS:
+            i = int(parts[1])
+            per_expert_b[i] += n_b / info.expert_count
+            per_expert_p[i] += n_el / info.expert_count
+        else:
+            fixed_b += n_b
+            fixed_p += n_el
+    return {"fixed_bytes": fixed_b, "fixed_params": fixed_p, "expert_bytes": per_expert_b,
+            "expert_params": per_expert_p, "info": info}
+
+
+def active(fp: dict, counts: list[int]) -> tuple[float, float]:
+    """(bytes, params) active per token for per-layer counts."""
+    b = fp["fixed_bytes"] + sum(k * e for k, e in zip(counts, fp["expert_bytes"]))
+    p = fp["fixed_params"] + sum(k * e for k, e in zip(counts, fp["expert_params"]))
+    return b, p

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .configs import run_configs
 from ..runtime.cpu import machine
-from ..export.inspect import active, footprint
+from ..gguf.reader import active, footprint
 from ..runtime.llama import load
 
 
@@ -89,8 +89,8 @@ def table(res: dict) -> str:
 
 
 def plot(res: dict, out) -> Path:
-    from .plots import _plt
-    plt = _plt()
+    from .plots import pyplot
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, name in ((axes[0], "pp_tps", f"prefill pp{res['n_prompt']}"), (axes[1], "tg_tps", f"decode tg{res['n_gen']}")):
         for cfg, style in (("full", "ks"), ("uniform", "o--"), ("lexi", "^-")):

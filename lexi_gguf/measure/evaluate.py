@@ -13,37 +13,7 @@ from .. import LexiError
 from .configs import run_configs
 from ..runtime.procs import run_child
 from ..runtime.llama import load
-
-
-def _chunks(llm, text: str, ctx: int) -> list[list[int]]:
-    toks = llm.tokenize(text.encode(), add_bos=False, special=False)
-    n = len(toks) // ctx
-    if n < 1:
-        raise LexiError(f"the text has {len(toks)} tokens, fewer than one --ctx {ctx} chunk; give more text or a smaller --ctx")
-    bos = llm.token_bos() if llm._model.add_bos_token() else None
-    out = []
-    for i in range(n):
-        c = toks[i * ctx:(i + 1) * ctx]
-        if bos is not None and bos >= 0:
-            c = [bos] + c[1:]
-        out.append(c)
-    return out
-
-
-def _logprobs(llm, chunk: list[int]) -> np.ndarray:
-    """log-softmax of the logits at the scored positions [ctx/2, ctx-1): each predicts the next token."""
-    llm.reset()
-    llm.eval(chunk)
-    n = len(chunk)
-    logits = np.asarray(llm.scores[n // 2: n - 1], dtype=np.float64)
-    m = logits.max(-1, keepdims=True)
-    return (logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))).astype(np.float32)
-
-
-def token_kld(ref: np.ndarray, logprobs: np.ndarray, p_ref: np.ndarray | None = None) -> np.ndarray:
-    """KL(ref || logprobs) at each position; both are log-probabilities [positions, vocab] (p_ref: exp(ref),
-    when the caller already has it)."""
-    return ((np.exp(ref) if p_ref is None else p_ref) * (ref - logprobs)).sum(-1)
+from ..runtime.scoring import chunk_logprobs, text_chunks, token_kld
 
 
 def evaluate(path, text: str, budgets: list[float], *, ctx=512, threads=None, n_gpu_layers=0, max_chunks=None,
@@ -59,13 +29,13 @@ def evaluate(path, text: str, budgets: list[float], *, ctx=512, threads=None, n_
             llm = load(path, kv_overrides=c.kv, n_ctx=ctx, n_batch=min(ctx, 512), logits_all=True,
                        n_threads=threads, n_gpu_layers=n_gpu_layers)
             if chunks is None:
-                chunks = _chunks(llm, text, ctx)[:max_chunks]
+                chunks = text_chunks(llm, text, ctx)[:max_chunks]
                 per = ctx - 1 - ctx // 2
                 base = np.lib.format.open_memmap(Path(td) / "full.npy", mode="w+", dtype=np.float32,
                                                  shape=(len(chunks) * per, llm.n_vocab()))
             nll, kld, same = [], [], []
             for i, ch in enumerate(chunks):
-                lp = _logprobs(llm, ch)
+                lp = chunk_logprobs(llm, ch)
                 sl = slice(i * len(lp), (i + 1) * len(lp))
                 targets = np.asarray(ch[len(ch) // 2 + 1:])
                 nll.append(-lp[np.arange(len(lp)), targets])
@@ -115,8 +85,8 @@ def table(res: dict) -> str:
 
 def pareto_plot(ev: dict, out, bench: dict | None = None) -> Path:
     """KLD against decode speed (or average k without a bench run) for full, uniform and lexi."""
-    from .plots import _plt
-    plt = _plt()
+    from .plots import pyplot
+    plt = pyplot()
     speed = {}
     if bench:
         speed = {(r["config"], round(r["budget"], 4)): r["tg_tps"] for r in bench["rows"]}

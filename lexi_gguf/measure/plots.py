@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _plt():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -14,7 +14,7 @@ def _plt():
 def sensitivity_heatmap(sens: dict, out: str | Path, plan: dict | None = None) -> Path:
     """D_j(k) per MoE layer (rows) and k (columns), log colour scale, chosen k marked."""
     import numpy as np
-    plt = _plt()
+    plt = pyplot()
     moe = [L for L in sens["layers"] if L["moe"]]
     kb = sens["k_base"]
     data = np.array([L["deviation"] for L in moe], dtype=float)

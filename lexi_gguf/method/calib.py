@@ -31,7 +31,7 @@ def capture_inputs(gguf_path: str | Path, text: str, *, max_tokens: int = DEFAUL
     """{block index: [tokens, hidden] float32}: every MoE layer's input while the GGUF reads `text`
     (in n_ctx chunks, at most max_tokens tokens), at the model's own k in every layer."""
     from .archs import GGUF_ARCHS
-    from ..caching.trace import record
+    from ..runtime.trace import record
     from ..gguf.reader import model_info
     arch = model_info(gguf_path).arch
     spec = GGUF_ARCHS.get(arch)
@@ -73,7 +73,7 @@ def rows_copy(gguf_path: str | Path, rows: list[list[int]], out: str | Path, *, 
 
 def mean_kld(ref: np.ndarray, logprobs: np.ndarray, p_ref: np.ndarray | None = None) -> float:
     """Mean over positions of KL(ref || logprobs), both log-probabilities [positions, vocab]."""
-    from ..measure.evaluate import token_kld
+    from ..runtime.scoring import token_kld
     return max(float(token_kld(ref, logprobs, p_ref).mean()), 0.0)
 
 
@@ -90,7 +90,7 @@ def kld_table(gguf_path: str | Path, text: str, *, max_tokens: int = KLD_TOKENS,
     import time
 
     from .. import __version__
-    from ..measure.evaluate import _chunks, _logprobs
+    from ..runtime.scoring import chunk_logprobs, text_chunks
     from ..gguf.reader import model_info
     from ..runtime.llama import ROW_MODEL, load, set_lexi_row
 
@@ -116,7 +116,7 @@ def kld_table(gguf_path: str | Path, text: str, *, max_tokens: int = KLD_TOKENS,
         probe_file = rows_copy(gguf_path, rows, Path(td) / "probe.gguf", weight_norm=weight_norm)
         llm = load(probe_file, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads)
         try:
-            chunks = _chunks(llm, text, n_ctx)[: max(1, max_tokens // n_ctx)]
+            chunks = text_chunks(llm, text, n_ctx)[: max(1, max_tokens // n_ctx)]
             kl = np.zeros((len(chunks), len(rows)))
             bar = None
             if progress:
@@ -125,11 +125,11 @@ def kld_table(gguf_path: str | Path, text: str, *, max_tokens: int = KLD_TOKENS,
             # chunk-major: one chunk's reference log-probs in memory at a time (ctx x vocab)
             for c, chunk in enumerate(chunks):
                 set_lexi_row(llm, ROW_MODEL)
-                ref = _logprobs(llm, chunk).astype(np.float64)
+                ref = chunk_logprobs(llm, chunk).astype(np.float64)
                 p_ref = np.exp(ref)
                 for i in range(len(rows)):
                     set_lexi_row(llm, i)
-                    kl[c, i] = mean_kld(ref, _logprobs(llm, chunk), p_ref)
+                    kl[c, i] = mean_kld(ref, chunk_logprobs(llm, chunk), p_ref)
                     if bar is not None:
                         bar.update()
             if bar is not None:

@@ -18,7 +18,7 @@ _NORM_BY_ARCH = {"llama": True, "mixtral": True, "qwen3moe": True, "granitemoe":
                  "olmoe": False, "gpt-oss": True, "gemma4": True, "qwen35moe": True, "qwen3next": True}
 
 
-def _routing(reader, arch: str) -> Routing:
+def routing_from_gguf(reader, arch: str) -> Routing:
     def kv(name, default=None):
         v = field_value(reader, f"{arch}.{name}")
         return default if v is None else v
@@ -36,7 +36,7 @@ def _routing(reader, arch: str) -> Routing:
                    softmax_after_topk=spec.routing({}).softmax_after_topk)
 
 
-def _to_torch(t) -> torch.Tensor:
+def tensor_to_torch(t) -> torch.Tensor:
     import gguf
     qt = t.tensor_type
     if qt == gguf.GGMLQuantizationType.F32:
@@ -66,7 +66,7 @@ class GGUFSource:
         n_main = info.n_main
         eps = field_value(self.reader, f"{info.arch}.attention.layer_norm_rms_epsilon") or 1e-6
         self.model = MoEModel(spec, {"hidden_size": hidden, "rms_norm_eps": float(eps)}, n_main, info.expert_count, info.expert_used_count,
-                              tuple(i for i in info.moe_layers if i < n_main), _routing(self.reader, info.arch))
+                              tuple(i for i in info.moe_layers if i < n_main), routing_from_gguf(self.reader, info.arch))
         self.types = sorted({self.tensors[f"blk.{i}.ffn_down_exps.weight"].tensor_type.name for i in info.moe_layers
                              if f"blk.{i}.ffn_down_exps.weight" in self.tensors})
 
@@ -75,7 +75,7 @@ class GGUFSource:
         if t is None:
             raise LexiError(f"tensor {name} is missing from {self.info.path}")
         try:
-            return _to_torch(t)
+            return tensor_to_torch(t)
         except NotImplementedError as e:
             raise LexiError(f"{name} is stored as {t.tensor_type.name}, which gguf-py cannot dequantize ({e}); "
                             "profile the safetensors checkpoint instead") from None

@@ -34,7 +34,7 @@ class Budget:
 
 def budgets(info, ladder: list[dict] | None = None) -> dict[str, Budget]:
     """Every budget a loaded file can switch to, by name: default, full, then the stored fractions."""
-    base = [info.expert_used_count if i in info.moe_layers else 0 for i in range(info.block_count)]
+    base = info.base_counts
     lx = info.lexi
     default = [int(x) for x in lx[keys.EXPERT_USED_COUNT]] if keys.EXPERT_USED_COUNT in lx else base
     out = {DEFAULT: Budget(DEFAULT, ROW_LOADED, default), FULL: Budget(FULL, ROW_MODEL, base)}

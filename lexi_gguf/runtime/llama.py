@@ -3,7 +3,6 @@ turn loader failures into errors that carry llama.cpp's own message, and say whe
 `llama_cpp` in use is the patched build (doctor)."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from .. import LexiError
 from ..gguf import keys
+from .graph import context_params_with
 
 PATCH_MARKER = b"lexi.expert_used_count"   # string compiled into the patched libllama
 
@@ -40,7 +40,7 @@ _log_echo = False
 _log_cb = None
 
 
-def _install_log_hook():
+def install_log_hook():
     """Route llama.cpp's log through us so a failed load can report the loader's words."""
     global _log_cb
     llama_cpp = _llama_cpp()
@@ -85,24 +85,6 @@ def lexi_overrides(arch: str | None = None, *, lexi: bool = True, budget_index: 
     return kv
 
 
-@contextlib.contextmanager
-def _context_params_with(eval_callback):
-    """llama-cpp-python's Llama takes no eval callback: hand it default context params that carry one."""
-    mod = _llama_cpp().llama_cpp
-    original = mod.llama_context_default_params
-
-    def with_callback():
-        params = original()
-        params.cb_eval = eval_callback
-        params.cb_eval_user_data = None
-        return params
-    mod.llama_context_default_params = with_callback
-    try:
-        yield
-    finally:
-        mod.llama_context_default_params = original
-
-
 def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512, n_threads: int | None = None,
          n_gpu_layers: int = 0, logits_all: bool = False, verbose: bool = False, seed: int = 0, n_batch: int = 512,
          eval_callback=None, prefetch: str = "off", **kw):
@@ -112,7 +94,7 @@ def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512
     eval_callback: a llama_cpp.ggml_backend_sched_eval_callback that sees the graph's tensors as they
     are computed (kept alive on the returned Llama)."""
     if eval_callback is not None:
-        with _context_params_with(eval_callback):
+        with context_params_with(eval_callback):
             llm = load(path, kv_overrides=kv_overrides, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                        logits_all=logits_all, verbose=verbose, seed=seed, n_batch=n_batch, prefetch=prefetch, **kw)
         llm._lexi_eval_callback = eval_callback
@@ -122,7 +104,7 @@ def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512
     path = Path(path)
     if not path.exists():
         raise LexiError(f"{path} does not exist")
-    _install_log_hook()
+    install_log_hook()
     with _log_lock:
         _log_lines.clear()
     _log_echo = verbose

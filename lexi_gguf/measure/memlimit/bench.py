@@ -25,7 +25,7 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
     from ..bench import backend_name
     from ..configs import run_configs
     from ...runtime.cpu import machine
-    from ...export.inspect import active, footprint
+    from ...gguf.reader import active, footprint
 
     limit = parse_size(mem_limit)
     check_limit(limit)
@@ -118,8 +118,8 @@ def table(res: dict) -> str:
 
 
 def plot(res: dict, out) -> Path:
-    from ..plots import _plt
-    plt = _plt()
+    from ..plots import pyplot
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, key, name, scale in ((axes[0], "tg_tps", "decode tok/s", 1), (axes[1], "majflt_per_token",
                                                                             "major faults / token", 1),

@@ -7,7 +7,6 @@ what is recorded, not a torch re-computation. Prompts are evaluated as one batch
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import re
 import time
@@ -17,45 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import LexiError
+from .graph import ggml_lib, read_tensor, tensor_src
 
-# ggml_tensor's leading fields (ggml.h of the pinned llama.cpp): enough to read shape, strides and srcs
-GGML_MAX_DIMS, GGML_MAX_SRC = 4, 10
-
-
-class _GGMLTensor(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int32), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
-                ("nb", ctypes.c_size_t * GGML_MAX_DIMS), ("op", ctypes.c_int32), ("op_params", ctypes.c_int32 * 16),
-                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * GGML_MAX_SRC)]
-
-
-GGML_F32, GGML_F16, GGML_I32 = 0, 1, 26
-_DTYPES = {GGML_F32: np.float32, GGML_F16: np.float16, GGML_I32: np.int32}
 # the weights build_moe_ffn finally applies: the last of these it computed for the layer
 WEIGHT_NAMES = ("ffn_moe_weights_scaled", "ffn_moe_weights_norm", "ffn_moe_weights_softmax", "ffn_moe_weights")
 _NAME = re.compile(r"^(ffn_moe_topk|ffn_moe_logits|" + "|".join(WEIGHT_NAMES) + r")-(\d+)$")
-
-
-def _ggml():
-    import llama_cpp._ggml as g
-    lib = g.libggml
-    lib.ggml_get_name.restype, lib.ggml_get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
-    lib.ggml_nbytes.restype, lib.ggml_nbytes.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
-    lib.ggml_backend_tensor_get.restype = None
-    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    return lib
-
-
-def _read(lib, ptr) -> np.ndarray:
-    """A tensor's data (any backend, any strides) as rows of ne[0] elements."""
-    t = _GGMLTensor.from_address(ptr)
-    dtype = _DTYPES.get(t.type)
-    if dtype is None:
-        raise LexiError(f"cannot trace tensor {lib.ggml_get_name(ptr).decode()} of ggml type {t.type}")
-    n = lib.ggml_nbytes(ptr)
-    raw = np.empty(n, dtype=np.uint8)
-    lib.ggml_backend_tensor_get(ptr, raw.ctypes.data, 0, n)
-    view = np.ndarray(shape=tuple(t.ne)[::-1], dtype=dtype, buffer=raw, strides=tuple(t.nb)[::-1])
-    return view.reshape(-1, t.ne[0]) if t.ne[0] > 0 else view.reshape(0, 0)   # rows of ne[0]
 
 
 @dataclass
@@ -106,7 +71,7 @@ class TraceRecorder:
 
     def __init__(self, moe_layers: list[int], hidden: bool = False):
         import llama_cpp
-        self.lib = _ggml()
+        self.lib = ggml_lib()
         self.moe = set(moe_layers)
         self.hidden = hidden
         self.topk: dict[int, list[np.ndarray]] = {il: [] for il in moe_layers}
@@ -136,12 +101,12 @@ class TraceRecorder:
         kind, il = m.group(1), int(m.group(2))
         if kind == "ffn_moe_topk":           # [k, n_tokens]: one row of k expert ids per token
             self._flush(il)
-            self.topk[il].append(_read(self.lib, t))
+            self.topk[il].append(read_tensor(self.lib, t))
         elif kind == "ffn_moe_logits":       # mul_mat(router, cur): cur [n_embd, n_tokens] is its input
-            self.states[il].append(_read(self.lib, _GGMLTensor.from_address(t).src[1]).astype(np.float16))
+            self.states[il].append(read_tensor(self.lib, tensor_src(t, 1)).astype(np.float16))
         else:                                # [1, k, n_tokens] or [k, n_tokens]: k weights per token
             k = self.topk[il][-1].shape[1]
-            self._pending.setdefault(il, {})[kind] = _read(self.lib, t).reshape(-1, k)
+            self._pending.setdefault(il, {})[kind] = read_tensor(self.lib, t).reshape(-1, k)
         self.seconds += time.perf_counter() - t0
         return True
 
@@ -253,7 +218,7 @@ def record(path, *, prompts: list[str] | None = None, texts: list[str] | None = 
     experts, weights, states = rec.arrays(moe_layers, counts)
     if len(experts) != len(all_tok):
         raise LexiError(f"trace recorded {len(experts)} tokens but {len(all_tok)} were evaluated")
-    from ..export.inspect import footprint
+    from ..gguf.reader import footprint
     expert_bytes = footprint(path)["expert_bytes"]
     meta = {"model": str(path), "arch": info.arch, "expert_bytes": [expert_bytes[il] for il in moe_layers], "n_expert": info.expert_count, "k_base": info.expert_used_count,
             "budget": chosen.name, "block_count": info.block_count, "max_new_tokens": max_new_tokens,
