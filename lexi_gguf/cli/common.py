@@ -82,14 +82,20 @@ def lines(path: str, what: str) -> list[str]:
     return p.read_text(errors="replace").splitlines()
 
 
-def add_alloc_opts(p, required_budget: bool):
-    g = p.add_mutually_exclusive_group(required=required_budget)
-    g.add_argument("--budget", type=float, help="fraction of the base budget (layers x base k)")
-    g.add_argument("--total", type=int, help="total active experts over MoE layers")
-    g.add_argument("--avg-k", type=float, help="average active experts per MoE layer")
+def add_solver_opts(p) -> None:
+    """How a budget is allocated: solver, which k are allowed, the smallest k, the seed."""
     p.add_argument("--solver", default="exact", choices=["exact", "evolutionary"])
     p.add_argument("--allowed-k", type=ints, help="only these k, e.g. 1,2,4,8")
     p.add_argument("--backend-safe", choices=["cpu", "cuda", "metal"],
                    help="only k values this backend runs (metal: 1,2,4,5,6,8,10,16,22)")
     p.add_argument("--min-k", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_alloc_opts(p, required_budget: bool) -> None:
+    """The budget, as a fraction, a total or an average k (one of them), and the solver options."""
+    g = p.add_mutually_exclusive_group(required=required_budget)
+    g.add_argument("--budget", type=float, help="fraction of the base budget (layers x base k)")
+    g.add_argument("--total", type=int, help="total active experts over MoE layers")
+    g.add_argument("--avg-k", type=float, help="average active experts per MoE layer")
+    add_solver_opts(p)

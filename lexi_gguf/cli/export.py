@@ -6,13 +6,15 @@ from pathlib import Path
 
 from ..gguf import keys
 from ..method.profile import DEFAULT_SAMPLES
-from .common import add_alloc_opts, add_calib_opts, allowed_k, calib_text, floats, ints, WEIGHT_NORM_HELP
+from .common import (WEIGHT_NORM_HELP, add_alloc_opts, add_calib_opts, add_solver_opts, allowed_k, calib_text,
+                     floats, ints)
 
 
 def cmd_apply(args) -> None:
     from ..export.apply import apply
     out = apply(args.input, args.output, k=args.k, plan=args.plan, sensitivity=args.sensitivity,
-                budget=args.budget, budgets=args.budgets, solver=args.solver, allowed_k=allowed_k(args),
+                budget=args.budget, total=args.total, avg_k=args.avg_k, budgets=args.budgets, solver=args.solver,
+                allowed_k=allowed_k(args),
                 min_k=args.min_k, samples=args.samples, seed=args.seed, threads=args.threads, force=args.force,
                 weight_norm=args.weight_norm, calib_text=calib_text(args), calib_tokens=args.calib_tokens,
                 calib_metric=args.calib_metric)
@@ -58,15 +60,11 @@ def register(sub) -> None:
     p.add_argument("--quant", default="Q8_0", help="Q4_K_M, Q5_K_M, Q8_0, F16, BF16, F32, ... (llama.cpp's names)")
     p.add_argument("--sensitivity", help="reuse a sensitivity.json instead of profiling")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
-    p.add_argument("--solver", default="exact", choices=["exact", "evolutionary"])
-    p.add_argument("--allowed-k", type=ints)
-    p.add_argument("--backend-safe", choices=["cpu", "cuda", "metal"])
-    p.add_argument("--min-k", type=int, default=1)
     p.add_argument("--force", action="store_true")
     p.add_argument("--weight-norm", default="renorm", choices=keys.WEIGHT_NORMS, help=WEIGHT_NORM_HELP)
     add_calib_opts(p)
+    add_solver_opts(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("inspect", help="per-layer k, budgets and savings stored in a GGUF")

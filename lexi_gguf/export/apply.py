@@ -66,7 +66,8 @@ def extra_blocks(sens: dict, info) -> list[int]:
 
 def fit_counts(counts: list[int], sens: dict, info) -> list[int]:
     """Per-layer counts of the checkpoint's layers, extended to every block of the GGUF."""
-    return list(counts) + [info.expert_used_count if i in info.moe_layers else 0 for i in extra_blocks(sens, info)]
+    base = info.base_counts
+    return list(counts) + [base[i] for i in extra_blocks(sens, info)]
 
 
 def fit_ladder(ladder: list[dict], sens: dict, info) -> list[dict]:
@@ -84,7 +85,8 @@ def fit_sensitivity(sens: dict, info) -> dict:
 
 
 def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan: str | dict | None = None,
-          sensitivity=None, budget: float | None = None, budgets: list[float] | None = None,
+          sensitivity=None, budget: float | None = None, total: int | None = None,
+          avg_k: float | None = None, budgets: list[float] | None = None,
           solver: str = "exact", allowed_k: list[int] | None = None, min_k: int = 1, samples: int = 8192,
           seed: int = 0, threads: int | None = None, force: bool = False, progress: bool = True,
           weight_norm: str = "renorm", calib_text: str | None = None, calib_tokens: int | None = None,
@@ -97,8 +99,8 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
     info = model_info(src)
     if not info.is_moe:
         raise LexiError(f"{src.name} ({info.arch}) has no MoE layers: this is a dense model, LExI has nothing to adapt")
-    if sum(x is not None for x in (k, plan, budget)) != 1:
-        raise LexiError("give exactly one of --k LIST, --plan plan.json or --budget FRACTION")
+    if sum(x is not None for x in (k, plan, budget, total, avg_k)) != 1:
+        raise LexiError("give exactly one of --k LIST, --plan plan.json, --budget FRACTION, --total N or --avg-k K")
     if calib_text is not None and sensitivity:
         raise LexiError("give --calib or --sensitivity, not both: a given table is used as it is")
     stored = sensitivity_from_gguf(info)
@@ -114,7 +116,7 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
         sens = sensitivity_for(info, sensitivity, stored=stored, samples=samples, seed=seed, threads=threads, source_path=src,
                                weight_norm=weight_norm, calib_text=calib_text, calib_tokens=calib_tokens,
                                calib_metric=calib_metric)
-        counts = allocate(sens, budget=budget, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed)["expert_used_count"]
+        counts = allocate(sens, budget=budget, total=total, avg_k=avg_k, solver=solver, allowed_k=allowed_k, min_k=min_k, seed=seed)["expert_used_count"]
         counts = fit_counts(counts, sens, info)
         method = f"lexi-{solver}"
     validate_counts(info, counts)
