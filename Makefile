@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.lexi-setup-$(BACKEND)
 # the torch build on disk for CPU machines; a bare `torch` requirement would pull a multi-GB CUDA build
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup runtime demo test bench clean distclean
+.PHONY: setup runtime demo test docs bench clean distclean
 
 setup: $(STAMP)
 
@@ -29,6 +29,14 @@ demo: setup
 
 test: setup
 	$(VPY) -m pytest -q
+
+# docs/architectures.md: the per-architecture tests, then the table rendered from their results
+ARCH_TESTS := stage1_matches_transformers_moe_block or convert_and_apply_every_arch or per_layer_k_matches_transformers
+docs: setup
+	mkdir -p out
+	$(VPY) -m pytest -q tests/test_profile.py tests/test_archs.py tests/test_runtime.py -k "$(ARCH_TESTS)" \
+		--arch-results out/arch-results.json
+	$(VPY) -m lexi_gguf.testbeds.archdoc out/arch-results.json -o docs/architectures.md
 
 bench: setup
 	$(VPY) bench/bench_runtime.py

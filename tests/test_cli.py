@@ -13,6 +13,7 @@ from lexi_gguf import cli
 from lexi_gguf.gguf import keys
 from lexi_gguf.method.archs import supported
 from lexi_gguf.gguf.reader import model_info
+from lexi_gguf.gguf.writer import copy_with_metadata
 
 LEXI = [sys.executable, "-m", "lexi_gguf.cli"]
 
@@ -75,12 +76,19 @@ def test_apply_on_quantized_gguf_matches_safetensors_allocation(hf_olmoe, conver
         assert lb["deviation"] == pytest.approx(la["deviation"], rel=0.02)
     for budget in (0.5, 0.625, 0.75, 0.875):
         assert allocate(a, budget=budget)["expert_used_count"] == allocate(b, budget=budget)["expert_used_count"]
-    # and through the CLI, with no stored table to lean on: strip it with --k first, then --budget
-    bare = tmp_path / "bare.gguf"
-    assert cli.main(["apply", str(converted), "-o", str(bare), "--k", "1,2,3,4"]) == 0
+    # and through the CLI on a file with no stored table to lean on (every lexi key dropped): apply must
+    # profile the Q8_0 tensors themselves, and allocate what the safetensors profile allocates
+    bare = copy_with_metadata(converted, tmp_path / "bare.gguf", {}, progress=False)
+    assert not model_info(bare).lexi
     out = tmp_path / "applied.gguf"
-    assert cli.main(["apply", str(converted), "-o", str(out), "--budget", "0.75", "--samples", "1024"]) == 0
-    assert list(model_info(out).lexi[keys.EXPERT_USED_COUNT]) == allocate(a, budget=0.75)["expert_used_count"]
+    assert cli.main(["apply", str(bare), "-o", str(out), "--budget", "0.75", "--samples", "1024"]) == 0
+    lx = model_info(out).lexi
+    assert lx[keys.SENS_SOURCE].startswith("gguf:") and "Q8_0" in lx[keys.SENS_SOURCE]
+    assert list(lx[keys.EXPERT_USED_COUNT]) == allocate(a, budget=0.75)["expert_used_count"]
+    # --total is the same allocation as the budget fraction it amounts to (4 MoE layers x base k 4)
+    by_total = tmp_path / "total.gguf"
+    assert cli.main(["apply", str(bare), "-o", str(by_total), "--total", "12", "--samples", "1024"]) == 0
+    assert list(model_info(by_total).lexi[keys.EXPERT_USED_COUNT]) == allocate(a, total=12)["expert_used_count"]
 
 
 def test_apply_k_list_streams_and_validates(converted, tmp_path, capsys):

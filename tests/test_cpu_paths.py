@@ -82,8 +82,8 @@ def test_llama_bench_batched(quantized, quant):
     r = run_child([runtime.tool("llama-bench"), "-m", quantized[quant], "-p", BATCH, "-n", 4, "-b", BATCH,
                    "-ub", 32, "-t", 2, "-r", 1, "-o", "json"], f"llama-bench {quant}", timeout=300)
     rows = json.loads(r.stdout)
-    assert {row["n_prompt"] for row in rows} >= {BATCH}
-    assert all(row["avg_ts"] > 0 for row in rows)
+    # both tests ran: the batched prefill this file is about, and the decode
+    assert sorted((row["n_prompt"], row["n_gen"]) for row in rows) == [(0, 4), (int(BATCH), 0)]
 
 
 @pytest.mark.parametrize("quant", QUANTS)

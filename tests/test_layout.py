@@ -101,3 +101,16 @@ def test_ggml_tensor_layout_matches_the_pinned_header(tmp_path, llama_cpp_dir):
     for name in ("GGML_F32", "GGML_F16", "GGML_I32"):
         assert getattr(graph, name) == int(out[name]), f"{name} differs from ggml.h"
     assert ctypes.sizeof(ctypes.c_void_p) == 8   # the layout above is the 64-bit one
+
+
+def test_architecture_table_is_up_to_date():
+    """docs/architectures.md is rendered by `make docs`, never by a test run: here it must be exactly
+    what the registry renders with the results it records, every architecture passing every column."""
+    from lexi_gguf.method.archs import ARCHS
+    from lexi_gguf.testbeds import archdoc
+    text = (PKG.parent / "docs" / "architectures.md").read_text()
+    results, machine = archdoc.parse(text)
+    assert sorted(results) == sorted(ARCHS), "the registry changed: run `make docs`"
+    failed = [f"{a}: {c} {v}" for a, cols in results.items() for c, v in cols.items() if not v.startswith("pass")]
+    assert not failed, failed
+    assert archdoc.render(results, machine) == text, "docs/architectures.md is stale: run `make docs`"
