@@ -89,7 +89,12 @@ def test_cli_trace_predict_simulate(tiny_gguf, tmp_path, capsys):
                      "--json", str(tmp_path / "p.json")]) == 0
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
     assert [r["predictor"] for r in rows] == ["router d=1", "router d=2", "learned d=1", "learned d=2", "random"]
-    assert all(0 <= r["recall"] <= 1 and r["all_zeros_accuracy"] == pytest.approx(0.75) for r in rows)
+    assert all(r["all_zeros_accuracy"] == pytest.approx(0.75) for r in rows)
+    recall = {r["predictor"]: r["recall"] for r in rows}
+    # random guesses k of E experts: recall k/E = 2/8; the router look-ahead is far better one layer
+    # ahead (0.78 here) and worse two layers ahead (0.66), where the residual stream has moved more
+    assert recall["random"] == pytest.approx(2 / 8, abs=0.08)
+    assert recall["router d=1"] > recall["router d=2"] > recall["random"] + 0.2
     js = tmp_path / "c.json"
     assert cli.main(["cache-sim", str(trace), "--model", str(gguf), "--capacity", "0.25,0.5",
                      "--policy", "lru,belady,router,learned", "--predictor", str(pt), "--json", str(js)]) == 0
