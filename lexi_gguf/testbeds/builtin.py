@@ -3,20 +3,28 @@ every Python (pydoc topics and standard-library docstrings), with a SentencePiec
 the same text. It is a testbed with real layer structure, not a product claim: random weights have
 no layer structure, so quality numbers on them mean nothing.
 
-Seeded (fixed seeds, fixed corpus order) but not bit-reproducible: SentencePiece's trainer gives a
-different tokenizer from run to run and the docstring corpus depends on what the interpreter has
-imported (measured). So a trained model is cached, by a hash of its recipe, in
-$LEXI_GGUF_CACHE/default-model/<arch>-<hash>, and every result is measured on the cached model.
+Reproducible: the corpus is collected in a fresh interpreter (what the caller had imported used to
+change it), the tokenizer's file no longer records a temporary path (the only difference between two
+trainings of it on the same text, measured), and training runs in a child whose arithmetic is pinned:
+deterministic torch algorithms, a fixed thread count and, on every x86 CPU with AVX2, one code path
+(torch's avx2 kernels, MKL's conditional numerical reproducibility and oneDNN capped at AVX2), so that
+AVX2, AVX512 and AMX machines compute the same weights. Measured on an AVX2 EPYC: two trainings are
+bit-equal, and torch's kernels at another level (ATEN_CPU_CAPABILITY=default) move weights by ~1e-6,
+which is what the pin removes; the AVX512 and AMX classes were not at hand to compare. What still
+varies: the Python version (its docstrings are the corpus) and the torch and transformers versions.
+Trained models are cached by a hash of their recipe in $LEXI_GGUF_CACHE/default-model/<arch>-<hash>.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import importlib
 import inspect
 import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +34,7 @@ from .. import LexiError
 RECIPE = {
     "arch": "mixtral", "vocab": 4096, "hidden": 192, "layers": 6, "heads": 6, "kv_heads": 2,
     "experts": 16, "k": 4, "expert_ffn": 192, "seq": 128, "batch": 16, "steps": 160, "lr": 3e-3,
-    "aux_loss": 0.02, "seed": 1234, "eval_fraction": 0.05, "version": 1,
+    "aux_loss": 0.02, "seed": 1234, "eval_fraction": 0.05, "version": 2,   # 2: reproducible corpus and tokenizer
 }
 # a second built-in model for the expert-caching work: OLMoE-like ratios (64 experts, k 8, 8 layers),
 # so that "10 % of the experts" is more than one token's worth of activations
@@ -62,11 +70,16 @@ def cache_dir(name: str = "default") -> Path:
     return cache_root() / "default-model" / f"{_recipe(name)['arch']}-{recipe_hash(name)}"
 
 
-def corpus() -> tuple[str, str]:
-    """(train text, held-out eval text), both from the standard library, in a fixed order."""
+def stdlib_docs(modules: list[str]) -> list[str]:
+    """pydoc's topics, then each module's docstring and its public attributes' long docstrings, in a
+    fixed order. corpus() runs this in a fresh interpreter: dir() of a module lists the submodules the
+    process happened to import, so in-process the text depended on what had been imported before."""
+    import importlib
+    import inspect
+
     import pydoc_data.topics as topics
     docs = [topics.topics[k] for k in sorted(topics.topics)]
-    for name in DOC_MODULES:
+    for name in modules:
         try:
             mod = importlib.import_module(name)
         except ImportError:
@@ -78,25 +91,38 @@ def corpus() -> tuple[str, str]:
             d = inspect.getdoc(getattr(mod, attr, None))
             if d and len(d) > 200:
                 docs.append(d)
-    docs = [d.strip() for d in docs if d and d.strip()]
+    return [d.strip() for d in docs if d and d.strip()]
+
+
+def corpus() -> tuple[str, str]:
+    """(train text, held-out eval text), both from the standard library, in a fixed order. The same on
+    every machine with the same Python: collected by `python -I -S` (no site-packages, no environment)."""
+    src = inspect.getsource(stdlib_docs) + f"\nimport json, sys\njson.dump(stdlib_docs({DOC_MODULES!r}), sys.stdout)\n"
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", src], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise LexiError(f"collecting the standard-library corpus failed:\n{r.stderr[-2000:]}")
+    docs = json.loads(r.stdout)
     n_eval = max(1, int(len(docs) * RECIPE["eval_fraction"]))
     # every 20th document is held out, so eval text is in-domain but never trained on
-    eval_docs = docs[::20][:n_eval]
-    held = set(id(d) for d in eval_docs)
-    train_docs = [d for d in docs if id(d) not in held]
+    held = set(range(0, len(docs), 20)[:n_eval])
+    eval_docs = [docs[i] for i in sorted(held)]
+    train_docs = [d for i, d in enumerate(docs) if i not in held]
     return "\n\n".join(train_docs), "\n\n".join(eval_docs)
 
 
 def _train_tokenizer(text: str, out_dir: Path, vocab: int) -> None:
     import sentencepiece as spm
-    with tempfile.TemporaryDirectory() as td:
-        src = Path(td) / "corpus.txt"
-        src.write_text(text)
+    # the model file stores the trainer's input and output paths: relative names inside a temporary
+    # folder keep them the same on every run (the vocabulary itself is deterministic)
+    with tempfile.TemporaryDirectory() as td, contextlib.chdir(td):
+        Path("corpus.txt").write_text(text)
         spm.SentencePieceTrainer.train(
-            input=str(src), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab,
+            input="corpus.txt", model_prefix="tokenizer", vocab_size=vocab,
             model_type="bpe", character_coverage=1.0, byte_fallback=True, split_digits=True,
             bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=2, minloglevel=2,
             max_sentence_length=1 << 16, input_sentence_size=0, shuffle_input_sentence=False)
+        for f in ("tokenizer.model", "tokenizer.vocab"):
+            shutil.move(f, out_dir / f)
     cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
            "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 2048,
            "chat_template": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}Question: "
@@ -141,7 +167,22 @@ def _hf_config(r: dict, vocab: int, bos: int, eos: int):
         **moe[r["arch"]])
 
 
+# training threads: reductions split by thread count, so the count is part of the arithmetic
+TRAIN_THREADS = 2
+
+
+def training_env() -> dict:
+    """The environment of a training child: the CPU code paths pinned (see the module's docstring)."""
+    from ..runtime.cpu import cpu_flags
+    from ..runtime.procs import package_env
+    pinned = {"OMP_NUM_THREADS": str(TRAIN_THREADS), "MKL_NUM_THREADS": str(TRAIN_THREADS)}
+    if "avx2" in cpu_flags():
+        pinned.update(ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
+    return package_env(pinned)
+
+
 def train(out_dir: Path, steps: int | None = None, log=print, name: str = "default") -> Path:
+    """Train a recipe in this process (ensure_default_model runs it in a pinned child)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -153,6 +194,10 @@ def train(out_dir: Path, steps: int | None = None, log=print, name: str = "defau
     ids, vocab, bos, eos = _tokenize(r, train_text, out_dir)
     ids = torch.tensor(ids, dtype=torch.long)
     log(f"corpus: {len(train_text) / 1e6:.2f} MB, {len(ids) / 1e6:.2f} M tokens; eval {len(eval_text) / 1e3:.0f} kB")
+    torch.set_num_threads(TRAIN_THREADS)
+    # measured: without it two trainings on one machine differ by ~1e-6 after two steps (a parallel
+    # reduction in the MoE backward); with it they are bit-equal
+    torch.use_deterministic_algorithms(True)
     torch.manual_seed(r["seed"])
     cfg = _hf_config(r, vocab, bos, eos)
     # grouped_mm: ~1.4x faster than the eager per-expert loop on CPU (measured, transformers 5.23)
@@ -182,7 +227,9 @@ def train(out_dir: Path, steps: int | None = None, log=print, name: str = "defau
 
 
 def ensure_default_model(log=print, name: str = "default") -> Path:
-    """The cached trained model folder of a built-in recipe; trains it (atomically) when missing."""
+    """The cached trained model folder of a built-in recipe; trains it (atomically, in a child with
+    pinned arithmetic: training_env) when missing."""
+    from ..runtime.procs import stream_module
     d = cache_dir(name)
     r = _recipe(name)
     if (d / "recipe.json").exists():
@@ -192,10 +239,14 @@ def ensure_default_model(log=print, name: str = "default") -> Path:
     try:
         log(f"training the {name} model ({r['arch']}, {r['layers']} layers, {r['experts']} experts, "
             f"k {r['k']}) -> {d}")
-        train(tmp, log=log, name=name)
+        stream_module(__name__, [name, tmp], f"training the {name} model", log=log, env=training_env())
         if d.exists():
             shutil.rmtree(d)
         os.replace(tmp, d)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return d
+
+
+if __name__ == "__main__":   # the training child: python -m lexi_gguf.testbeds.builtin NAME OUT_DIR [STEPS]
+    train(Path(sys.argv[2]), steps=int(sys.argv[3]) if len(sys.argv) > 3 else None, name=sys.argv[1])

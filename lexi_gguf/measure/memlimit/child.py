@@ -71,12 +71,9 @@ def decode(spec: dict) -> dict:
 
 def run_child(spec: dict, *, timeout: float | None = None) -> dict:
     """One configuration in a fresh interpreter; its result is the tagged JSON line it prints."""
-    from ...runtime.procs import ChildFailed
+    from ...runtime.procs import ChildFailed, package_env
     cmd = [sys.executable, "-m", "lexi_gguf.measure.memlimit.child", json.dumps(spec)]
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[3])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=package_env())
     out = (r.stdout or "") + (r.stderr or "")
     if r.returncode != 0:
         if r.returncode in (-9, 137) and spec.get("cgroup"):
