@@ -170,6 +170,7 @@ def main() -> int:
     for name, *_ in STAGES:   # results of an earlier run must not pass for this one's
         (OUT / f"{name}.json").unlink(missing_ok=True)
     failed: dict[str, str] = {}
+    seconds: dict[str, float] = {}
     for name, title, _, needs in STAGES:
         print(f"\n== {title}", flush=True)
         missing = [n for n in needs if n in failed]
@@ -177,7 +178,9 @@ def main() -> int:
             failed[name] = f"skipped: needs {', '.join(missing)}"
             print(f"   {failed[name]}")
             continue
+        t_stage = time.perf_counter()
         cause = run_stage_child(name)
+        seconds[name] = time.perf_counter() - t_stage
         if cause:
             failed[name] = cause
             print(f"   stage {name} FAILED: {cause}", flush=True)
@@ -186,7 +189,8 @@ def main() -> int:
         b = json.loads((OUT / "bench.json").read_text()) if (OUT / "bench.json").exists() else None
         pareto_plot(json.loads((OUT / "eval.json").read_text()), OUT / "pareto.png", b)
     summary(failed)
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
+    print("\nstage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     if failed:
         print("\nFAILED stages (results of the others are kept above):", file=sys.stderr)
         for k, v in failed.items():

@@ -39,7 +39,7 @@ def test_default_recipe_is_reproducible(tmp_path):
     files = ("tokenizer.model", "model.safetensors", "eval.txt")
     digests = []
     for run in ("a", "b"):
-        stream_module("lexi_gguf.testbeds.builtin", ["default", tmp_path / run, 2], "training", log=lambda _: None,
+        stream_module("lexi_gguf.testbeds.builtin", ["default", tmp_path / run, "--steps", 2], "training", log=lambda _: None,
                       env=training_env())
         digests.append({f: hashlib.sha256((tmp_path / run / f).read_bytes()).hexdigest() for f in files})
     assert digests[0] == digests[1]

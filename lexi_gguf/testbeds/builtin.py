@@ -55,19 +55,20 @@ DOC_MODULES = ["os", "sys", "re", "json", "pathlib", "collections", "itertools",
                "io", "pickle", "copy", "pprint", "difflib", "tokenize", "ast", "dis", "operator"]
 
 
-def _recipe(name: str) -> dict:
+def _recipe(name: str, seed: int | None = None) -> dict:
+    """A recipe by name; seed: the same recipe with another training seed (bench_seeds)."""
     if name not in RECIPES:
         raise LexiError(f"no built-in model {name!r}: have {', '.join(RECIPES)}")
-    return RECIPES[name]
+    return RECIPES[name] if seed is None else dict(RECIPES[name], seed=seed)
 
 
-def recipe_hash(name: str = "default") -> str:
-    return hashlib.sha256(json.dumps(_recipe(name), sort_keys=True).encode()).hexdigest()[:12]
+def recipe_hash(name: str = "default", seed: int | None = None) -> str:
+    return hashlib.sha256(json.dumps(_recipe(name, seed), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cache_dir(name: str = "default") -> Path:
+def cache_dir(name: str = "default", seed: int | None = None) -> Path:
     from ..runtime.build import cache_root
-    return cache_root() / "default-model" / f"{_recipe(name)['arch']}-{recipe_hash(name)}"
+    return cache_root() / "default-model" / f"{_recipe(name, seed)['arch']}-{recipe_hash(name, seed)}"
 
 
 def stdlib_docs(modules: list[str]) -> list[str]:
@@ -181,12 +182,12 @@ def training_env() -> dict:
     return package_env(pinned)
 
 
-def train(out_dir: Path, steps: int | None = None, log=print, name: str = "default") -> Path:
+def train(out_dir: Path, steps: int | None = None, log=print, name: str = "default", seed: int | None = None) -> Path:
     """Train a recipe in this process (ensure_default_model runs it in a pinned child)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    recipe = _recipe(name)
+    recipe = _recipe(name, seed)
     r = dict(recipe, steps=steps or recipe["steps"])
     out_dir.mkdir(parents=True, exist_ok=True)
     train_text, eval_text = corpus()
@@ -222,24 +223,25 @@ def train(out_dir: Path, steps: int | None = None, log=print, name: str = "defau
             log(f"step {step:4d}/{r['steps']}  loss {outp.loss.item():.3f}  lr {lr:.2e}  {time.perf_counter() - t0:.0f} s")
     model.config.output_router_logits = False
     model.eval().save_pretrained(out_dir)
-    (out_dir / "recipe.json").write_text(json.dumps(dict(r, hash=recipe_hash(name), seconds=round(time.perf_counter() - t0, 1)), indent=2))
+    (out_dir / "recipe.json").write_text(json.dumps(dict(r, hash=recipe_hash(name, seed), seconds=round(time.perf_counter() - t0, 1)), indent=2))
     return out_dir
 
 
-def ensure_default_model(log=print, name: str = "default") -> Path:
+def ensure_default_model(log=print, name: str = "default", seed: int | None = None) -> Path:
     """The cached trained model folder of a built-in recipe; trains it (atomically, in a child with
     pinned arithmetic: training_env) when missing."""
     from ..runtime.procs import stream_module
-    d = cache_dir(name)
-    r = _recipe(name)
+    d = cache_dir(name, seed)
+    r = _recipe(name, seed)
     if (d / "recipe.json").exists():
         return d
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=d.parent))
     try:
         log(f"training the {name} model ({r['arch']}, {r['layers']} layers, {r['experts']} experts, "
-            f"k {r['k']}) -> {d}")
-        stream_module(__name__, [name, tmp], f"training the {name} model", log=log, env=training_env())
+            f"k {r['k']}, seed {r['seed']}) -> {d}")
+        stream_module(__name__, [name, tmp, "--seed", r["seed"]], f"training the {name} model", log=log,
+                      env=training_env())
         if d.exists():
             shutil.rmtree(d)
         os.replace(tmp, d)
@@ -248,5 +250,17 @@ def ensure_default_model(log=print, name: str = "default") -> Path:
     return d
 
 
-if __name__ == "__main__":   # the training child: python -m lexi_gguf.testbeds.builtin NAME OUT_DIR [STEPS]
-    train(Path(sys.argv[2]), steps=int(sys.argv[3]) if len(sys.argv) > 3 else None, name=sys.argv[1])
+def main(argv: list[str] | None = None) -> None:
+    """The training child: python -m lexi_gguf.testbeds.builtin NAME OUT_DIR [--steps N] [--seed S]."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m lexi_gguf.testbeds.builtin")
+    ap.add_argument("name", choices=list(RECIPES))
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--seed", type=int)
+    a = ap.parse_args(argv)
+    train(a.out_dir, steps=a.steps, name=a.name, seed=a.seed)
+
+
+if __name__ == "__main__":
+    main()
