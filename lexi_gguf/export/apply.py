@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .. import LexiError
-from ..method.allocate import allocate
+from ..method.allocate import allocate, read_table
 from ..gguf.writer import copy_with_metadata, lexi_metadata
 from ..gguf.reader import model_info, sensitivity_from_gguf, validate_counts
 
@@ -27,10 +27,7 @@ def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict
     if isinstance(sensitivity, dict):
         sens = sensitivity
     elif sensitivity:
-        p = Path(sensitivity)
-        if not p.exists():
-            raise LexiError(f"{p} does not exist")
-        sens = json.loads(p.read_text())
+        sens = read_table(sensitivity)
     else:
         # the file stores a data-free renorm table (its settings are not stored): other modes profile anew
         sens = stored if weight_norm == "renorm" and calib_text is None else None

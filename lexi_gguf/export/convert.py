@@ -8,13 +8,12 @@ the output appears only when every stage succeeded.
 from __future__ import annotations
 
 import errno
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from .. import LexiError
-from ..method.allocate import allocate
+from ..method.allocate import allocate, read_table
 from .apply import fit_counts, fit_ladder, fit_sensitivity
 from ..gguf.writer import copy_with_metadata, lexi_metadata
 from ..gguf.reader import model_info
@@ -78,11 +77,8 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
         print(f"      calibrated ({calib_metric}): profiled after conversion, while the model reads the text")
         sens = None
     elif sensitivity:
-        p = Path(sensitivity)
-        if not p.exists():
-            raise LexiError(f"{p} does not exist")
-        sens = json.loads(p.read_text())
-        print(f"      reusing {p}")
+        sens = read_table(sensitivity)
+        print(f"      reusing {sensitivity}")
         from .apply import check_weight_norm
         check_weight_norm(sens, weight_norm)
     else:
