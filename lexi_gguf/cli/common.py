@@ -1,5 +1,5 @@
-"""Helpers every command family shares: argument types, JSON in and out, the allocation and
-calibration options."""
+"""Helpers every command family shares: argument types, JSON output (input: lexi_gguf.read_json),
+the allocation and calibration options."""
 from __future__ import annotations
 
 import argparse
@@ -27,16 +27,6 @@ def write_json(obj: dict, out: str | Path, force: bool = True) -> None:
     from ..gguf.writer import atomic_output
     with atomic_output(out, force=force) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def read_json(path: str) -> dict:
-    p = Path(path)
-    if not p.exists():
-        raise LexiError(f"{p} does not exist")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise LexiError(f"{p} is not valid JSON ({e})") from None
 
 
 def allowed_k(args) -> list[int] | None:

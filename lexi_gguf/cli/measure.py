@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import LexiError
-from .common import floats, outputs, read_json, write_json
+from .. import LexiError, read_json
+from .common import floats, outputs, write_json
 
 
 def cmd_bench(args) -> None:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import read_json
 from ..method.profile import DEFAULT_DRAW_TOKENS, DEFAULT_SAMPLES
-from .common import add_alloc_opts, add_calib_opts, allowed_k, calib_text, read_json, write_json
+from .common import add_alloc_opts, add_calib_opts, allowed_k, calib_text, write_json
 
 
 def _calibrated(args, src, **profile_kw) -> dict | None:
@@ -48,8 +49,8 @@ def cmd_profile(args) -> None:
 
 
 def cmd_allocate(args) -> None:
-    from ..method.allocate import allocate
-    sens = read_json(args.sensitivity)
+    from ..method.allocate import TABLE_FIX, allocate
+    sens = read_json(args.sensitivity, TABLE_FIX)
     plan = allocate(sens, budget=args.budget, total=args.total, avg_k=args.avg_k, solver=args.solver,
                     allowed_k=allowed_k(args), min_k=args.min_k, seed=args.seed, compare=args.compare)
     write_json(plan, args.output)

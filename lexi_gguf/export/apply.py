@@ -2,11 +2,10 @@
 sensitivity table) into a GGUF, as a streamed, atomic copy."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .. import LexiError
-from ..method.allocate import allocate, read_table
+from .. import LexiError, read_json
+from ..method.allocate import TABLE_FIX, allocate
 from ..gguf.writer import copy_with_metadata, lexi_metadata
 from ..gguf.reader import model_info, sensitivity_from_gguf, validate_counts
 
@@ -27,7 +26,7 @@ def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict
     if isinstance(sensitivity, dict):
         sens = sensitivity
     elif sensitivity:
-        sens = read_table(sensitivity)
+        sens = read_json(sensitivity, TABLE_FIX)
     else:
         # the file stores a data-free renorm table (its settings are not stored): other modes profile anew
         sens = stored if weight_norm == "renorm" and calib_text is None else None
@@ -106,7 +105,7 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
         counts, method = list(k), "manual"
         sens = stored
     elif plan is not None:
-        pl = plan if isinstance(plan, dict) else json.loads(Path(plan).read_text())
+        pl = plan if isinstance(plan, dict) else read_json(plan, "give a plan.json from `lexi-gguf allocate`")
         counts, method = list(pl["expert_used_count"]), f"lexi-{pl.get('solver', 'exact')}"
         sens = stored
     else:

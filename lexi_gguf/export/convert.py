@@ -12,8 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .. import LexiError
-from ..method.allocate import allocate, read_table
+from .. import LexiError, read_json
+from ..method.allocate import TABLE_FIX, allocate
 from .apply import fit_counts, fit_ladder, fit_sensitivity
 from ..gguf.writer import copy_with_metadata, lexi_metadata
 from ..gguf.reader import model_info
@@ -77,7 +77,7 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
         print(f"      calibrated ({calib_metric}): profiled after conversion, while the model reads the text")
         sens = None
     elif sensitivity:
-        sens = read_table(sensitivity)
+        sens = read_json(sensitivity, TABLE_FIX)
         print(f"      reusing {sensitivity}")
         from .apply import check_weight_norm
         check_weight_norm(sens, weight_norm)

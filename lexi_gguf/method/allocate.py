@@ -6,26 +6,14 @@ crossover, zero-sum +-1 mutation, repair to feasibility), kept for comparison.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 from .. import LexiError, __version__
 
 SOLVERS = ("exact", "evolutionary")
-
-
-def read_table(path: str | Path) -> dict:
-    """A sensitivity table written by `lexi-gguf profile` (sensitivity.json)."""
-    p = Path(path)
-    if not p.exists():
-        raise LexiError(f"{p} does not exist")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise LexiError(f"{p} is not valid JSON ({e}); give a sensitivity.json from `lexi-gguf profile`") from None
+TABLE_FIX = "give a sensitivity.json from `lexi-gguf profile`"
 
 
 @dataclass
