@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -62,6 +61,7 @@ def build_model(out_dir: Path, *, hidden: int = 2048, ffn: int = 1024, layers: i
     import gguf
     import numpy as np
 
+    from lexi_gguf.gguf.reader import open_one
     from lexi_gguf.gguf.writer import atomic_output
     from lexi_gguf.measure.memlimit import evict
     if hidden % 32 or ffn % 32 or hidden % head_dim:
@@ -72,7 +72,7 @@ def build_model(out_dir: Path, *, hidden: int = 2048, ffn: int = 1024, layers: i
         return out
     t0 = time.perf_counter()
     tpl = _template(out_dir, layers, experts, k, seed)
-    r = gguf.GGUFReader(tpl)
+    r = open_one(tpl)
     arch = r.fields["general.architecture"].contents()
     T = gguf.GGUFValueType
     heads = hidden // head_dim

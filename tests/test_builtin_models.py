@@ -11,20 +11,20 @@ from lexi_gguf.method.archs import spec_for
 from lexi_gguf.runtime.procs import stream_module
 from lexi_gguf.testbeds.builtin import RECIPES, corpus, train, training_env
 from lexi_gguf.export.hf_to_gguf import convert_to_gguf
+from lexi_gguf.gguf.reader import open_one
 from lexi_gguf.method.weights import load_config
 
 
 @pytest.mark.parametrize("name,gguf_arch,normalises", [("qwen3-testbed", "qwen3moe", True),
                                                         ("olmoe-testbed", "olmoe", False)])
 def test_testbed_recipe_trains_and_converts(name, gguf_arch, normalises, tmp_path, llama_cpp_dir):
-    import gguf
     r = RECIPES[name]
     model_dir = train(tmp_path / "model", steps=2, log=lambda *_: None, name=name)
     cfg = load_config(model_dir)
     assert spec_for(cfg["model_type"]).routing(cfg).norm_topk is normalises
     assert (model_dir / "eval.txt").stat().st_size > 10_000
     out = convert_to_gguf(model_dir, tmp_path / "m.gguf", llama_cpp_dir, outtype="f16")
-    f = gguf.GGUFReader(out)
+    f = open_one(out)
     assert f.fields["general.architecture"].contents() == gguf_arch
     assert f.fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert f.fields[f"{gguf_arch}.block_count"].contents() == r["layers"]

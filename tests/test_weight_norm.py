@@ -105,3 +105,13 @@ def test_apply_writes_and_profiles_the_mode(tiny_gguf, tmp_path, capsys):
     assert cli.main(["apply", str(src), "-o", str(tmp_path / "x.gguf"), "--budget", "0.5", "--weight-norm", "base",
                      "--sensitivity", str(sens)]) == 2
     assert "profiled with weight norm 'renorm', not 'base'" in capsys.readouterr().err
+    # the stored table keeps its mode: re-applying the base file in the default mode profiles anew (the
+    # renorm table, as r.gguf's), where it used to reuse the base table; in base mode it reuses it
+    dev = lambda f: list(model_info(f).lexi[keys.SENS_DEVIATION])
+    assert model_info(out).lexi[keys.SENS_WEIGHT_NORM] == "base" and dev(out) != dev(renorm)
+    again = tmp_path / "again.gguf"
+    assert cli.main(["apply", str(out), "-o", str(again), "--budget", "0.5", "--samples", "1024"]) == 0
+    assert dev(again) == dev(renorm) and model_info(again).lexi[keys.SENS_WEIGHT_NORM] == "renorm"
+    again_base = tmp_path / "again-base.gguf"
+    assert cli.main(["apply", str(out), "-o", str(again_base), "--budget", "0.5", "--weight-norm", "base"]) == 0
+    assert dev(again_base) == dev(out)

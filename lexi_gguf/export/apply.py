@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .. import LexiError, read_json
 from ..method.allocate import TABLE_FIX, allocate
-from ..gguf.writer import copy_with_metadata, lexi_metadata
+from ..gguf.split import output_names
+from ..gguf.writer import copy_space, copy_with_metadata, lexi_metadata, require_free
 from ..gguf.reader import model_info, sensitivity_from_gguf, validate_counts
 
 
@@ -28,8 +29,9 @@ def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict
     elif sensitivity:
         sens = read_json(sensitivity, TABLE_FIX)
     else:
-        # the file stores a data-free renorm table (its settings are not stored): other modes profile anew
-        sens = stored if weight_norm == "renorm" and calib_text is None else None
+        # the stored table serves its own weight-norm mode; another mode (or --calib) profiles anew
+        mode = (stored or {}).get("settings", {}).get("weight_norm", "renorm")
+        sens = stored if mode == weight_norm and calib_text is None else None
         if sens is None:
             from ..method.gguf_weights import GGUFSource
             from ..method.profile import profile
@@ -41,8 +43,7 @@ def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict
             else:
                 sens = profile(src, samples=samples, seed=seed, threads=threads, weight_norm=weight_norm)
             sens["source"] = "gguf:" + "+".join(src.types)
-    if sens is not stored:
-        check_weight_norm(sens, weight_norm)
+    check_weight_norm(sens, weight_norm)
     extra_blocks(sens, info)
     if int(sens["k_base"]) != info.expert_used_count:
         raise LexiError(f"the sensitivity table has base k {sens['k_base']}, the model {info.expert_used_count}")
@@ -88,11 +89,16 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
           weight_norm: str = "renorm", calib_text: str | None = None, calib_tokens: int | None = None,
           calib_metric: str = "kld") -> Path:
     src, out = Path(src), Path(out)
-    if src.resolve() == out.resolve():
+    info = model_info(src)              # a split set: every shard is opened and checked here
+    outs = [out] if len(info.shards) == 1 else output_names(out, len(info.shards))
+    if {p.resolve() for p in outs} & {p.resolve() for p in info.shards}:
         raise LexiError("the output must be a new file, not the input")
-    if out.exists() and not force:
-        raise LexiError(f"{out} already exists; pass --force to overwrite it")
-    info = model_info(src)
+    for o in outs:
+        if o.exists() and not force:
+            raise LexiError(f"{o} already exists; pass --force to overwrite it")
+    if not out.parent.exists():
+        raise LexiError(f"output folder {out.parent} does not exist")
+    require_free(out.parent, copy_space(info.shards, out.parent), f"writing {outs[0].name}")   # before profiling
     if not info.is_moe:
         raise LexiError(f"{src.name} ({info.arch}) has no MoE layers: this is a dense model, LExI has nothing to adapt")
     if sum(x is not None for x in (k, plan, budget, total, avg_k)) != 1:

@@ -9,10 +9,12 @@ from pathlib import Path
 from .. import LexiError
 
 
-def convert_to_gguf(model_dir: str | Path, out: str | Path, llama_cpp_dir: Path, outtype: str = "f32") -> Path:
-    """Run the pinned llama.cpp's own convert_hf_to_gguf.py."""
+def convert_to_gguf(model_dir: str | Path, out: str | Path, llama_cpp_dir: Path, outtype: str = "f32",
+                    extra: tuple[str, ...] = ()) -> Path:
+    """Run the pinned llama.cpp's own convert_hf_to_gguf.py (`extra`: more of its options, e.g.
+    --split-max-tensors N, which writes OUT-00001-of-0000N.gguf, ... instead of OUT)."""
     script = Path(llama_cpp_dir) / "convert_hf_to_gguf.py"
-    cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(out), "--outtype", outtype]
+    cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(out), "--outtype", outtype, *extra]
     if _lacks_mtp(Path(model_dir)):
         cmd.append("--no-mtp")
     res = subprocess.run(cmd, capture_output=True, text=True)

@@ -26,6 +26,7 @@ def inspect_gguf(path: str | Path) -> dict:
                  ideal_speedup=full_b / b)
     return {"path": str(path), "arch": info.arch, "block_count": info.block_count, "expert_count": info.expert_count,
             "base_k": info.expert_used_count, "moe_layers": info.moe_layers,
+            "shards": [str(p) for p in info.shards],
             "method": lx.get(keys.METHOD), "lexi_version": lx.get(keys.VERSION),
             "has_sensitivity": keys.SENS_DEVIATION in lx,
             "full": {"active_bytes": full_b, "active_params": full_p}, "configs": configs,
@@ -34,7 +35,8 @@ def inspect_gguf(path: str | Path) -> dict:
 
 def render(d: dict) -> str:
     lines = [f"{d['path']}: {d['arch']}, {d['block_count']} blocks ({len(d['moe_layers'])} MoE), "
-             f"{d['expert_count']} experts, base k {d['base_k']}",
+             f"{d['expert_count']} experts, base k {d['base_k']}"
+             + (f", split into {len(d['shards'])} shards" if len(d.get("shards", [])) > 1 else ""),
              f"method: {d['method'] or '-'}   lexi-gguf {d['lexi_version'] or '-'}   "
              f"sensitivity table stored: {'yes' if d['has_sensitivity'] else 'no'}",
              f"full model: {d['full']['active_params'] / 1e6:.2f} M active params, "

@@ -21,6 +21,7 @@ SENS_SAMPLES = "lexi.sensitivity.samples"       # u32: token vectors per layer
 SENS_SEED = "lexi.sensitivity.seed"             # u32
 SENS_INPUT = "lexi.sensitivity.input"           # str: raw | rmsnorm | calib | calib-kld
 SENS_SOURCE = "lexi.sensitivity.source"         # str: safetensors | gguf:<dequantized type>
+SENS_WEIGHT_NORM = "lexi.sensitivity.weight_norm"  # str: the mode the table was profiled for (absent: lexi.weight_norm)
 
 
 def arch_expert_used_count(arch: str) -> str:
@@ -34,3 +35,8 @@ def arch_expert_count(arch: str) -> str:
 
 def arch_block_count(arch: str) -> str:
     return f"{arch}.block_count"
+
+
+# llama.cpp's own keys that lexi-gguf reads (gguf-py: Keys.Split)
+SPLIT_NO = "split.no"                           # u16: this shard's index, 0-based
+SPLIT_COUNT = "split.count"                     # u16: shards in the set

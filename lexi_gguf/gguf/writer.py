@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from .. import LexiError, __version__
 from . import keys
 from .reader import GGUFModelInfo, field_value, gguf_py, open_reader, validate_counts
+from .split import link_or_copy, output_names
 
 
 @contextmanager
@@ -23,6 +24,9 @@ def atomic_output(out: str | Path, force: bool = False):
         raise LexiError(f"output folder {out.parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)    # mkstemp's 0600 would make the model unreadable to other users
     try:
         yield Path(tmp)
         os.replace(tmp, out)
@@ -32,6 +36,28 @@ def atomic_output(out: str | Path, force: bool = False):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes for this user on the file system holding `folder`."""
+    import shutil
+    return shutil.disk_usage(folder).free
+
+
+def require_free(folder: str | Path, need: int, what: str) -> None:
+    """Refuse before writing anything when `folder`'s file system cannot hold `need` bytes."""
+    folder = Path(folder)
+    have = free_bytes(folder)
+    if have < need:
+        raise LexiError(f"{what} needs {need / 2**20:,.1f} MiB free on the file system of {folder}, which has "
+                        f"{have / 2**20:,.1f} MiB; free some space or write the output elsewhere (-o)")
+
+
+def copy_space(shards: list[Path], out_dir: Path) -> int:
+    """Bytes a copy of these shards into out_dir writes: the first shard, plus every other shard that
+    cannot be hard-linked there (another file system)."""
+    dev = out_dir.stat().st_dev
+    return shards[0].stat().st_size + (1 << 20) + sum(p.stat().st_size for p in shards[1:] if p.stat().st_dev != dev)
 
 
 def lexi_metadata(info: GGUFModelInfo, counts: list[int], method: str, *, sensitivity: dict | None = None,
@@ -74,43 +100,67 @@ def lexi_metadata(info: GGUFModelInfo, counts: list[int], method: str, *, sensit
         md[keys.SENS_SEED] = (int(st.get("seed", 0)), T.UINT32, None)
         md[keys.SENS_INPUT] = (str(st.get("input", "raw")), T.STRING, None)
         md[keys.SENS_SOURCE] = (str(sensitivity.get("source", "safetensors")), T.STRING, None)
+        md[keys.SENS_WEIGHT_NORM] = (str(st.get("weight_norm", "renorm")), T.STRING, None)
     return md
 
 
 def copy_with_metadata(src: str | Path, out: str | Path, new: dict, *, force: bool = False,
                        drop_prefix: str = "lexi.", progress: bool = True) -> Path:
     """Stream src to out with `new` metadata (old lexi.* keys dropped). Tensors are copied one at a time
-    from the reader's memory map, never the whole file in memory; the output appears atomically."""
-    gguf = gguf_py()
+    from the reader's memory map, never the whole file in memory; the output appears atomically.
+
+    A split src (its first shard) gives a split output named by llama.cpp's pattern (split.output_names):
+    a new first shard with the metadata and its tensors, the other shards hard-linked (or copied) as they
+    are. The other shards appear first, the first shard last, so a visible first shard means a whole set.
+    Returns the (first) output path."""
     reader = open_reader(src)
+    shards = getattr(reader, "shards", [(Path(src), reader)])
+    outs = [Path(out)] if len(shards) == 1 else output_names(out, len(shards))
+    for o in outs:
+        if o.exists() and not force:
+            raise LexiError(f"{o} already exists; pass --force to overwrite it")
+    if not outs[0].parent.exists():
+        raise LexiError(f"output folder {outs[0].parent} does not exist")
+    require_free(outs[0].parent, copy_space([p for p, _ in shards], outs[0].parent), f"writing {outs[0].name}")
+    with ExitStack() as stack:
+        tmp_first = stack.enter_context(atomic_output(outs[0], force))
+        for (p, _), o in zip(shards[1:], outs[1:]):
+            tmp = stack.enter_context(atomic_output(o, force))
+            tmp.unlink()
+            link_or_copy(p, tmp)
+        _write_gguf(shards[0][1], tmp_first, new, drop_prefix, progress)
+    del reader, shards
+    return outs[0]
+
+
+def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool) -> None:
+    """One GGUF file: reader's fields (less drop_prefix keys) + `new`, then its tensors, streamed."""
+    gguf = gguf_py()
     arch = field_value(reader, "general.architecture")
-    with atomic_output(out, force) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
-        for f in reader.fields.values():
-            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or f.name.startswith(drop_prefix):
-                continue
-            vt = f.types[0]
-            sub = f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(f.name, f.contents(), vt, sub_type=sub)
-        for name, (val, vt, sub) in new.items():
-            writer.add_key_value(name, val, vt, sub_type=sub)
-        total = 0
-        for t in reader.tensors:
-            total += int(t.n_bytes)
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(desc="write", total=total, unit="B", unit_scale=True)
-        for t in reader.tensors:
-            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
-            if bar:
-                bar.update(int(t.n_bytes))
-        writer.close()
+    writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
+    for f in reader.fields.values():
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or f.name.startswith(drop_prefix):
+            continue
+        vt = f.types[0]
+        sub = f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), vt, sub_type=sub)
+    for name, (val, vt, sub) in new.items():
+        writer.add_key_value(name, val, vt, sub_type=sub)
+    total = 0
+    for t in reader.tensors:
+        total += int(t.n_bytes)
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(desc="write", total=total, unit="B", unit_scale=True)
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
         if bar:
-            bar.close()
-        del reader
-    return Path(out)
+            bar.update(int(t.n_bytes))
+    writer.close()
+    if bar:
+        bar.close()

@@ -24,7 +24,8 @@ from .. import LexiError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PATCH_DIR = REPO_ROOT / "patches"
 PIN_FILE = PATCH_DIR / "pin.toml"
-TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize")
+# llama.cpp's own tools the project runs: bench, eval, convert --quant, split sets and importance matrices
+TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize", "llama-gguf-split", "llama-imatrix")
 BACKEND_CMAKE = {
     "cpu": [],
     "cuda": ["-DGGML_CUDA=ON"],
@@ -158,7 +159,7 @@ def build_wheel(tree: Path, rdir: Path, backend: str, jobs: int) -> Path:
 
 
 def build_tools(tree: Path, rdir: Path, backend: str, jobs: int) -> Path:
-    """llama-bench, llama-perplexity and llama-quantize, built in the wheel's own build tree: that build
+    """The TOOLS, built in the wheel's own build tree: that build
     already compiled ggml and libllama (shared, same flags, same patches), so adding the tools' targets
     there compiles their few sources and links them to the very libllama the Python runtime loads
     (measured on 2 cores: ~25 s, where a second full llama.cpp build took ~5 min). They and the shared

@@ -85,6 +85,16 @@ def lexi_overrides(arch: str | None = None, *, lexi: bool = True, budget_index: 
     return kv
 
 
+def check_split_set(path: Path) -> None:
+    """A split GGUF given by one shard: every shard present, readable and of this set, before llama.cpp's
+    loader (which names neither a missing shard nor the first one) gets it. Single files pass untouched."""
+    from ..gguf.reader import open_one
+    from ..gguf.split import open_set
+    first = open_one(path)
+    if keys.SPLIT_COUNT in first.fields:
+        open_set(path, first, open_one)
+
+
 def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512, n_threads: int | None = None,
          n_gpu_layers: int = 0, logits_all: bool = False, verbose: bool = False, seed: int = 0, n_batch: int = 512,
          eval_callback=None, prefetch: str = "off", **kw):
@@ -104,6 +114,7 @@ def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512
     path = Path(path)
     if not path.exists():
         raise LexiError(f"{path} does not exist")
+    check_split_set(path)
     install_log_hook()
     with _log_lock:
         _log_lines.clear()

@@ -11,6 +11,7 @@ import copy
 from pathlib import Path
 
 from .. import LexiError
+from ..gguf.reader import open_one
 
 GPT2_VOCAB = 50257
 
@@ -83,11 +84,10 @@ def gpt2_vocab_gguf(llama_cpp_dir: Path) -> Path:
 
 def save_gpt2_tokenizer(out_dir: Path, llama_cpp_dir: Path, extra_special: list[str] = ()) -> int:
     """GPT-2's byte-level BPE (tokens + merges from the shipped vocab GGUF) as a HF fast tokenizer."""
-    import gguf
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    r = gguf.GGUFReader(gpt2_vocab_gguf(llama_cpp_dir))
+    r = open_one(gpt2_vocab_gguf(llama_cpp_dir))
     tokens = r.fields["tokenizer.ggml.tokens"].contents()
     merges = [tuple(m.split(" ", 1)) for m in r.fields["tokenizer.ggml.merges"].contents()]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
@@ -107,14 +107,13 @@ def save_gemma4_tokenizer(out_dir: Path, llama_cpp_dir: Path, n_vocab: int) -> N
     """The first n_vocab tokens of the real Gemma 4 vocabulary (models/ggml-vocab-gemma-4.gguf: control
     tokens, the 256 byte tokens, then the first merged pieces) with every merge that survives, as the
     byte-fallback BPE tokenizer.json the Gemma 4 converter (gguf.LlamaHfVocab) requires."""
-    import gguf
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
 
     p = Path(llama_cpp_dir) / "models" / "ggml-vocab-gemma-4.gguf"
     if not p.exists():
         raise LexiError(f"{p} not found; the pinned llama.cpp tree is incomplete, rerun `make setup`")
-    r = gguf.GGUFReader(p)
+    r = open_one(p)
     tokens = r.fields["tokenizer.ggml.tokens"].contents()[:n_vocab]
     types = r.fields["tokenizer.ggml.token_type"].contents()[:n_vocab]
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -131,14 +130,13 @@ def save_gemma4_tokenizer(out_dir: Path, llama_cpp_dir: Path, n_vocab: int) -> N
 def save_qwen_tokenizer(out_dir: Path, llama_cpp_dir: Path) -> None:
     """Qwen's byte-level BPE (151,936 ids) from models/ggml-vocab-qwen35.gguf: transformers builds its own
     Qwen3.5 tokenizer for that model type, which the converter only accepts with the real vocabulary."""
-    import gguf
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     p = Path(llama_cpp_dir) / "models" / "ggml-vocab-qwen35.gguf"
     if not p.exists():
         raise LexiError(f"{p} not found; the pinned llama.cpp tree is incomplete, rerun `make setup`")
-    r = gguf.GGUFReader(p)
+    r = open_one(p)
     tokens = r.fields["tokenizer.ggml.tokens"].contents()
     types = r.fields["tokenizer.ggml.token_type"].contents()
     vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == 1}
@@ -246,3 +244,40 @@ def hf_moe_block(model, spec, i: int):
             _, w, idx = layer.router(x)
             return layer.experts(layer.pre_feedforward_layernorm_2(x), idx, w)
     return run
+
+
+def fp8_checkpoint(src: str | Path, out_dir: str | Path, block: tuple[int, int] = (128, 128)) -> Path:
+    """A checkpoint in the DeepSeek-V3 / Kimi-K2 release layout: every projection weight float8_e4m3fn
+    with a `weight_scale_inv` f32 scale per block x block tile (amax / 448), everything else as it was,
+    and the `quantization_config` those releases carry."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(src), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        for name, w in load_file(f).items():
+            if not (name.endswith(".weight") and "proj" in name and w.dim() == 2):
+                tensors[name] = w
+                continue
+            r, c = -(-w.shape[0] // block[0]), -(-w.shape[1] // block[1])
+            pad = torch.zeros(r * block[0], c * block[1])
+            pad[: w.shape[0], : w.shape[1]] = w.float()
+            tiles = pad.reshape(r, block[0], c, block[1])
+            scale = (tiles.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)
+            q = (tiles / scale[:, None, :, None]).reshape(pad.shape)[: w.shape[0], : w.shape[1]]
+            tensors[name] = q.to(torch.float8_e4m3fn)
+            tensors[name + "_scale_inv"] = scale.contiguous()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block)}
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json") and f.is_file():
+            shutil.copy2(f, out / f.name)
+    return out
