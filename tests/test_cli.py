@@ -173,6 +173,23 @@ def test_full_disk_leaves_no_temp_files(hf_olmoe, converted, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == [sens]
 
 
+def test_too_small_disk_is_refused_before_any_work(hf_olmoe, converted, tmp_path, monkeypatch, capsys):
+    import lexi_gguf.gguf.writer as writer
+    from lexi_gguf.export.convert import disk_plan
+    from lexi_gguf.method.weights import SafetensorsSource
+    seen = []
+    monkeypatch.setattr(writer, "free_bytes", lambda folder: seen.append(folder) or 3 << 20)
+    need, why = disk_plan(SafetensorsSource(hf_olmoe).n_params(), "Q8_0", "auto")
+    assert "quantized" in why and need > converted.stat().st_size          # the f16 file + the Q8_0 beside it
+    for args, what in ((["convert", str(hf_olmoe), "-o", str(tmp_path / "c.gguf")], "convert ("),
+                       (["apply", str(converted), "-o", str(tmp_path / "a.gguf"), "--budget", "0.5"], "writing a.gguf")):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert what in err and "MiB free on the file system" in err and "which has 3.0 MiB" in err, err
+        assert len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [] and len(seen) == 2      # refused before profiling or writing
+
+
 def test_profile_allocate_cli_with_plots_and_infeasible_budget(hf_olmoe, tmp_path, capsys):
     sens, plan, png, heat = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "p.png", tmp_path / "s.png"
     assert cli.main(["profile", str(hf_olmoe), "-o", str(sens), "--samples", "256", "--plot", str(heat)]) == 0

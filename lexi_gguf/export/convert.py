@@ -1,9 +1,10 @@
 """`lexi-gguf convert`: HF checkpoint -> profiled, allocated, converted and quantized GGUF, one file.
 
 Stages: profile (or reuse a table) -> allocate (default budget + ladder) -> llama.cpp's own
-convert_hf_to_gguf.py -> lexi keys (streamed copy) -> llama.cpp's own quantizer (llama_model_quantize).
-Intermediate files live in a temp folder beside the output and are removed on success and failure;
-the output appears only when every stage succeeded.
+convert_hf_to_gguf.py -> llama.cpp's own quantizer (llama_model_quantize) -> lexi keys (streamed copy
+into the output). Intermediate files live in a temp folder beside the output and are removed on success
+and failure; the output appears only when every stage succeeded. The disk it needs at its peak is
+estimated and checked before any work (disk_plan).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from .. import LexiError, read_json
 from ..method.allocate import TABLE_FIX, allocate
 from .apply import fit_counts, fit_ladder, fit_sensitivity
-from ..gguf.writer import copy_with_metadata, lexi_metadata
+from ..gguf.writer import copy_with_metadata, lexi_metadata, require_free
 from ..gguf.reader import model_info
 
 DEFAULT_LADDER = (1.0, 0.875, 0.75, 0.625, 0.5)
@@ -44,6 +45,33 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> No
         raise LexiError(f"llama.cpp's quantizer failed ({quant}, code {rc}); {captured_log()[-400:]}")
 
 
+def bytes_per_weight(quant: str) -> float:
+    """About how many bytes a weight takes in llama.cpp's `quant` mix: its main ggml type's size (Q4_K for
+    Q4_K_M, ...), x1.2 for the tensors a mix keeps at more bits (embeddings, output, some attention)."""
+    import gguf
+    key = quant.upper()
+    if key in FLOAT_TYPES:
+        return {"F32": 4.0, "F16": 2.0, "BF16": 2.0}[key]
+    for name in (key, key.rsplit("_", 1)[0], key.replace("_MOE", "")):
+        t = getattr(gguf.GGMLQuantizationType, name, None)
+        if t is not None:
+            block, size = gguf.GGML_QUANT_SIZES[t]
+            return 1.2 * size / block
+    return 1.2    # an unknown mix: at most 8-bit-ish
+
+
+def disk_plan(n_params: int, quant: str, outtype: str) -> tuple[int, str]:
+    """(peak bytes on disk, what makes the peak): the converter's output, then quantized beside it, then
+    the keys written into a copy of the quantized file (one full-size intermediate at a time)."""
+    base = n_params * (4 if outtype == "f32" else 2)
+    if quant.upper() in FLOAT_TYPES:
+        return 2 * base, f"the converted {outtype} file and its keyed copy"
+    q = min(base, int(n_params * bytes_per_weight(quant)))
+    if base + q >= 2 * q:
+        return base + q, f"the converted {outtype} file and the {quant.upper()} file quantized from it"
+    return 2 * q, f"the {quant.upper()} file and its keyed copy"
+
+
 def _stage(i: int, n: int, msg: str) -> None:
     print(f"[{i}/{n}] {msg}", flush=True)
 
@@ -65,6 +93,9 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
         raise LexiError(f"output folder {out.parent} does not exist")
     quant_ftype(quant)                       # unknown quant types fail before any work
     src = SafetensorsSource(model_dir)       # dense, unsupported, missing shards fail here
+    outtype = FLOAT_TYPES.get(quant.upper(), "auto")
+    peak, why = disk_plan(src.n_params(), quant, outtype)
+    require_free(out.parent, peak, f"convert ({why}, estimated)")
     ladder_budgets = sorted(set(budgets if budgets else DEFAULT_LADDER) | {budget}, reverse=True)
     n = 5
     _stage(1, n, f"profile {src.model.spec.name}: {len(src.model.moe_layers)} MoE layers, "
@@ -94,7 +125,6 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
         plan, ladder = plan_and_ladder(sens)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        outtype = FLOAT_TYPES.get(quant.upper(), "auto")
         _stage(3, n, f"convert with llama.cpp's convert_hf_to_gguf.py (--outtype {outtype})")
         base = convert_to_gguf(model_dir, tmpdir / "base.gguf", llama_cpp_dir(), outtype=outtype)
         info = model_info(base)
@@ -103,24 +133,21 @@ def convert(model_dir: str | Path, out: str | Path, *, budget: float = 0.75, qua
             sens = calibrated_sensitivity(base, src, calib_text, metric=calib_metric, tokens=calib_tokens,
                                           threads=threads, weight_norm=weight_norm, samples=samples, seed=seed)
             plan, ladder = plan_and_ladder(sens)
-        _stage(4, n, "write lexi keys, ladder and sensitivity table")
-        ladder = fit_ladder(ladder, sens, info)
-        keyed = copy_with_metadata(base, tmpdir / "keyed.gguf",
-                                   lexi_metadata(info, fit_counts(plan["expert_used_count"], sens, info), f"lexi-{solver}",
-                                                 sensitivity=fit_sensitivity(sens, info), ladder=ladder,
-                                                 weight_norm=weight_norm),
-                                   progress=False)
-        base.unlink()
         if quant.upper() in FLOAT_TYPES:
-            final = keyed
-            _stage(5, n, f"no quantization ({quant.upper()})")
+            _stage(4, n, f"no quantization ({quant.upper()})")
+            unkeyed = base
         else:
-            _stage(5, n, f"quantize to {quant.upper()} with llama.cpp's quantizer")
+            _stage(4, n, f"quantize to {quant.upper()} with llama.cpp's quantizer")
             install_log_hook()
-            final = tmpdir / "quant.gguf"
-            quantize(keyed, final, quant, threads)
-            keyed.unlink()
-        final.replace(out)
+            unkeyed = tmpdir / "quant.gguf"
+            quantize(base, unkeyed, quant, threads)
+            base.unlink()                   # one full-size intermediate at a time
+        _stage(5, n, "write lexi keys, ladder and sensitivity table")
+        ladder = fit_ladder(ladder, sens, info)
+        copy_with_metadata(unkeyed, out, lexi_metadata(info, fit_counts(plan["expert_used_count"], sens, info),
+                                                       f"lexi-{solver}", sensitivity=fit_sensitivity(sens, info),
+                                                       ladder=ladder, weight_norm=weight_norm),
+                           force=force, progress=False)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise LexiError(f"the disk holding {out.parent} is full; temporary files were removed, nothing was written") from None

@@ -36,16 +36,27 @@ def routing_from_gguf(reader, arch: str) -> Routing:
                    softmax_after_topk=spec.routing({}).softmax_after_topk)
 
 
-def tensor_to_torch(t) -> torch.Tensor:
+# types whose values bf16 holds within their own rounding error (<= 6 bits a weight; MXFP4 exactly):
+# their experts are kept in bf16, half of f32's memory. Q8_0, F16 and F32 stay f32.
+_BF16_OK = {"BF16", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+            "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS", "IQ4_NL", "TQ1_0", "TQ2_0"}
+
+
+def dequantize(data: np.ndarray, qt) -> torch.Tensor:
+    """One block of a GGUF tensor (a whole tensor, or one expert's [rows, bytes] slice) as torch: f32,
+    or bf16 where that loses nothing the quantization had not (_BF16_OK)."""
     import gguf
-    qt = t.tensor_type
     if qt == gguf.GGMLQuantizationType.F32:
-        return torch.from_numpy(np.array(t.data))  # copy: the mmap is read-only
+        return torch.from_numpy(np.array(data))  # copy: the mmap is read-only
     if qt == gguf.GGMLQuantizationType.BF16:
-        raw = np.asarray(t.data).view(np.int16)
-        return torch.from_numpy(raw.copy()).view(torch.bfloat16)
-    arr = gguf.quants.dequantize(t.data, qt)
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        return torch.from_numpy(np.asarray(data).view(np.int16).copy()).view(torch.bfloat16)
+    out = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qt), dtype=np.float32))
+    return out.to(torch.bfloat16) if qt.name in _BF16_OK else out
+
+
+def tensor_to_torch(t) -> torch.Tensor:
+    """A whole GGUF tensor (routers, norms, biases: small) as torch."""
+    return dequantize(t.data, t.tensor_type)
 
 
 class GGUFSource:
@@ -67,14 +78,20 @@ class GGUFSource:
         eps = field_value(self.reader, f"{info.arch}.attention.layer_norm_rms_epsilon") or 1e-6
         self.model = MoEModel(spec, {"hidden_size": hidden, "rms_norm_eps": float(eps)}, n_main, info.expert_count, info.expert_used_count,
                               tuple(i for i in info.moe_layers if i < n_main), routing_from_gguf(self.reader, info.arch))
-        self.types = sorted({self.tensors[f"blk.{i}.ffn_down_exps.weight"].tensor_type.name for i in info.moe_layers
-                             if f"blk.{i}.ffn_down_exps.weight" in self.tensors})
+        # the expert tensors' types (a K-quant mix keeps some at more bits: Q4_K_M has Q4_K and Q6_K)
+        self.types = sorted({self.tensors[f"blk.{i}.{n}.weight"].tensor_type.name for i in info.moe_layers
+                             for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps")
+                             if f"blk.{i}.{n}.weight" in self.tensors})
 
-    def _get(self, name: str) -> torch.Tensor:
+    def _get(self, name: str, per_expert: bool = False):
+        """A tensor as torch, or (per_expert) an [E, ...] expert tensor as E tensors dequantized one expert
+        at a time: peak memory is the layer's experts, never an f32 copy of a whole quantized tensor."""
         t = self.tensors.get(name)
         if t is None:
             raise LexiError(f"tensor {name} is missing from {self.info.path}")
         try:
+            if per_expert:
+                return [dequantize(t.data[e], t.tensor_type) for e in range(t.data.shape[0])]
             return tensor_to_torch(t)
         except NotImplementedError as e:
             raise LexiError(f"{name} is stored as {t.tensor_type.name}, which gguf-py cannot dequantize ({e}); "
@@ -85,13 +102,15 @@ class GGUFSource:
         router = self._get(p + "ffn_gate_inp.weight")                # [E, H]
         bias = self._get(p + "exp_probs_b.bias") if p + "exp_probs_b.bias" in self.tensors else None
         if p + "ffn_gate_up_exps.weight" in self.tensors:
-            gu = self._get(p + "ffn_gate_up_exps.weight")             # [E, 2F, H]
-            f = gu.shape[1] // 2
-            gate, up = gu[:, :f], gu[:, f:]
+            gu = self._get(p + "ffn_gate_up_exps.weight", per_expert=True)     # E x [2F, H]
+            f = gu[0].shape[0] // 2
+            gate, up = [x[:f] for x in gu], [x[f:] for x in gu]
         else:
-            gate, up = self._get(p + "ffn_gate_exps.weight"), self._get(p + "ffn_up_exps.weight")  # [E, F, H]
-        down = self._get(p + "ffn_down_exps.weight")                 # [E, H, F]
-        dt = torch.bfloat16 if any(x.dtype == torch.bfloat16 for x in (gate, up, down)) else torch.float32
+            gate = self._get(p + "ffn_gate_exps.weight", per_expert=True)      # E x [F, H]
+            up = self._get(p + "ffn_up_exps.weight", per_expert=True)
+        down = self._get(p + "ffn_down_exps.weight", per_expert=True)          # E x [H, F]
+        # one dtype for the layer: f32 if any of its tensors needs it (a Q4_K_M layer mixes Q4_K and Q6_K)
+        dt = torch.bfloat16 if all(x[0].dtype == torch.bfloat16 for x in (gate, up, down)) else torch.float32
         opt = lambda name: self._get(p + name).float() if p + name in self.tensors else None
         rows = lambda t: None if t is None else list(t)
         lw = LayerWeights(router.float(), bias, [g.to(dt) for g in gate], [u.to(dt) for u in up],

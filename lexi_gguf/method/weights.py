@@ -87,6 +87,18 @@ def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return out.reshape(out.shape[0], -1).to(torch.bfloat16)
 
 
+FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def dequant_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """A block-scaled FP8 weight (DeepSeek-V3 / Kimi-K2 releases: `weight` float8_e4m3fn [out, in],
+    `weight_scale_inv` f32 [ceil(out/b0), ceil(in/b1)], each block's values times its scale) -> bf16.
+    The product is formed in f32 as the pinned converter's dequant_simple forms it, then rounded once."""
+    s = scale_inv.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    s = s[: weight.shape[0], : weight.shape[1]]
+    return (weight.float() * s).to(torch.bfloat16)
+
+
 def _split_gate_up(t: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
     """gate and up halves of a fused [2F, ...] tensor: first/second half, or even/odd rows."""
     if how == "interleave":
@@ -123,6 +135,17 @@ class SafetensorsSource:
             raise LexiError(f"checkpoint shard(s) missing: {', '.join(missing)} (listed in "
                             f"model.safetensors.index.json); download the complete checkpoint")
 
+    def n_params(self) -> int:
+        """Parameters in the checkpoint, from the shards' headers (packed MXFP4 blocks: two a byte)."""
+        n = 0
+        for name, fname in self.weight_map.items():
+            shape = self._open(fname).get_slice(name).get_shape()
+            count = 1
+            for d in shape:
+                count *= int(d)
+            n += 2 * count if name.endswith("_blocks") else count
+        return n
+
     def _open(self, fname: str):
         h = self._handles.get(fname)
         if h is None:
@@ -142,12 +165,18 @@ class SafetensorsSource:
             raise LexiError(f"tensor {name} not found in {self.dir}; the checkpoint does not match its "
                             f"config ({self.model.spec.name})")
         try:
-            return self._open(self.weight_map[name]).get_tensor(name)
+            t = self._open(self.weight_map[name]).get_tensor(name)
         except LexiError:
             raise
         except Exception as e:
             raise LexiError(f"cannot read tensor {name} from {self.weight_map[name]}: {e}; "
                             "the file is truncated or corrupt, re-download it") from None
+        if t.dtype in FP8_TYPES:      # one tensor (one expert) at a time, scales applied
+            if not self.has(name + "_scale_inv"):
+                raise LexiError(f"{name} is FP8 but {name}_scale_inv is missing; the checkpoint is incomplete")
+            block = tuple((self.config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+            t = dequant_fp8(t, self.get(name + "_scale_inv"), block)
+        return t
 
     def prefix(self, i: int) -> str:
         """Layer i's MoE prefix; multimodal checkpoints keep the text model under model.language_model."""
@@ -198,7 +227,8 @@ class SafetensorsSource:
         lw = LayerWeights(router, bias, gate, up, downs, router_bias, gate_bias, up_bias, down_bias,
                           opt(spec.expert_scale), router_norm, opt(spec.expert_norm))
         if lw.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise LexiError(f"layer {i}: expert weights are {lw.dtype}; lexi-gguf reads bf16, f16, f32 and MXFP4 checkpoints")
+            raise LexiError(f"layer {i}: expert weights are {lw.dtype}; lexi-gguf reads bf16, f16, f32, FP8 (block-scaled) "
+                            "and MXFP4 checkpoints")
         return lw
 
     def norm_weight(self, i: int) -> torch.Tensor | None:
