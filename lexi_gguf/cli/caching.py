@@ -24,6 +24,25 @@ def cmd_trace(args) -> None:
           f"(callback {m['callback_seconds']:.2f} s) -> {out}")
 
 
+def cmd_trace_import(args) -> None:
+    from ..caching.trace_import import import_csv
+    expert_bytes = None
+    if args.model:          # the GGUF the routing is from: bytes per expert for the simulator
+        from ..gguf.reader import footprint
+        fp = footprint(args.model)
+        moe = fp["info"].moe_layers
+        expert_bytes = [fp["expert_bytes"][i] for i in moe]
+    tr = import_csv(args.csv, n_expert=args.n_expert, token_col=args.token_col, layer_col=args.layer_col,
+                    experts_col=args.experts_col, weights_col=args.weights_col, token_id_col=args.token_id_col,
+                    seq_col=args.seq_col, expert_bytes=expert_bytes)
+    if expert_bytes is not None and len(expert_bytes) != len(tr.moe_layers):
+        raise LexiError(f"{args.csv} has {len(tr.moe_layers)} MoE layers, {args.model} {len(expert_bytes)}; "
+                        "pass the model the trace was recorded from")
+    out = tr.save(args.output)
+    print(f"imported {len(tr.tokens)} tokens x {len(tr.moe_layers)} MoE layers (k per layer {tr.counts.tolist()}, "
+          f"{tr.n_expert} experts) -> {out}")
+
+
 def cmd_predictor(args) -> None:
     from ..caching import predict
     from ..runtime.trace import Trace
@@ -96,6 +115,21 @@ def register(sub) -> None:
     p.add_argument("--n-gpu-layers", type=int, default=0)
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("trace-import", help="a routing trace from another tool (CSV) as a lexi-gguf trace "
+                       "(also spelt `trace import`)")
+    p.add_argument("csv")
+    p.add_argument("--n-expert", type=int, required=True, help="experts per MoE layer (ids must be below it)")
+    p.add_argument("--token-col", default="token", help="token position column (default token)")
+    p.add_argument("--layer-col", default="layer", help="MoE layer column (default layer)")
+    p.add_argument("--experts-col", default="experts",
+                   help="expert ids: one column of space/;/,/| separated ids, or a glob of one-id columns ('expert_*')")
+    p.add_argument("--weights-col", help="routing weights, shaped as the experts (optional)")
+    p.add_argument("--token-id-col", help="vocabulary id of the token (optional)")
+    p.add_argument("--seq-col", help="prompt / sequence index (optional)")
+    p.add_argument("--model", help="the GGUF the routing is from: its expert sizes go into the trace")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_trace_import)
 
     p = sub.add_parser("predictor", help="train a learned look-ahead predictor on a trace, or score predictors")
     p.add_argument("action", choices=["train", "eval"])
