@@ -112,9 +112,11 @@ def targets(res: dict, cap: float = 0.1) -> dict:
     full = res["configs"][0]
     best = max(("prefetch:router", "prefetch:learned"), key=lambda p: _hit(full, p, cap))
     pred, lru, bel = (_hit(full, p, cap) for p in (best, "lru", "belady"))
-    out = {"best_predictor": best, "predictor_vs_lru": pred / max(lru, 1e-9), "predictor_of_belady": pred / max(bel, 1e-9)}
-    met = {"predictor prefetch >= 3x LRU": out["predictor_vs_lru"] >= 3,
-           "predictor prefetch >= 0.85 x Belady": out["predictor_of_belady"] >= 0.85}
+    # a ratio against a zero hit rate is no result: None, and the target counts as not met
+    out = {"best_predictor": best, "predictor_vs_lru": pred / lru if lru > 0 else None,
+           "predictor_of_belady": pred / bel if bel > 0 else None, "hit_rates": {"predictor": pred, "lru": lru, "belady": bel}}
+    met = {"predictor prefetch >= 3x LRU": out["predictor_vs_lru"] is not None and out["predictor_vs_lru"] >= 3,
+           "predictor prefetch >= 0.85 x Belady": out["predictor_of_belady"] is not None and out["predictor_of_belady"] >= 0.85}
     lexi = next((c for c in res["configs"] if c["config"] == "lexi 0.75"), None)
     uni = next((c for c in res["configs"] if c["config"] == "uniform 0.75"), None)
     if lexi and uni:

@@ -108,7 +108,7 @@ class _Belady:
         return out
 
 
-_POLICY = {"lru": _LRU, "lfu": _LFU, "eamc": _EAMC, "belady": _Belady}
+POLICIES = {"lru": _LRU, "lfu": _LFU, "eamc": _EAMC, "belady": _Belady}
 
 
 @dataclass
@@ -169,6 +169,41 @@ def quotas(trace: Trace, slots: int, mode: str) -> list[int] | None:
     return [max(int(x), 1) for x in q]
 
 
+def make_caches(trace: Trace, slots: int, base: str, slot_mode: str):
+    """(caches, cache_of(layer j)): one shared cache, or one per layer with its quota."""
+    q = quotas(trace, slots, slot_mode)
+    caches = [POLICIES[base](c) for c in q] if q else [POLICIES[base](slots)]
+    return caches, ((lambda j: caches[j]) if q else (lambda j: caches[0]))
+
+
+def request_stream(trace: Trace, toks: np.ndarray, belady: bool = False):
+    """The requests (step, layer j, expert) in true order, and each one's next use of the same
+    (layer, expert) (Belady needs it; max int when never again or not asked for)."""
+    L, E = len(trace.moe_layers), trace.n_expert
+    reqs = [(s, j, int(e)) for s, t in enumerate(toks) for j in range(L) for e in trace.experts[t, j] if e >= 0]
+    next_use = np.full(len(reqs), np.iinfo(np.int64).max, dtype=np.int64)
+    if belady:
+        last: dict[int, int] = {}
+        for i in range(len(reqs) - 1, -1, -1):
+            key = reqs[i][1] * E + reqs[i][2]
+            next_use[i] = last.get(key, np.iinfo(np.int64).max)
+            last[key] = i
+    return reqs, next_use
+
+
+def lookahead_targets(trace: Trace, toks: np.ndarray, s: int, j: int, depth: int):
+    """(distance d, token, layer) a prefetch issued at step s, layer j can aim at: layers j+1..j+depth,
+    past the last layer the next token's first ones when it follows in the same sequence."""
+    L, t = len(trace.moe_layers), int(toks[s])
+    for d in range(1, depth + 1):
+        tt, jj = t, j + d
+        if jj >= L:
+            if s + 1 >= len(toks) or int(toks[s + 1]) != t + 1 or trace.seq[t + 1] != trace.seq[t]:
+                return
+            tt, jj = t + 1, jj - L
+        yield d, tt, jj
+
+
 def simulate(trace: Trace, capacity: float, policy: str, *, predictions: dict | None = None,
              depth: int = 1, phase: str = "auto", slot_mode: str = "global") -> SimResult:
     """Replay the trace. policy: lru | lfu | eamc | belady, or "prefetch:<name>" with predictions
@@ -178,25 +213,14 @@ def simulate(trace: Trace, capacity: float, policy: str, *, predictions: dict | 
     slots = max(1, int(round(capacity * L * E)))
     prefetch = policy.startswith("prefetch:")
     base = "lru" if prefetch else policy
-    if base not in _POLICY:
+    if base not in POLICIES:
         raise LexiError(f"unknown policy {policy!r}: {', '.join(DEMAND_POLICIES)} or a predictor")
     if prefetch and predictions is None:
         raise LexiError(f"policy {policy} needs predictions")
-    q = quotas(trace, slots, slot_mode)
-    caches = [_POLICY[base](c) for c in q] if q else [_POLICY[base](slots)]
-    cache_of = (lambda j: caches[j]) if q else (lambda j: caches[0])
+    caches, cache_of = make_caches(trace, slots, base, slot_mode)
     expert_bytes = np.asarray(trace.meta.get("expert_bytes") or [1.0] * L, dtype=float)
     toks = steps(trace, phase)
-    # the request stream: (step, layer j, expert), in order; Belady needs each request's next use
-    reqs = [(s, j, int(e)) for s, t in enumerate(toks) for j in range(L)
-            for e in trace.experts[t, j] if e >= 0]
-    next_use = np.full(len(reqs), np.iinfo(np.int64).max, dtype=np.int64)
-    if base == "belady":
-        last: dict[int, int] = {}
-        for i in range(len(reqs) - 1, -1, -1):
-            key = reqs[i][1] * E + reqs[i][2]
-            next_use[i] = last.get(key, np.iinfo(np.int64).max)
-            last[key] = i
+    reqs, next_use = request_stream(trace, toks, belady=base == "belady")
     hits = 0
     demand_b = prefetch_b = 0.0
     n_pref = used_pref = 0
@@ -222,13 +246,7 @@ def simulate(trace: Trace, capacity: float, policy: str, *, predictions: dict | 
                 ev = c.insert(key, i, next_use[i])
                 pending.discard(ev)
         if prefetch:
-            t = int(toks[s])
-            for d in range(1, depth + 1):
-                tt, jj = t, j + d
-                if jj >= L:    # past the last layer: the next token's first layers, if it comes next
-                    if s + 1 >= len(toks) or int(toks[s + 1]) != t + 1 or trace.seq[t + 1] != trace.seq[t]:
-                        break
-                    tt, jj = t + 1, jj - L
+            for d, tt, jj in lookahead_targets(trace, toks, s, j, depth):
                 cj = cache_of(jj)
                 for e in predictions.get(d, {}).get((tt, jj), ()):
                     key = jj * E + int(e)

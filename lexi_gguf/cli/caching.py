@@ -90,7 +90,26 @@ def cmd_cache_sim(args) -> None:
         predictors["learned"] = predict.LearnedPredictor.load(args.predictor).predictions(tr)
     res = simulate.run(tr, args.capacity, args.policy, predictors=predictors, depth=args.depth, phase=args.phase,
                        slot_mode=args.slots)
+    print("Free-transfer model (an upper bound: a prefetch is resident the moment it is issued; only demand\n"
+          "misses stall):\n")
     print(simulate.table(res, args.link))
+    if args.clock:
+        from ..caching import clock
+        comp = args.compute_ms
+        compute_s = [x / 1e3 for x in comp] if comp else clock.compute_from_trace(tr)
+        if comp and len(comp) not in (1, len(tr.moe_layers)):
+            raise LexiError(f"--compute-ms has {len(comp)} values; give 1 or one per MoE layer ({len(tr.moe_layers)})")
+        rows = []
+        for link in args.clock:
+            for cap in args.capacity:
+                for pol in args.policy:
+                    name = pol if pol in simulate.DEMAND_POLICIES else f"prefetch:{pol}"
+                    rows.append(clock.simulate_clocked(tr, cap, name, link=link, compute_s=compute_s,
+                                                       predictions=predictors.get(pol), depth=args.depth,
+                                                       phase=args.phase, slot_mode=args.slots).row())
+        res["clock"] = {"compute_s_per_layer": compute_s, "rows": rows}
+        print("\nOn a clock (caching/clock.py: FIFO link, a layer computes once its experts are there):\n")
+        print(clock.table(rows))
     js = Path(args.json) if args.json else Path(args.trace).with_suffix(".cache.json")
     write_json(res, js)
     png = simulate.plot(res, args.plot or js.with_suffix(".png"))
@@ -156,6 +175,11 @@ def register(sub) -> None:
                    help="one shared cache, or per-layer quotas (equal, or following each layer's k)")
     p.add_argument("--phase", default="auto", choices=["auto", "decode", "all"])
     p.add_argument("--link", default="nvme", choices=["pcie4x16", "nvme", "emmc"], help="link for the stall column")
+    p.add_argument("--clock", nargs="+", metavar="LINK",
+                   help="also simulate on a clock over these links: pcie4x16, nvme, emmc or GBps,latency_us "
+                        "(a measured disk); transfers take time, prefetches must arrive (docs/caching.md)")
+    p.add_argument("--compute-ms", type=floats, help="compute per MoE layer for --clock: one value or one per "
+                   "layer (default: measured while tracing)")
     p.add_argument("--json")
     p.add_argument("--plot")
     p.set_defaults(func=cmd_cache_sim)

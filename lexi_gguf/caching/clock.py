@@ -1,0 +1,162 @@
+"""The cache simulator on a clock (`cache-sim --clock`): what a hit rate costs in time.
+
+Cost model, stated because every number below rests on it:
+- Each MoE layer computes for `compute_s[j]` seconds once all its experts are resident; a layer waiting
+  for an expert stalls until the expert's transfer has finished (the wait is the stall).
+- One link, FIFO: a transfer starts when the link is free (and not before it is issued) and takes
+  latency + bytes / bandwidth. Demand misses of a layer are issued when the layer starts (its router
+  ran); prefetches for layers j+1..j+d are issued at the same moment, behind them.
+- A prefetched expert takes its cache slot when issued (it can evict); it is a hit only if its transfer
+  finished by the time its layer starts, else a late hit that stalls for the rest of its transfer.
+  Prefetched bytes never used before eviction (or the end) are wasted; they still occupied the link.
+- Time per token = the sum of its layers' stall + compute. Non-MoE work is not modelled (fold it
+  into compute_s). The free-transfer simulator (simulate.simulate) is the upper bound of hit rate.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import LexiError
+from ..runtime.trace import Trace
+from .simulate import DEMAND_POLICIES, LINKS, POLICIES, lookahead_targets, make_caches, request_stream, steps
+
+
+@dataclass
+class ClockResult:
+    policy: str
+    capacity: float
+    link: str
+    tokens: int
+    accesses: int
+    hits: int              # resident and arrived when the layer started
+    late: int              # resident (prefetched) but still in transfer: stalled for the rest
+    demand_bytes: float
+    prefetch_bytes: float
+    wasted_bytes: float    # prefetched, evicted or left unused
+    stall_s: float
+    compute_s: float
+
+    def row(self) -> dict:
+        n = max(self.tokens, 1)
+        return {"policy": self.policy, "capacity": self.capacity, "link": self.link,
+                "hit_rate": self.hits / max(self.accesses, 1), "late_rate": self.late / max(self.accesses, 1),
+                "ms_per_token": (self.stall_s + self.compute_s) / n * 1e3, "stall_ms_per_token": self.stall_s / n * 1e3,
+                "compute_ms_per_token": self.compute_s / n * 1e3,
+                "mb_per_token": (self.demand_bytes + self.prefetch_bytes) / n / 1e6,
+                "wasted_mb_per_token": self.wasted_bytes / n / 1e6}
+
+
+def parse_link(spec: str) -> tuple[str, float, float]:
+    """A preset name (pcie4x16, nvme, emmc) or `GBps,latency_us` (e.g. a disk the memory-limited bench
+    measured): (name, bytes/s, seconds)."""
+    if spec in LINKS:
+        return (spec, *LINKS[spec])
+    try:
+        bw, lat = (float(x) for x in spec.split(","))
+    except ValueError:
+        raise LexiError(f"link {spec!r}: use one of {', '.join(LINKS)} or BANDWIDTH_GBps,LATENCY_us") from None
+    if bw <= 0 or lat < 0:
+        raise LexiError(f"link {spec!r}: bandwidth must be > 0 and latency >= 0")
+    return (f"{bw:g}GB/s+{lat:g}us", bw * 1e9, lat * 1e-6)
+
+
+def simulate_clocked(trace: Trace, capacity: float, policy: str, *, link: str = "nvme",
+                     compute_s: list[float] | float, predictions: dict | None = None, depth: int = 1,
+                     phase: str = "auto", slot_mode: str = "global") -> ClockResult:
+    L, E = len(trace.moe_layers), trace.n_expert
+    name, bw, lat = parse_link(link)
+    comp = np.broadcast_to(np.asarray(compute_s, dtype=float), (L,))
+    slots = max(1, int(round(capacity * L * E)))
+    prefetch = policy.startswith("prefetch:")
+    base = "lru" if prefetch else policy
+    if base not in POLICIES:
+        raise LexiError(f"unknown policy {policy!r}: {', '.join(DEMAND_POLICIES)} or a predictor")
+    if prefetch and predictions is None:
+        raise LexiError(f"policy {policy} needs predictions")
+    caches, cache_of = make_caches(trace, slots, base, slot_mode)
+    nbytes = np.asarray(trace.meta.get("expert_bytes") or [1.0] * L, dtype=float)
+    toks = steps(trace, phase)
+    reqs, next_use = request_stream(trace, toks, belady=base == "belady")
+    arrival: dict[int, float] = {}       # key -> when its bytes are in fast memory
+    unused: dict[int, float] = {}        # prefetched, not used yet -> bytes
+    now = link_free = 0.0
+    hits = late = 0
+    demand_b = prefetch_b = wasted_b = stall = computed = 0.0
+    seq_now = None
+
+    def transfer(issue: float, b: float) -> float:
+        nonlocal link_free
+        link_free = max(link_free, issue) + lat + b / bw
+        return link_free
+
+    def evicted(ev) -> None:
+        nonlocal wasted_b
+        if ev is not None:
+            arrival.pop(ev, None)
+            wasted_b += unused.pop(ev, 0.0)
+
+    for (s, j), idx in itertools.groupby(range(len(reqs)), key=lambda i: (reqs[i][0], reqs[i][1])):
+        if j == 0 and trace.seq[toks[s]] != seq_now:
+            seq_now = trace.seq[toks[s]]
+            for c in caches:
+                getattr(c, "new_sequence", lambda: None)()
+        c, start = cache_of(j), now
+        ready = start
+        for i in idx:
+            key = j * E + reqs[i][2]
+            if key in c:
+                c.touch(key, i, next_use[i])
+                a = arrival.get(key, 0.0)
+                if a <= start:
+                    hits += 1
+                else:
+                    late += 1
+                    ready = max(ready, a)
+                unused.pop(key, None)
+            else:
+                done = transfer(start, nbytes[j])
+                demand_b += nbytes[j]
+                evicted(c.insert(key, i, next_use[i]))
+                arrival[key] = done
+                ready = max(ready, done)
+        if prefetch:
+            for d, tt, jj in lookahead_targets(trace, toks, s, j, depth):
+                cj = cache_of(jj)
+                for e in predictions.get(d, {}).get((tt, jj), ()):
+                    key = jj * E + int(e)
+                    if key in cj:
+                        cj.touch(key, i)
+                        continue
+                    evicted(cj.insert(key, i))
+                    arrival[key] = transfer(start, nbytes[jj])
+                    unused[key] = nbytes[jj]
+                    prefetch_b += nbytes[jj]
+        stall += ready - start
+        computed += comp[j]
+        now = ready + comp[j]
+    wasted_b += sum(unused.values())
+    return ClockResult(policy, capacity, name, len(toks), len(reqs), hits, late, demand_b, prefetch_b, wasted_b,
+                       stall, computed)
+
+
+def compute_from_trace(trace: Trace) -> float:
+    """Seconds per MoE layer the runtime took while tracing (wall time less the callback's, per token
+    and MoE layer): measured, but low for decode when prompts ran as batches."""
+    m = trace.meta
+    secs = float(m.get("seconds") or 0) - float(m.get("callback_seconds") or 0)
+    if secs <= 0:
+        raise LexiError("the trace carries no timing (imported?); give --compute-ms per MoE layer")
+    return secs / max(len(trace.tokens), 1) / len(trace.moe_layers)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| capacity | link | policy | hit rate | late | ms/token | stall ms/token | MB/token | wasted MB/token |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['capacity']:g} | {r['link']} | {r['policy']} | {r['hit_rate']:.3f} | {r['late_rate']:.3f} | "
+                     f"{r['ms_per_token']:.3f} | {r['stall_ms_per_token']:.3f} | {r['mb_per_token']:.3f} | "
+                     f"{r['wasted_mb_per_token']:.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""The clocked cache simulator: transfers take latency + bytes / bandwidth on one FIFO link, a layer
+waits for its experts, a prefetch helps only if it arrives in time, wrong prefetches cost link time."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lexi_gguf import LexiError
+from lexi_gguf.caching.clock import parse_link, simulate_clocked
+from lexi_gguf.caching.simulate import oracle_predictions
+from lexi_gguf.runtime.trace import Trace
+
+MB = 1e6
+
+
+def trace(experts: list[list[list[int]]], n_expert: int = 8, nbytes: float = 1 * MB) -> Trace:
+    """experts[token][layer] = ids; one sequence, every token 'generated' (decode)."""
+    T, L, k = len(experts), len(experts[0]), len(experts[0][0])
+    ex = np.array(experts, np.int16).reshape(T, L, k)
+    return Trace(np.arange(T, dtype=np.int32), np.ones(T, bool), np.zeros(T, np.int32), np.arange(L, dtype=np.int32),
+                 np.full(L, k, np.int32), ex, np.ones(ex.shape, np.float32) / k, None,
+                 {"n_expert": n_expert, "expert_bytes": [nbytes] * L, "seconds": 1.0, "callback_seconds": 0.0})
+
+
+LINK = "1,100"       # 1 GB/s, 100 us: one 1 MB expert = 1.1 ms
+
+
+def test_a_miss_stalls_for_its_transfer_and_misses_queue():
+    tr = trace([[[0, 1]], [[0, 1]], [[0, 1]]])            # 1 layer, k 2, the same two experts thrice
+    r = simulate_clocked(tr, 1.0, "lru", link=LINK, compute_s=0.5e-3).row()
+    one = 100e-6 + 1 * MB / 1e9
+    # token 0 waits for both transfers, one after the other on the link; tokens 1, 2 hit
+    assert r["stall_ms_per_token"] == pytest.approx(2 * one / 3 * 1e3)
+    assert r["ms_per_token"] == pytest.approx((2 * one + 3 * 0.5e-3) / 3 * 1e3)
+    assert r["hit_rate"] == pytest.approx(4 / 6) and r["mb_per_token"] == pytest.approx(2 / 3)
+
+
+def test_prefetch_must_arrive_in_time():
+    rng = np.random.default_rng(0)
+    ex = [[rng.choice(8, 2, replace=False).tolist() for _ in range(4)] for _ in range(30)]   # 4 layers
+    tr = trace(ex)
+    oracle = oracle_predictions(tr, depth=1)
+    lru = simulate_clocked(tr, 0.25, "lru", link=LINK, compute_s=0.2e-3).row()
+    # compute far shorter than a transfer: the perfect guess is late, it cannot hide the link
+    fast = simulate_clocked(tr, 0.25, "prefetch:oracle", link=LINK, compute_s=0.2e-3, predictions=oracle).row()
+    assert fast["late_rate"] > 0.5 and fast["stall_ms_per_token"] > 0.5 * lru["stall_ms_per_token"]
+    # compute longer than two transfers: the guess for layer j+1 lands while layer j computes
+    slow = simulate_clocked(tr, 0.25, "prefetch:oracle", link=LINK, compute_s=5e-3, predictions=oracle).row()
+    assert slow["hit_rate"] > 0.9 and slow["stall_ms_per_token"] < 0.1 * lru["stall_ms_per_token"]
+    assert slow["wasted_mb_per_token"] == 0
+
+
+def test_wrong_prefetches_waste_bytes_and_delay_demand():
+    ex = [[[0, 1], [2, 3]] for _ in range(10)]
+    tr = trace(ex)
+    wrong = {1: {(t, j): [6, 7] for t in range(10) for j in range(2)}}
+    base = simulate_clocked(tr, 0.25, "lru", link=LINK, compute_s=1e-3).row()
+    bad = simulate_clocked(tr, 0.25, "prefetch:wrong", link=LINK, compute_s=1e-3, predictions=wrong).row()
+    assert bad["wasted_mb_per_token"] > 0 and bad["mb_per_token"] > base["mb_per_token"]
+    assert bad["ms_per_token"] > base["ms_per_token"]
+
+
+def test_links():
+    assert parse_link("nvme")[0] == "nvme"
+    assert parse_link("2.5,80")[1:] == pytest.approx((2.5e9, 80e-6))
+    with pytest.raises(LexiError, match="BANDWIDTH_GBps,LATENCY_us"):
+        parse_link("fast")
