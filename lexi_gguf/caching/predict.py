@@ -99,7 +99,7 @@ def random_predictions(trace: Trace, depth: int = 3, seed: int = 0) -> dict[int,
 
 # ---------------------------------------------------------------- learned look-ahead predictor
 
-def _pairs(trace: Trace, depth: int, tokens: np.ndarray | None = None):
+def lookahead_pairs(trace: Trace, depth: int, tokens: np.ndarray | None = None):
     """(source token, source layer j, d, target token, target layer) for look-ahead d = 1..depth: the
     target is layer j+d of the same token, or past the last MoE layer, the next token's first layers."""
     L = len(trace.moe_layers)
@@ -152,7 +152,7 @@ class LearnedPredictor:
         import torch
         if trace.hidden is None:
             raise LexiError("training needs router inputs: record the training trace with --hidden")
-        pairs = _pairs(trace, self.depth)
+        pairs = lookahead_pairs(trace, self.depth)
         x, jj = self._features(trace, pairs)
         y = torch.zeros(len(pairs), self.E)
         tgt = torch.from_numpy(np.stack([trace.experts[p[3], p[4]] for p in pairs]).astype(np.int64))
@@ -177,7 +177,7 @@ class LearnedPredictor:
     def predictions(self, trace: Trace, tokens: np.ndarray | None = None) -> dict[int, dict]:
         """{d: {(target token, target layer): top-k_target experts}} for the traced tokens."""
         import torch
-        pairs = _pairs(trace, self.depth, tokens)
+        pairs = lookahead_pairs(trace, self.depth, tokens)
         out: dict[int, dict] = {d: {} for d in range(1, self.depth + 1)}
         with torch.no_grad():
             x, jj = self._features(trace, pairs)

@@ -50,9 +50,14 @@ def cmd_predictor(args) -> None:
     if args.action == "train":
         if not args.output:
             raise LexiError("predictor train needs -o PREDICTOR.pt")
-        learner = predict.LearnedPredictor(tr.hidden.shape[-1] if tr.hidden is not None else 0, tr.n_expert,
-                                           len(tr.moe_layers), args.depth)
-        fit = learner.fit(tr, epochs=args.epochs, log=print)
+        if args.kind == "sequence":        # expert ids only: any trace
+            from ..caching.idpredict import SequencePredictor
+            learner = SequencePredictor(tr.n_expert, len(tr.moe_layers), args.depth)
+            fit = learner.fit(tr, steps=args.steps, log=print)
+        else:
+            learner = predict.LearnedPredictor(tr.hidden.shape[-1] if tr.hidden is not None else 0, tr.n_expert,
+                                               len(tr.moe_layers), args.depth)
+            fit = learner.fit(tr, epochs=args.epochs, log=print)
         learner.save(args.output)
         print(f"trained on {fit['examples']} (layer, look-ahead) examples of {len(tr.tokens)} tokens -> {args.output}")
         return
@@ -61,10 +66,18 @@ def cmd_predictor(args) -> None:
         for d, p in predict.router_predictions(tr, args.model, depth=args.depth).items():
             rows.append({"predictor": f"router d={d}", **predict.score(tr, p)})
     if args.predictor:
-        for d, p in predict.LearnedPredictor.load(args.predictor).predictions(tr).items():
-            rows.append({"predictor": f"learned d={d}", **predict.score(tr, p)})
-    if not rows:
-        raise LexiError("give --model MODEL.gguf (router look-ahead) and/or --predictor PREDICTOR.pt (learned)")
+        from ..caching.idpredict import SequencePredictor, load_predictor
+        learner = load_predictor(args.predictor)
+        name = "sequence" if isinstance(learner, SequencePredictor) else "learned"
+        for d, p in learner.predictions(tr).items():
+            rows.append({"predictor": f"{name} d={d}", **predict.score(tr, p)})
+    from ..caching import idpredict
+    id_only = {"previous": idpredict.previous_predictions(tr, args.depth)}
+    if args.train_trace:
+        id_only["coactivation"] = idpredict.coactivation_predictions(Trace.load(args.train_trace), tr, args.depth)
+    for name, preds in id_only.items():
+        for d, p in preds.items():
+            rows.append({"predictor": f"{name} d={d}", **predict.score(tr, p)})
     rows.append({"predictor": "random", **predict.score(tr, predict.random_predictions(tr)[1])})
     print("| predictor | recall@k | precision | F1 | accuracy | all-zeros accuracy |\n|---|---|---|---|---|---|")
     for r in rows:
@@ -84,10 +97,19 @@ def cmd_cache_sim(args) -> None:
         if not args.model:
             raise LexiError("--policy router needs --model MODEL.gguf (the routers it applies)")
         predictors["router"] = predict.router_predictions(tr, args.model, depth=args.depth)
-    if "learned" in args.policy:
-        if not args.predictor:
-            raise LexiError("--policy learned needs --predictor PREDICTOR.pt (lexi-gguf predictor train)")
-        predictors["learned"] = predict.LearnedPredictor.load(args.predictor).predictions(tr)
+    for pol in ("learned", "sequence"):
+        if pol in args.policy:
+            if not args.predictor:
+                raise LexiError(f"--policy {pol} needs --predictor PREDICTOR.pt (lexi-gguf predictor train)")
+            from ..caching.idpredict import load_predictor
+            predictors[pol] = load_predictor(args.predictor).predictions(tr)
+    from ..caching import idpredict
+    if "previous" in args.policy:
+        predictors["previous"] = idpredict.previous_predictions(tr, args.depth)
+    if "coactivation" in args.policy:
+        if not args.train_trace:
+            raise LexiError("--policy coactivation needs --train-trace TRACE.npz (counted on other prompts)")
+        predictors["coactivation"] = idpredict.coactivation_predictions(Trace.load(args.train_trace), tr, args.depth)
     res = simulate.run(tr, args.capacity, args.policy, predictors=predictors, depth=args.depth, phase=args.phase,
                        slot_mode=args.slots)
     print("Free-transfer model (an upper bound: a prefetch is resident the moment it is issued; only demand\n"
@@ -156,7 +178,12 @@ def register(sub) -> None:
     p.add_argument("--model", help="eval: the GGUF the trace was recorded from (router look-ahead baseline)")
     p.add_argument("--predictor", help="eval: a learned predictor (.pt) from `predictor train`")
     p.add_argument("--depth", type=int, default=2, help="predict layer l+d from layer l, d = 1..depth")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=30, help="train --kind mlp: epochs")
+    p.add_argument("--kind", default="mlp", choices=["mlp", "sequence"],
+                   help="train: mlp (router inputs, needs --hidden) or sequence (MoE-Beyond-style transformer "
+                        "over the tokens' expert sets; ids only)")
+    p.add_argument("--steps", type=int, default=400, help="train --kind sequence: optimizer steps")
+    p.add_argument("--train-trace", help="eval: a trace of other prompts to count co-activations on")
     p.add_argument("-o", "--output", help="train: where to write the predictor (.pt)")
     p.add_argument("--json")
     p.set_defaults(func=cmd_predictor)
@@ -166,10 +193,11 @@ def register(sub) -> None:
     p.add_argument("--capacity", type=floats, default=[0.05, 0.1, 0.25, 0.5], help="fractions of all routed experts")
     p.add_argument("--policy", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    default=["lru", "lfu", "eamc", "belady", "router", "oracle"],
-                   help="lru, lfu, eamc (MoE-Infinity-style), belady (offline optimum); "
-                        "router / learned / oracle / random (prefetch)")
+                   help="lru, lfu, eamc (MoE-Infinity-style), belady (offline optimum); router / learned / "
+                        "sequence / coactivation / previous / oracle / random (prefetch)")
     p.add_argument("--model", help="the GGUF the trace was recorded from (for --policy router)")
-    p.add_argument("--predictor", help="a learned predictor .pt (for --policy learned)")
+    p.add_argument("--predictor", help="a predictor .pt from `predictor train` (for --policy learned or sequence)")
+    p.add_argument("--train-trace", help="a trace of other prompts (for --policy coactivation)")
     p.add_argument("--depth", type=int, default=1, help="prefetch layers l+1..l+depth")
     p.add_argument("--slots", default="global", choices=["global", "equal", "k"],
                    help="one shared cache, or per-layer quotas (equal, or following each layer's k)")
