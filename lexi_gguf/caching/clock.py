@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import LexiError
 from ..runtime.trace import Trace
-from .simulate import DEMAND_POLICIES, LINKS, POLICIES, lookahead_targets, make_caches, request_stream, steps
+from .simulate import LINKS, lookahead_targets, replay_setup
 
 
 @dataclass
@@ -69,17 +69,8 @@ def simulate_clocked(trace: Trace, capacity: float, policy: str, *, link: str = 
     L, E = len(trace.moe_layers), trace.n_expert
     name, bw, lat = parse_link(link)
     comp = np.broadcast_to(np.asarray(compute_s, dtype=float), (L,))
-    slots = max(1, int(round(capacity * L * E)))
-    prefetch = policy.startswith("prefetch:")
-    base = "lru" if prefetch else policy
-    if base not in POLICIES:
-        raise LexiError(f"unknown policy {policy!r}: {', '.join(DEMAND_POLICIES)} or a predictor")
-    if prefetch and predictions is None:
-        raise LexiError(f"policy {policy} needs predictions")
-    caches, cache_of = make_caches(trace, slots, base, slot_mode)
-    nbytes = np.asarray(trace.meta.get("expert_bytes") or [1.0] * L, dtype=float)
-    toks = steps(trace, phase)
-    reqs, next_use = request_stream(trace, toks, belady=base == "belady")
+    _, prefetch, caches, cache_of, nbytes, toks, reqs, next_use = replay_setup(trace, capacity, policy, predictions,
+                                                                              phase, slot_mode)
     arrival: dict[int, float] = {}       # key -> when its bytes are in fast memory
     unused: dict[int, float] = {}        # prefetched, not used yet -> bytes
     now = link_free = 0.0

@@ -204,11 +204,9 @@ def lookahead_targets(trace: Trace, toks: np.ndarray, s: int, j: int, depth: int
         yield d, tt, jj
 
 
-def simulate(trace: Trace, capacity: float, policy: str, *, predictions: dict | None = None,
-             depth: int = 1, phase: str = "auto", slot_mode: str = "global") -> SimResult:
-    """Replay the trace. policy: lru | lfu | eamc | belady, or "prefetch:<name>" with predictions
-    {d: {(token, moe layer j): experts}}: what is known of layer j at layer j - d, for d in 1..depth
-    (LRU eviction). A predictor without a depth d is not used at that distance."""
+def replay_setup(trace: Trace, capacity: float, policy: str, predictions, phase: str, slot_mode: str):
+    """What both simulators start from: (slots, prefetching?, caches, cache_of, bytes per expert of each
+    layer, replayed tokens, the request stream, each request's next use)."""
     L, E = len(trace.moe_layers), trace.n_expert
     slots = max(1, int(round(capacity * L * E)))
     prefetch = policy.startswith("prefetch:")
@@ -218,9 +216,20 @@ def simulate(trace: Trace, capacity: float, policy: str, *, predictions: dict | 
     if prefetch and predictions is None:
         raise LexiError(f"policy {policy} needs predictions")
     caches, cache_of = make_caches(trace, slots, base, slot_mode)
-    expert_bytes = np.asarray(trace.meta.get("expert_bytes") or [1.0] * L, dtype=float)
+    nbytes = np.asarray(trace.meta.get("expert_bytes") or [1.0] * L, dtype=float)
     toks = steps(trace, phase)
     reqs, next_use = request_stream(trace, toks, belady=base == "belady")
+    return slots, prefetch, caches, cache_of, nbytes, toks, reqs, next_use
+
+
+def simulate(trace: Trace, capacity: float, policy: str, *, predictions: dict | None = None,
+             depth: int = 1, phase: str = "auto", slot_mode: str = "global") -> SimResult:
+    """Replay the trace. policy: lru | lfu | eamc | belady, or "prefetch:<name>" with predictions
+    {d: {(token, moe layer j): experts}}: what is known of layer j at layer j - d, for d in 1..depth
+    (LRU eviction). A predictor without a depth d is not used at that distance."""
+    E = trace.n_expert
+    r = replay_setup(trace, capacity, policy, predictions, phase, slot_mode)
+    slots, prefetch, caches, cache_of, expert_bytes, toks, reqs, next_use = r
     hits = 0
     demand_b = prefetch_b = 0.0
     n_pref = used_pref = 0
