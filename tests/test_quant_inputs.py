@@ -101,3 +101,7 @@ def test_fp8_release_profiles_and_converts(llama_cpp_dir, tmp_path):
     conv = torch.from_numpy(np.asarray(t.data).view(np.int16)[0].copy()).view(torch.bfloat16)
     assert torch.equal(conv, got)
     assert model_info(out).lexi[keys.SENS_SOURCE] == "safetensors"
+    llm = runtime.load(out, n_ctx=64, n_threads=2)          # and the converted release runs
+    text = llm("The", max_tokens=4, temperature=0.0)["choices"][0]["text"]
+    llm.close()
+    assert isinstance(text, str) and text

@@ -88,7 +88,8 @@ def test_cli_trace_predict_simulate(tiny_gguf, tmp_path, capsys):
     assert cli.main(["predictor", "eval", str(trace), "--model", str(gguf), "--predictor", str(pt), "--depth", "2",
                      "--json", str(tmp_path / "p.json")]) == 0
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
-    assert [r["predictor"] for r in rows] == ["router d=1", "router d=2", "learned d=1", "learned d=2", "random"]
+    assert [r["predictor"] for r in rows] == ["router d=1", "router d=2", "learned d=1", "learned d=2",
+                                              "previous d=1", "previous d=2", "random"]   # previous: ids only, always
     assert all(r["all_zeros_accuracy"] == pytest.approx(0.75) for r in rows)
     recall = {r["predictor"]: r["recall"] for r in rows}
     # random guesses k of E experts: recall k/E = 2/8; the router look-ahead is far better one layer
