@@ -90,7 +90,7 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
           calib_metric: str = "kld") -> Path:
     src, out = Path(src), Path(out)
     info = model_info(src)              # a split set: every shard is opened and checked here
-    outs = [out] if len(info.shards) == 1 else output_names(out, len(info.shards))
+    outs = output_names(out, len(info.shards))
     if {p.resolve() for p in outs} & {p.resolve() for p in info.shards}:
         raise LexiError("the output must be a new file, not the input")
     for o in outs:

@@ -27,9 +27,12 @@ def split_prefix(path: str | Path) -> tuple[str, int, int] | None:
 
 
 def output_names(out: str | Path, count: int) -> list[Path]:
-    """Where a set of `count` shards written for `out` goes: `out` itself if it is already the first
-    shard's name, else NAME-0000i-of-0000N.gguf beside it (so llama.cpp finds every shard)."""
+    """Where a set of `count` shards written for `out` goes: `out` alone for one file; `out` itself if it
+    is already the first shard's name, else NAME-0000i-of-0000N.gguf beside it (so llama.cpp finds
+    every shard)."""
     out = Path(out)
+    if count == 1:
+        return [out]
     got = split_prefix(out)
     if got and got[1] == 0 and got[2] == count:
         prefix = got[0]

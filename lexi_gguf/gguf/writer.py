@@ -115,7 +115,7 @@ def copy_with_metadata(src: str | Path, out: str | Path, new: dict, *, force: bo
     Returns the (first) output path."""
     reader = open_reader(src)
     shards = getattr(reader, "shards", [(Path(src), reader)])
-    outs = [Path(out)] if len(shards) == 1 else output_names(out, len(shards))
+    outs = output_names(out, len(shards))
     for o in outs:
         if o.exists() and not force:
             raise LexiError(f"{o} already exists; pass --force to overwrite it")
