@@ -89,3 +89,26 @@ def add_alloc_opts(p, required_budget: bool) -> None:
     g.add_argument("--total", type=int, help="total active experts over MoE layers")
     g.add_argument("--avg-k", type=float, help="average active experts per MoE layer")
     add_solver_opts(p)
+
+
+def add_device_opts(p) -> None:
+    """Where layers run: offloaded layers, RPC servers on other machines (docs/rpc.md), their shares."""
+    p.add_argument("--n-gpu-layers", "-ngl", type=int,
+                   help="layers to offload to GPUs / RPC servers (default 0; with --rpc all of them)")
+    p.add_argument("--rpc", metavar="HOST:PORT[,...]",
+                   help="llama.cpp RPC servers (`lexi-gguf rpc-server` there) to put the offloaded layers on")
+    p.add_argument("--tensor-split", type=floats, metavar="W,W,...",
+                   help="share of the offloaded layers per device (RPC servers first, in --rpc order)")
+
+
+def n_gpu_layers(args) -> int:
+    """The offload count a command loads with; connects --rpc servers first (process-wide, as llama.cpp)."""
+    if args.rpc:
+        from ..runtime import rpc
+        rpc.connect(args.rpc, args.tensor_split)
+    elif args.tensor_split:
+        from ..runtime import rpc
+        rpc.set_tensor_split(args.tensor_split)
+    if args.n_gpu_layers is not None:
+        return args.n_gpu_layers
+    return -1 if args.rpc else 0

@@ -4,15 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import LexiError, read_json
-from .common import floats, outputs, write_json
+from .common import add_device_opts, floats, n_gpu_layers, outputs, write_json
 
 
 def cmd_bench(args) -> None:
     from ..measure.bench import bench, plot, switch_bench, switch_table, table
     if args.mem_limit:
-        if args.switch or args.n_gpu_layers:
+        if args.switch or args.n_gpu_layers or args.rpc:
             raise LexiError("--mem-limit runs each configuration in its own memory-limited CPU process: "
-                            "leave out --switch and --n-gpu-layers")
+                            "leave out --switch, --n-gpu-layers and --rpc")
         from ..measure import memlimit
         # each token may read hundreds of MB from disk: fewer tokens and one repetition unless asked
         res = memlimit.bench_mem_limited(args.model, args.budgets, mem_limit=args.mem_limit, n_gen=args.n_gen or 16,
@@ -31,14 +31,14 @@ def cmd_bench(args) -> None:
     if "," in args.prefetch:
         raise LexiError("several --prefetch modes are compared with --mem-limit only; give one mode")
     if args.switch:
-        res = switch_bench(args.model, args.budgets, n_gen=args.n_gen, threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+        res = switch_bench(args.model, args.budgets, n_gen=args.n_gen, threads=args.threads, n_gpu_layers=n_gpu_layers(args))
         js = Path(args.json) if args.json else Path(args.model).with_suffix(".switch.json")
         print(switch_table(res))
         write_json(res, js)
         print(f"json -> {js}")
         return
     res = bench(args.model, args.budgets, n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.reps,
-                threads=args.threads, n_gpu_layers=args.n_gpu_layers, prefetch=args.prefetch)
+                threads=args.threads, n_gpu_layers=n_gpu_layers(args), prefetch=args.prefetch)
     js, png = outputs(args, "bench")
     print(table(res))
     write_json(res, js)
@@ -51,10 +51,11 @@ def cmd_eval(args) -> None:
     text_path = Path(args.text)
     if not text_path.exists():
         raise LexiError(f"{text_path} does not exist; give a UTF-8 text file with --text")
+    ngl = n_gpu_layers(args)
     res = evaluate(args.model, text_path.read_text(errors="replace"), args.budgets, ctx=args.ctx,
-                   threads=args.threads, n_gpu_layers=args.n_gpu_layers, max_chunks=args.chunks)
+                   threads=args.threads, n_gpu_layers=ngl, max_chunks=args.chunks)
     if args.cross_check:
-        res["llama_perplexity"] = cross_check(args.model, text_path, args.ctx, args.threads, res["chunks"])
+        res["llama_perplexity"] = cross_check(args.model, text_path, args.ctx, args.threads, res["chunks"], ngl)
         print(f"llama-perplexity (full model): PPL {res['llama_perplexity']['ppl']:.4f}  ours {res['rows'][0]['ppl']:.4f}")
     js, png = outputs(args, "eval")
     print(table(res))
@@ -79,7 +80,7 @@ def register(sub) -> None:
                         "needs root), the model mmapped and evicted first: tok/s, major faults and bytes read per token")
     p.add_argument("--warmup", type=int, default=4, help="with --mem-limit: decode tokens before timing (default 4)")
     p.add_argument("--threads", type=int)
-    p.add_argument("--n-gpu-layers", type=int, default=0)
+    add_device_opts(p)
     p.add_argument("--switch", action="store_true",
                    help="one loaded model: decode tok/s per budget and the latency of switching budgets in place")
     p.add_argument("--json", help="results JSON (default MODEL.bench.json)")
@@ -93,7 +94,7 @@ def register(sub) -> None:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, help="at most this many chunks")
     p.add_argument("--threads", type=int)
-    p.add_argument("--n-gpu-layers", type=int, default=0)
+    add_device_opts(p)
     p.add_argument("--cross-check", action="store_true", help="also run llama-perplexity on the full model")
     p.add_argument("--bench", help="a bench JSON: plot KLD against measured decode speed")
     p.add_argument("--json", help="results JSON (default MODEL.eval.json)")

@@ -1,19 +1,46 @@
-"""`chat` and `serve`: a lexi GGUF in use."""
+"""`chat`, `serve` and `rpc-server`: a lexi GGUF in use, on one machine or several."""
 from __future__ import annotations
 
+from .common import add_device_opts, n_gpu_layers
 
 
 def cmd_chat(args) -> None:
     from ..serve.chat import chat
-    chat(args.model, budget=args.budget, no_lexi=args.no_lexi, n_gpu_layers=args.n_gpu_layers,
+    chat(args.model, budget=args.budget, no_lexi=args.no_lexi, n_gpu_layers=n_gpu_layers(args),
          threads=args.threads, max_tokens=args.max_tokens, n_ctx=args.ctx, temperature=args.temperature,
          seed=args.seed, prefetch=args.prefetch)
 
 
 def cmd_serve(args) -> None:
+    from .. import LexiError
+    if args.engine == "llama-server":
+        from ..serve import llama_server
+        if args.prefetch != "off":
+            raise LexiError("--prefetch is set through the lexi C API, which llama-server does not call: "
+                            "use the python engine for prefetch")
+        llama_server.serve(args.model, budget=args.budget, host=args.host, port=args.port, n_ctx=args.ctx,
+                           parallel=args.parallel or 4, threads=args.threads, n_gpu_layers=n_gpu_layers(args),
+                           api_key=args.api_key)
+        return
+    if args.parallel not in (None, 1):
+        raise LexiError("the python engine answers one request at a time (queued); for parallel slots and "
+                        "continuous batching use --engine llama-server")
     from ..serve import serve
     serve(args.model, budget=args.budget, host=args.host, port=args.port, n_ctx=args.ctx, threads=args.threads,
-          n_gpu_layers=args.n_gpu_layers, api_key=args.api_key, prefetch=args.prefetch)
+          n_gpu_layers=n_gpu_layers(args), api_key=args.api_key, prefetch=args.prefetch)
+
+
+def cmd_rpc_server(args) -> None:
+    import os
+    import sys
+
+    from ..runtime import rpc
+    cmd = rpc.server_command(args.host, args.port, args.threads, args.cache)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: the RPC server on {args.host} runs anything a client sends, without authentication: "
+              "only on a network you trust", file=sys.stderr)
+    print("$ " + " ".join(cmd), flush=True)
+    os.execv(cmd[0], cmd)     # the server itself, in the foreground (Ctrl-C stops it)
 
 
 def register(sub) -> None:
@@ -22,7 +49,7 @@ def register(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--budget", type=float, help="run a budget stored in the file's ladder")
     g.add_argument("--no-lexi", action="store_true", help="ignore the per-layer counts (model's own k)")
-    p.add_argument("--n-gpu-layers", type=int, default=0)
+    add_device_opts(p)
     p.add_argument("--threads", type=int)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--ctx", type=int, default=2048)
@@ -38,9 +65,21 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default loopback; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", help="require this bearer token")
+    p.add_argument("--engine", default="python", choices=["python", "llama-server"],
+                   help="python: llama-cpp-python, every budget switched in one loaded model, one request at a "
+                   "time; llama-server: llama.cpp's server, parallel slots and continuous batching, one process "
+                   "per budget (docs/serving.md)")
+    p.add_argument("--parallel", type=int, help="llama-server: slots per budget (default 4)")
     p.add_argument("--prefetch", default="off", choices=["off", "chosen", "guess"],
                    help="expert prefetch from the mmapped file (docs/memory.md): off, chosen experts, + next-layer guess")
-    p.add_argument("--n-gpu-layers", type=int, default=0)
+    add_device_opts(p)
     p.add_argument("--threads", type=int)
-    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--ctx", type=int, default=2048, help="context per request (per slot with llama-server)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("rpc-server", help="lend this machine's backend to a client's --rpc (llama.cpp ggml-rpc-server)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default loopback; 0.0.0.0 for other machines)")
+    p.add_argument("--port", type=int, default=50052)
+    p.add_argument("--threads", type=int, help="CPU threads for the CPU device")
+    p.add_argument("--cache", action="store_true", help="keep received tensors in a local file cache (faster reloads)")
+    p.set_defaults(func=cmd_rpc_server)

@@ -23,6 +23,11 @@ def cmd_doctor(args) -> None:
         print(f"ggml CPU paths compiled in: {' '.join(paths)}")
         print(f"AMX matmul path: {'compiled in' if d['amx_matmul_compiled'] else 'not compiled in (docs/backends.md)'}")
     print(f"build flags: {' '.join(d['build_flags'] or []) or 'unknown (runtime not built by lexi-gguf)'}")
+    if "rpc" in d:
+        tools = d["tools"]
+        print(f"RPC backend (--rpc): {'compiled in' if d['rpc'] else 'not compiled in: rebuild with `make setup`'}; "
+              f"ggml-rpc-server: {tools['ggml-rpc-server'] or 'not built'}")
+        print(f"llama-server (serve --engine llama-server): {tools['llama-server'] or 'built on first use'}")
     if not d["patched"]:
         raise LexiError("the llama_cpp in use is not the lexi-patched build; run `make setup`")
     print("ok: the llama_cpp in use honours lexi.expert_used_count")

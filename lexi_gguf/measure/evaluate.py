@@ -54,12 +54,15 @@ def evaluate(path, text: str, budgets: list[float], *, ctx=512, threads=None, n_
     return {"model": str(path), "ctx": ctx, "chunks": len(chunks), "rows": rows}
 
 
-def cross_check(path, text_file, ctx: int, threads=None, chunks: int | None = None) -> dict:
-    """Run the patched tree's llama-perplexity on the full model; its PPL should equal ours."""
+def cross_check(path, text_file, ctx: int, threads=None, chunks: int | None = None, n_gpu_layers: int = 0) -> dict:
+    """Run the patched tree's llama-perplexity on the full model (same devices, same RPC servers);
+    its PPL should equal ours."""
+    from ..runtime import rpc
     from ..runtime.llama import tool
     exe = tool("llama-perplexity")
     cmd = [str(exe), "-m", str(path), "-f", str(text_file), "-c", str(ctx), "-b", str(min(ctx, 512)),
-           "--override-kv", "lexi.enable=bool:false", "-t", str(threads or 2)]
+           "--override-kv", "lexi.enable=bool:false", "-t", str(threads or 2),
+           "-ngl", str(999 if n_gpu_layers < 0 else n_gpu_layers), *rpc.tool_args()]
     if chunks:
         cmd += ["--chunks", str(chunks)]
     r = run_child(cmd, "llama-perplexity")

@@ -32,6 +32,16 @@ class Budget:
     counts: list[int]  # experts per block (0 = dense)
 
 
+def budget_kv(b: Budget) -> dict:
+    """The load-time kv overrides that make a fresh context run this budget (what set_lexi_row does
+    to a loaded one): for llama.cpp's tools, which take one budget per process."""
+    if b.row == ROW_LOADED:
+        return {}
+    if b.row == ROW_MODEL:
+        return {keys.ENABLE: False}
+    return {keys.BUDGET_INDEX: b.row}
+
+
 def budgets(info, ladder: list[dict] | None = None) -> dict[str, Budget]:
     """Every budget a loaded file can switch to, by name: default, full, then the stored fractions."""
     base = info.base_counts

@@ -1,5 +1,6 @@
 """Build the patched runtime: llama-cpp-python (pinned sdist + our llama.cpp patch) and the
-llama.cpp tools (llama-bench, llama-perplexity, llama-quantize) from the same patched tree.
+llama.cpp tools (llama-bench, llama-perplexity, llama-quantize, ggml-rpc-server, ...) from the same
+patched tree; llama-server on first use (build_on_demand).
 
 Wheels and tools are cached by (version, patch hash, backend), so a second set-up only reinstalls.
 The cache lives in $LEXI_GGUF_CACHE (default ~/.cache/lexi-gguf).
@@ -24,8 +25,14 @@ from .. import LexiError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PATCH_DIR = REPO_ROOT / "patches"
 PIN_FILE = PATCH_DIR / "pin.toml"
-# llama.cpp's own tools the project runs: bench, eval, convert --quant, split sets and importance matrices
-TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize", "llama-gguf-split", "llama-imatrix")
+# llama.cpp's own tools the project runs: bench, eval, convert --quant, split sets and importance matrices,
+# the RPC server that lends a machine's backend to a client (`--rpc`)
+TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize", "llama-gguf-split", "llama-imatrix", "ggml-rpc-server")
+# built the first time they are asked for (same tree, same cache): llama-server and its multimodal and
+# HTTP libraries take ~3 min on 2 cores, which a set-up that does not serve many clients should not pay
+ON_DEMAND_TOOLS = ("llama-server",)
+# every backend is built with ggml's RPC client (layers on other machines: docs/rpc.md)
+COMMON_CMAKE = ["-DGGML_RPC=ON"]
 BACKEND_CMAKE = {
     "cpu": [],
     "cuda": ["-DGGML_CUDA=ON"],
@@ -75,7 +82,7 @@ def amx_enabled() -> bool:
 
 def cmake_args(backend: str) -> list[str]:
     """CMake options of both builds (wheel and tools): backend + CPU build flags."""
-    return [*BACKEND_CMAKE[backend], *([] if amx_enabled() else NO_AMX_CMAKE)]
+    return [*BACKEND_CMAKE[backend], *COMMON_CMAKE, *([] if amx_enabled() else NO_AMX_CMAKE)]
 
 
 def runtime_dir(pin: Pin, backend: str) -> Path:
@@ -168,8 +175,10 @@ def build_tools(tree: Path, rdir: Path, backend: str, jobs: int) -> Path:
     if all((bindir / t).exists() for t in TOOLS):
         return bindir
     bdir = rdir / "build-wheel"
-    _run(["cmake", "-S", tree, "-B", bdir, "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF",
-          "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"])
+    # llama-server without its web UI: the prebuilt UI would be downloaded at build time (no network
+    # here) and the npm build needs node; the HTTP API is what lexi-gguf serves
+    _run(["cmake", "-S", tree, "-B", bdir, "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+          "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"])
     _run(["cmake", "--build", bdir, "-j", str(jobs), "--target", *TOOLS])
     tmp = Path(tempfile.mkdtemp(dir=rdir, prefix="bin-"))
     for f in [*TOOLS, *(p.name for p in (bdir / "bin").glob("lib*.so*"))]:
@@ -178,6 +187,34 @@ def build_tools(tree: Path, rdir: Path, backend: str, jobs: int) -> Path:
         shutil.rmtree(bindir)
     tmp.rename(bindir)
     return bindir
+
+
+def build_on_demand(name: str, bindir: Path, jobs: int | None = None) -> Path:
+    """An ON_DEMAND_TOOLS binary, built once in the cached runtime's build tree (configured for it by
+    build_tools) and copied into its bin/ beside the libraries it links; a lock keeps two processes
+    from building it at once."""
+    import fcntl
+    if name not in ON_DEMAND_TOOLS:
+        raise LexiError(f"{name} is not one of the tools built on demand ({', '.join(ON_DEMAND_TOOLS)})")
+    bdir = bindir.parent / "build-wheel"
+    if not (bdir / "CMakeCache.txt").exists():
+        raise LexiError(f"the runtime's build tree {bdir} is gone; rebuild with `lexi-gguf build-runtime`")
+    with open(bindir.parent / ".on-demand.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (bindir / name).exists():
+            return bindir / name
+        _log(f"building {name} (once; ~3 min on 2 cores)")
+        t0 = time.time()
+        _run(["cmake", "--build", bdir, "-j", str(jobs or os.cpu_count() or 2), "--target", name],
+             stdout=sys.stderr)
+        for lib in (bdir / "bin").glob("lib*.so*"):
+            if not (bindir / lib.name).exists():
+                shutil.copy2(lib, bindir / lib.name, follow_symlinks=False)
+        tmp = bindir / f".{name}.tmp"
+        shutil.copy2(bdir / "bin" / name, tmp)
+        tmp.rename(bindir / name)    # the binary appears last, complete
+        _log(f"{name} ready in {time.time() - t0:.0f} s")
+    return bindir / name
 
 
 def build_runtime(backend: str = "cpu", jobs: int | None = None, tools: bool = True) -> dict:

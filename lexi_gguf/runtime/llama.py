@@ -25,7 +25,7 @@ class ModelLoadError(LexiError):
         super().__init__(f"llama.cpp could not load {path}: {detail}")
 
 
-def _llama_cpp():
+def import_llama_cpp():
     try:
         import llama_cpp
     except ImportError:
@@ -43,7 +43,7 @@ _log_cb = None
 def install_log_hook():
     """Route llama.cpp's log through us so a failed load can report the loader's words."""
     global _log_cb
-    llama_cpp = _llama_cpp()
+    llama_cpp = import_llama_cpp()
     if _log_cb is not None:
         return
 
@@ -85,6 +85,24 @@ def lexi_overrides(arch: str | None = None, *, lexi: bool = True, budget_index: 
     return kv
 
 
+def override_kv_args(kv: dict) -> list[str]:
+    """kv overrides as llama.cpp's tools take them: `--override-kv KEY=TYPE:VALUE` per key."""
+    out = []
+    for key, v in kv.items():
+        if isinstance(v, bool):
+            val = f"bool:{str(v).lower()}"
+        elif isinstance(v, int):
+            val = f"int:{v}"
+        elif isinstance(v, float):
+            val = f"float:{v!r}"
+        elif isinstance(v, str):
+            val = f"str:{v}"
+        else:
+            raise LexiError(f"override {key}: llama.cpp's --override-kv takes one bool, int, float or string, not {v!r}")
+        out += ["--override-kv", f"{key}={val}"]
+    return out
+
+
 def check_split_set(path: Path) -> None:
     """A split GGUF given by one shard: every shard present, readable and of this set, before llama.cpp's
     loader (which names neither a missing shard nor the first one) gets it. Single files pass untouched."""
@@ -110,7 +128,7 @@ def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512
         llm._lexi_eval_callback = eval_callback
         return llm
     global _log_echo
-    llama_cpp = _llama_cpp()
+    llama_cpp = import_llama_cpp()
     path = Path(path)
     if not path.exists():
         raise LexiError(f"{path} does not exist")
@@ -121,6 +139,11 @@ def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512
     _log_echo = verbose
     if prefetch not in PREFETCH_MODES:
         raise LexiError(f"unknown prefetch mode {prefetch!r}: use {', '.join(PREFETCH_MODES)}")
+    from . import rpc
+    if rpc.servers() or rpc.tensor_split():
+        kw.setdefault("tensor_split", rpc.tensor_split())
+    if prefetch != "off" and rpc.servers() and n_gpu_layers != 0:
+        _say_prefetch_skips(path, n_gpu_layers)
     try:
         llm = llama_cpp.Llama(str(path), kv_overrides=kv_overrides or None, n_ctx=n_ctx, n_threads=n_threads,
                               n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=logits_all,
@@ -136,6 +159,16 @@ def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512
         _log_echo = False
 
 
+def _say_prefetch_skips(path: Path, n_gpu_layers: int) -> None:
+    """Prefetch reads experts from this machine's mmapped file; offloaded layers (on RPC servers) are
+    not in it: the graph adds no prefetch for them. Said once, at load."""
+    from ..gguf.reader import model_info
+    n_layer = model_info(path).n_main
+    remote = n_layer if n_gpu_layers < 0 else min(n_gpu_layers, n_layer)
+    print(f"lexi-gguf: prefetch: {remote} of {n_layer} layers are on RPC servers and are not prefetched (their "
+          f"experts live in the servers' memory); the {n_layer - remote} layers held here are", file=sys.stderr, flush=True)
+
+
 # rows for set_lexi_row besides the ladder's own 0..n-1 (llama.h: LLAMA_LEXI_ROW_MODEL / _LOADED)
 ROW_MODEL = -1    # the model's own k in every layer (lexi off)
 ROW_LOADED = -2   # the counts chosen at load (lexi.expert_used_count or the overridden ladder row)
@@ -143,7 +176,7 @@ ROW_LOADED = -2   # the counts chosen at load (lexi.expert_used_count or the ove
 
 def _lexi_fn(name: str, restype, argtypes):
     """A function of the lexi patch, from the same library handle llama-cpp-python uses."""
-    lib = _llama_cpp().llama_cpp._lib
+    lib = import_llama_cpp().llama_cpp._lib
     fn = getattr(lib, name, None)
     if fn is None:
         raise LexiError(f"the llama_cpp in use has no {name}: it is not the lexi-patched build; run `make setup`")
@@ -194,7 +227,7 @@ def prefetch_mode(llm) -> str:
 
 def library_path() -> Path | None:
     try:
-        llama_cpp = _llama_cpp()
+        llama_cpp = import_llama_cpp()
     except LexiError:
         return None
     libdir = Path(llama_cpp.__file__).parent / "lib"
@@ -227,7 +260,10 @@ def llama_cpp_dir() -> Path:
 
 def tool(name: str) -> Path:
     """Path of llama-bench / llama-perplexity / llama-quantize built from the patched tree."""
+    from .build import ON_DEMAND_TOOLS, build_on_demand
     rec = runtime_record()
+    if rec and rec.get("bin_dir") and name in ON_DEMAND_TOOLS and not (Path(rec["bin_dir"]) / name).exists():
+        return build_on_demand(name, Path(rec["bin_dir"]))
     if not rec or not rec.get("bin_dir") or not (Path(rec["bin_dir"]) / name).exists():
         raise LexiError(f"{name} is not built; run `make setup` or `lexi-gguf build-runtime`")
     return Path(rec["bin_dir"]) / name
@@ -253,4 +289,7 @@ def doctor() -> dict:
     info = cpu.ggml_system_info()
     out["ggml_cpu_paths"] = info
     out["amx_matmul_compiled"] = cpu.amx_matmul_compiled(info)
+    out["rpc"] = bool(llama_cpp.llama_supports_rpc())
+    out["tools"] = {t: str(Path(rec["bin_dir"]) / t) if rec and rec.get("bin_dir") and (Path(rec["bin_dir"]) / t).exists()
+                    else None for t in ("ggml-rpc-server", "llama-server")}   # llama-server: built on first use
     return out

@@ -1,0 +1,192 @@
+"""llama.cpp's RPC backend: other machines lend their backend (`ggml-rpc-server` there), this process
+registers them as devices and llama.cpp puts the offloaded layers on them (docs/rpc.md).
+
+What llama.cpp's `--rpc` does (common/arg.cpp add_rpc_devices), from Python: the RPC backend's
+`ggml_backend_rpc_add_server`, then `ggml_backend_register`. Registration is process-wide, as in
+llama.cpp: every model loaded afterwards sees the servers' devices (layers go there with n_gpu_layers).
+
+ggml's RPC client aborts the process when a server cannot be reached or stops answering mid-run
+(GGML_ABORT, with a backtrace). So servers are probed before they are registered (a clear error naming
+the endpoint), and while any is registered a ggml abort hook turns the abort into one line naming the
+servers and exit status EXIT_RPC_LOST.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import sys
+from pathlib import Path
+
+from .. import LexiError
+
+EXIT_RPC_LOST = 3
+DEFAULT_PORT = 50052          # ggml-rpc-server's default
+PROBE_TIMEOUT_S = 3.0
+
+_servers: list[str] = []      # registered endpoints, in order
+_tensor_split: list[float] | None = None
+_abort_cb = None              # keep the ctypes callback alive while ggml holds it
+
+
+def parse_endpoints(spec: str | list[str]) -> list[str]:
+    """`HOST:PORT[,HOST:PORT...]` (a bare HOST takes port 50052) -> endpoints; bad ones are an error."""
+    items = spec if isinstance(spec, list) else spec.split(",")
+    out = []
+    for raw in (s.strip() for s in items):
+        if not raw:
+            continue
+        host, sep, port = raw.rpartition(":")
+        if not sep:
+            host, port = raw, str(DEFAULT_PORT)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise LexiError(f"--rpc {raw!r}: expected HOST:PORT (e.g. 192.168.1.20:{DEFAULT_PORT}), "
+                            "several separated by commas")
+        out.append(f"{host}:{int(port)}")
+    if not out:
+        raise LexiError(f"--rpc {spec!r} names no server: give HOST:PORT[,HOST:PORT...]")
+    if len(set(out)) != len(out):
+        raise LexiError(f"--rpc {spec!r} names a server twice")
+    return out
+
+
+def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """A TCP connection to the server, so an unreachable one is our error and not ggml's abort."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise LexiError(f"no RPC server answers at {endpoint} ({why}): start one there with "
+                        f"`lexi-gguf rpc-server --host HOST --port {port}` (llama.cpp's ggml-rpc-server, same "
+                        "build), or drop it from --rpc") from None
+
+
+def _ggml():
+    """The libggml libllama is linked to. The wheel ships libggml.so, .so.0 and .so.0.x as copies, not
+    links: opening one by path could load a second ggml with its own, empty, backend registry. So the
+    loaded one is taken by its soname (RTLD_NOLOAD: never a new load)."""
+    from .llama import import_llama_cpp
+    libdir = Path(import_llama_cpp().__file__).parent / "lib"
+    for soname in ("libggml.so.0", "libggml.0.dylib"):
+        try:
+            return ctypes.CDLL(soname, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+    for name in ("libggml.dylib", "ggml.dll"):
+        if (libdir / name).exists():
+            return ctypes.CDLL(str(libdir / name))
+    raise LexiError(f"the libggml that libllama uses is not loaded (looked in {libdir}); rebuild with `make setup`")
+
+
+def supported() -> bool:
+    """Whether the runtime was built with ggml's RPC backend (GGML_RPC=ON)."""
+    from .llama import import_llama_cpp
+    return bool(import_llama_cpp().llama_supports_rpc())
+
+
+def _install_abort_hook(lib) -> None:
+    global _abort_cb
+    if _abort_cb is not None:
+        return
+    proto = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+    def on_abort(msg):
+        text = (msg or b"").decode("utf-8", "replace")
+        sys.stderr.write(f"lexi-gguf: error: llama.cpp stopped ({text.strip()}); with RPC servers "
+                         f"{', '.join(_servers)} this means one was lost or answered wrongly: check that "
+                         "each ggml-rpc-server is still running and is the same build (lexi-gguf doctor)\n")
+        sys.stderr.flush()
+        os._exit(EXIT_RPC_LOST)
+
+    _abort_cb = proto(on_abort)
+    lib.ggml_set_abort_callback.restype = ctypes.c_void_p
+    lib.ggml_set_abort_callback.argtypes = [proto]
+    lib.ggml_set_abort_callback(_abort_cb)
+
+
+def connect(spec: str | list[str], tensor_split: list[float] | None = None) -> list[str]:
+    """Probe and register RPC servers (once per endpoint); returns all registered endpoints.
+    tensor_split: share of the offloaded layers per device, in llama.cpp's device order (RPC servers
+    first, in the order given), for every later load."""
+    endpoints = parse_endpoints(spec)
+    if not supported():
+        raise LexiError("this runtime was built without ggml's RPC backend; rebuild it with `make setup`")
+    lib = _ggml()
+    lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.ggml_backend_register.restype = None
+    lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    reg = lib.ggml_backend_reg_by_name(b"RPC")
+    addr = reg and lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server")
+    if not addr:
+        raise LexiError("the runtime's ggml has no RPC backend registered; rebuild it with `make setup`")
+    add_server = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(addr)
+    for ep in endpoints:
+        if ep in _servers:
+            continue
+        probe(ep)
+        _install_abort_hook(lib)
+        _servers.append(ep)               # before the call: the abort hook names it
+        server_reg = add_server(ep.encode())
+        if not server_reg:
+            _servers.remove(ep)
+            raise LexiError(f"the RPC server at {ep} offers no device")
+        lib.ggml_backend_register(server_reg)
+    if tensor_split is not None:
+        set_tensor_split(tensor_split)
+    return list(_servers)
+
+
+def set_tensor_split(split: list[float] | None) -> None:
+    global _tensor_split
+    _tensor_split = [float(x) for x in split] if split else None
+
+
+def servers() -> list[str]:
+    return list(_servers)
+
+
+def tensor_split() -> list[float] | None:
+    return list(_tensor_split) if _tensor_split else None
+
+
+def tool_args() -> list[str]:
+    """The same servers for a llama.cpp tool run as a child (llama-perplexity, llama-bench)."""
+    return ["--rpc", ",".join(_servers)] if _servers else []
+
+
+def server_command(host: str = "127.0.0.1", port: int = DEFAULT_PORT, threads: int | None = None,
+                   cache: bool = False) -> list[str]:
+    """llama.cpp's ggml-rpc-server from the patched tree: this machine's backend for a client's --rpc."""
+    from .llama import tool
+    cmd = [str(tool("ggml-rpc-server")), "-H", host, "-p", str(port)]
+    if threads:
+        cmd += ["-t", str(threads)]
+    if cache:
+        cmd.append("-c")
+    return cmd
+
+
+def start_server(host: str = "127.0.0.1", port: int = DEFAULT_PORT, threads: int | None = None,
+                 timeout: float = 30.0, **popen):
+    """Start a ggml-rpc-server and return its Popen once it accepts connections."""
+    import subprocess
+    import time
+    proc = subprocess.Popen(server_command(host, port, threads), **popen)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise LexiError(f"ggml-rpc-server on {host}:{port} exited with status {proc.returncode} "
+                            "(is the port in use?)")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise LexiError(f"ggml-rpc-server on {host}:{port} did not accept connections in {timeout:.0f} s") from None
+            time.sleep(0.1)

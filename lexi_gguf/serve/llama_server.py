@@ -1,0 +1,97 @@
+"""`lexi-gguf serve --engine llama-server`: llama.cpp's own HTTP server, built from the same patched
+tree, for many clients: parallel slots and continuous batching (the Python engine queues requests).
+
+Budgets there: a llama.cpp context runs the ladder row chosen at load (`--override-kv
+lexi.budget_index=int:N`), and all of llama-server's slots share one context, so one server process
+runs one budget. `--budget X` starts exactly that. Without it, every stored budget is a model id, named
+as the Python engine names them (NAME, NAME@full, NAME@<budget>): llama-server's router mode, with a
+preset file holding one section per id; each id is a child llama-server on the same mmapped file (the
+weights' pages are shared through the page cache; each child has its own KV cache and compute buffers).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .. import LexiError
+from ..gguf.reader import model_info
+from ..runtime import rpc
+from ..runtime.budgets import DEFAULT, budget_kv, resolve
+from ..runtime.llama import check_split_set, override_kv_args, tool
+from .server import model_ids
+
+
+def _slot_args(n_ctx: int, parallel: int, threads: int | None, n_gpu_layers: int) -> list[str]:
+    """Options every instance gets: slots, context (each slot gets n_ctx), threads, devices."""
+    if parallel < 1:
+        raise LexiError(f"--parallel {parallel}: give at least 1 slot")
+    args = ["-np", str(parallel), "-c", str(n_ctx * parallel), "-ngl", str(999 if n_gpu_layers < 0 else n_gpu_layers)]
+    if threads:
+        args += ["-t", str(threads)]
+    split = rpc.tensor_split()
+    if split:
+        args += ["-ts", ",".join(f"{x:g}" for x in split)]
+    return [*args, *rpc.tool_args()]
+
+
+def preset_ini(path: Path, ids: dict, slot_args: list[str]) -> str:
+    """llama-server's --models-preset file: a global section with the slot options, one section per id."""
+    def kv_lines(args: list[str]) -> list[str]:
+        out, i = [], 0
+        while i < len(args):
+            out.append(f"{args[i].lstrip('-')} = {args[i + 1]}")
+            i += 2
+        return out
+    lines = ["version = 1", "", "[*]", *kv_lines(slot_args)]
+    for mid, b in ids.items():
+        lines += ["", f"[{mid}]", f"model = {path.resolve()}", "load-on-startup = true"]
+        lines += kv_lines(override_kv_args(budget_kv(b)))
+    return "\n".join(lines) + "\n"
+
+
+def command(path, *, budget: str | None = None, host: str = "127.0.0.1", port: int = 8080, n_ctx: int = 2048,
+            parallel: int = 4, threads: int | None = None, n_gpu_layers: int = 0, api_key: str | None = None,
+            workdir: Path | None = None) -> tuple[list[str], dict]:
+    """The llama-server command line and the ids it serves ({id: Budget}); the router's preset file is
+    written to workdir."""
+    path = Path(path)
+    check_split_set(path)
+    info = model_info(path)
+    name = path.stem
+    exe = str(tool("llama-server"))
+    common = ["--host", host, "--port", str(port), *(["--api-key", api_key] if api_key else [])]
+    slots = _slot_args(n_ctx, parallel, threads, n_gpu_layers)
+    if budget is not None:
+        b = resolve(info, budget, path.name)
+        mid = name if b.name == DEFAULT else f"{name}@{b.name}"
+        cmd = [exe, "-m", str(path), "--alias", mid, *slots, *override_kv_args(budget_kv(b)), *common]
+        return cmd, {mid: b}
+    ids = model_ids(name, info, resolve(info, DEFAULT, path.name))
+    if workdir is None:
+        raise LexiError("serving every budget needs a directory for llama-server's preset file")
+    text = preset_ini(path, ids, slots)
+    # named by content: servers of other files or options never share (or rewrite) one preset file
+    ini = Path(workdir) / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.presets.ini"
+    if not ini.exists():
+        tmp = ini.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(ini)
+    cmd = [exe, "--models-preset", str(ini), "--models-max", str(len(ids)), *common]
+    return cmd, ids
+
+
+def serve(path, **kw) -> None:
+    """Become llama-server (exec: its signals, its exit status, no Python process left holding memory)."""
+    from ..runtime.build import cache_root
+    presets = cache_root() / "presets"
+    presets.mkdir(parents=True, exist_ok=True)
+    cmd, ids = command(path, workdir=presets, **kw)
+    host, port = kw.get("host", "127.0.0.1"), kw.get("port", 8080)
+    mode = "one budget" if len(ids) == 1 else f"router mode: one llama-server per model id, {len(ids)} in all"
+    print(f"serving {Path(path).name} with llama.cpp's llama-server at http://{host}:{port}/v1 "
+          f"({kw.get('parallel', 4)} slots each; {mode}); model ids:", flush=True)
+    for mid, b in ids.items():
+        print(f"  {mid:<28} budget {b.name:<8} k per layer {b.counts}", flush=True)
+    print("$ " + " ".join("***" if c == kw.get("api_key") else c for c in cmd), flush=True)
+    os.execv(cmd[0], cmd)
