@@ -37,17 +37,23 @@ def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_
     vocab = llm.n_vocab()
     prompt = rng.integers(100, vocab, n_prompt).tolist()   # random tokens, as llama-bench uses
     gen = rng.integers(100, vocab, n_gen).tolist()
+    import llama_cpp
+
+    def sync():
+        # an asynchronous backend (RPC, GPUs) may return from llama_decode before the work is done
+        llama_cpp.llama_synchronize(llm._ctx.ctx)
     llm.reset()
     llm.eval(prompt[:16])                                   # warm-up
     pp, tg = [], []
     for _ in range(reps):
         llm.reset()
-        pp.append(n_prompt / _time(lambda: llm.eval(prompt)))
+        pp.append(n_prompt / _time(lambda: (llm.eval(prompt), sync())))
         llm.reset()
 
         def decode():
             for t in gen:
                 llm.eval([t])
+            sync()
         tg.append(n_gen / _time(decode))
     llm.close()  # free the model before the next configuration loads
     return {"pp_tps": statistics.median(pp), "pp_min": min(pp), "pp_max": max(pp),
