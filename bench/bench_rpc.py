@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,12 +20,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench_run(gguf: Path, args, rpc: list[str], threads: int) -> dict:
@@ -51,6 +44,7 @@ def main() -> int:
     from bench_serve_load import default_gguf
 
     from lexi_gguf.measure.bench import machine, save_results
+    from lexi_gguf.measure.load import free_port
     from lexi_gguf.measure.plots import pyplot
     from lexi_gguf.runtime import rpc
 

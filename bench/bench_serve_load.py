@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -36,12 +35,6 @@ def default_gguf(work: Path, threads: int) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def models(base: str) -> list[dict]:
     req = urllib.request.Request(base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     return json.loads(urllib.request.urlopen(req, timeout=5).read())["data"]
@@ -52,6 +45,7 @@ def model_ids(base: str) -> list[str]:
 
 
 def start(model: Path, engine: str, args, budget: str | None, threads: int) -> tuple[subprocess.Popen, str]:
+    from lexi_gguf.measure.load import free_port
     port = free_port()
     cmd = [sys.executable, "-m", "lexi_gguf.cli", "serve", str(model), "--port", str(port), "--ctx", str(args.ctx),
            "--threads", str(threads), "--api-key", KEY, *(["--budget", budget] if budget else [])]

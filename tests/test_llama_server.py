@@ -8,7 +8,6 @@ import concurrent.futures
 import configparser
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from lexi_gguf.measure.load import free_port
 from lexi_gguf.runtime import llama as runtime
 from lexi_gguf.serve import llama_server
 
@@ -25,12 +25,6 @@ KEY = "test-key"
 PROMPT = "The river"
 IDS = {"m": {}, "m@full": {"lexi.enable": False}, "m@1": {"lexi.budget_index": 0},
        "m@0.625": {"lexi.budget_index": 1}, "m@0.5": {"lexi.budget_index": 2}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(base, path, body, key=KEY, raw: bytes | None = None):
@@ -55,7 +49,7 @@ def router(laddered_gguf, tmp_path_factory):
     model = tmp_path_factory.mktemp("llama-server") / "m.gguf"
     model.symlink_to(laddered_gguf)
     runtime.tool("llama-server")         # built on first use: not inside the start-up deadline below
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lexi_gguf.cli", "serve", str(model), "--engine", "llama-server",
                              "--port", str(port), "--parallel", "2", "--threads", "1", "--ctx", "256",
                              "--api-key", KEY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -7,7 +7,6 @@ Each client runs in a child process: registering RPC servers is process-wide in 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import time
 import pytest
 
 from lexi_gguf import LexiError
+from lexi_gguf.measure.load import free_port
 from lexi_gguf.runtime import rpc
 from lexi_gguf.runtime.llama import ROW_MODEL
 
@@ -66,18 +66,12 @@ print("finished", flush=True)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def servers():
     procs, eps = [], []
     try:
         for _ in range(2):
-            port = _free_port()
+            port = free_port()
             procs.append(rpc.start_server(port=port, threads=1, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             eps.append(f"127.0.0.1:{port}")
         yield eps
@@ -115,7 +109,7 @@ def test_prefetch_skips_remote_layers_with_one_line(laddered_gguf, servers):
 
 
 def test_server_down_is_a_clear_error(laddered_gguf):
-    port = _free_port()     # nothing listens there
+    port = free_port()     # nothing listens there
     r = subprocess.run([sys.executable, "-m", "lexi_gguf.cli", "chat", str(laddered_gguf), "--rpc", f"127.0.0.1:{port}"],
                        input="hi\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
@@ -124,7 +118,7 @@ def test_server_down_is_a_clear_error(laddered_gguf):
 
 
 def test_server_lost_mid_run_exits_with_a_clear_error(laddered_gguf):
-    port = _free_port()
+    port = free_port()
     server = rpc.start_server(port=port, threads=1, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = subprocess.Popen([sys.executable, "-c", LOSE, str(laddered_gguf), f"127.0.0.1:{port}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import urllib.request
 
 import pytest
 
+from lexi_gguf.measure.load import free_port
 from lexi_gguf.runtime import llama as runtime
 
 KEY = "test-key"
@@ -26,17 +26,11 @@ ID_KV = {"m": {}, "m@full": {"lexi.enable": False}, "m@1": {"lexi.budget_index":
          "m@0.625": {"lexi.budget_index": 1}, "m@0.5": {"lexi.budget_index": 2}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(laddered_gguf, tmp_path_factory):
     model = tmp_path_factory.mktemp("serve") / "m.gguf"
     model.symlink_to(laddered_gguf)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from lexi_gguf.cli import main; sys.exit(main(sys.argv[1:]))",
                              "serve", str(model), "--port", str(port), "--threads", "2", "--ctx", "512",
                              "--api-key", KEY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

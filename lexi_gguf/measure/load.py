@@ -16,6 +16,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a server started on loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tree_pids(pid: int) -> list[int]:
     """pid and its descendants (Linux /proc)."""
     children: dict[int, list[int]] = {}
