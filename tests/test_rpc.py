@@ -1,7 +1,8 @@
 """llama.cpp's RPC backend on loopback: two ggml-rpc-server processes from the patched tree hold the
 layers; the logits equal a local run at every budget (switched in place across RPC), prefetch on a
 model half on RPC skips the remote layers with one line and changes nothing, and a server that is
-down, or dies mid-run, is a clear error with a non-zero exit, not an abort or a hang.
+down, or dies mid-run, is a clear error with a non-zero exit, not an abort or a hang; a trace over RPC
+records the local run's experts.
 
 Each client runs in a child process: registering RPC servers is process-wide in llama.cpp."""
 from __future__ import annotations
@@ -148,3 +149,18 @@ def test_bad_endpoints_are_refused(spec, error):
 
 def test_endpoints_parse():
     assert rpc.parse_endpoints("10.0.0.2:5000, box") == ["10.0.0.2:5000", f"box:{rpc.DEFAULT_PORT}"]
+
+
+def test_trace_over_rpc_records_the_local_experts(laddered_gguf, servers, tmp_path):
+    """The eval callback reads tensors computed on the servers (ggml_backend_tensor_get): same trace."""
+    import numpy as np
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The river flows\nA second prompt\n")
+    for name, extra in (("local", []), ("rpc", ["--rpc", servers[1]])):
+        r = subprocess.run([sys.executable, "-m", "lexi_gguf.cli", "trace", str(laddered_gguf), "--prompts", str(prompts),
+                            "--max-new-tokens", "4", "--threads", "1", "-o", str(tmp_path / f"{name}.npz"), *extra],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+    a, b = np.load(tmp_path / "local.npz"), np.load(tmp_path / "rpc.npz")
+    assert a["experts"].shape[0] > 8 and (a["experts"] == b["experts"]).all()
+    assert np.abs(a["weights"] - b["weights"]).max() <= TOL
