@@ -1,5 +1,6 @@
 """Expert prefetch (llama_lexi_set_prefetch): it only asks the OS to read experts ahead, so every output is
-bit-identical with it off, on, and switched mid-run; the next-layer guess is really in the graph."""
+bit-identical with it off, on, and switched mid-run; the next-layer guess is really in the graph; and on a
+cold file it takes the experts' page faults away (counted)."""
 from __future__ import annotations
 
 import re
@@ -71,3 +72,71 @@ def test_bad_prefetch_modes_are_refused(tiny_gguf):
     with pytest.raises(LexiError, match="unknown prefetch mode 7"):
         runtime.set_prefetch(llm, 7)
     llm.close()
+
+
+FAULT_SCRIPT = r"""
+import ctypes, json, mmap, os, resource, sys
+import numpy as np
+from lexi_gguf.measure.memlimit import evict, resident_bytes
+from lexi_gguf.runtime import llama as runtime
+path, mode = sys.argv[1], sys.argv[2]
+llm = runtime.load(path, n_ctx=64, n_threads=2, prefetch=mode, use_mmap=True)
+toks = [int(t) for t in np.random.default_rng(0).integers(100, 50000, 24)]
+llm.eval(toks[:2])
+# cold again: unmap the file's pages from llama.cpp's mapping (MADV_DONTNEED keeps the mapping), then
+# drop them from the page cache. MADV_RANDOM: no read-around on a fault (this disk reads 8 MiB around
+# each one), so each fault is one page and the count says which bytes were not asked for ahead
+libc = ctypes.CDLL(None, use_errno=True)
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+real = os.path.realpath(path)
+for line in open("/proc/self/maps"):
+    f = line.split()
+    if len(f) >= 6 and f[5] == real:
+        lo, hi = (int(x, 16) for x in f[0].split("-"))
+        assert libc.madvise(lo, hi - lo, 1) == 0     # MADV_RANDOM
+        assert libc.madvise(lo, hi - lo, 4) == 0     # MADV_DONTNEED
+ev = evict(path)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+for t in toks[2:]:
+    llm.eval([t])
+majflt = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - before
+print("RESULT " + json.dumps({"majflt": majflt, "size": os.path.getsize(path), "resident_after_evict":
+      ev["resident_after"], "logits": [float(x) for x in llm.scores[llm.n_tokens - 1][:64]]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def expert_heavy_gguf(workdir, llama_cpp_dir):
+    """An OLMoE whose experts are most of its bytes (32 x 128 KiB per tensor and layer, f32: never
+    repacked, so they are read from the mmapped file)."""
+    from lexi_gguf.export.hf_to_gguf import convert_to_gguf
+    from lexi_gguf.testbeds import tinymodels
+    out = workdir / "olmoe-expert-heavy-f32.gguf"
+    if not out.exists():
+        hf = tinymodels.make_checkpoint("olmoe", workdir / "hf-olmoe-expert-heavy", llama_cpp_dir, seed=3,
+                                        hidden_size=128, intermediate_size=256, num_experts=32)
+        convert_to_gguf(hf, out, llama_cpp_dir)
+    return out
+
+
+def test_prefetch_turns_expert_page_faults_into_reads_ahead(expert_heavy_gguf):
+    """Counts, not time: after the file's pages are dropped, decoding 22 tokens with prefetch on takes
+    far fewer major page faults than with it off (each expert's bytes were asked for before the matmul
+    touched them), and the logits are the same. A prefetch op that did nothing would fail this.
+    Measured here (AVX2 EPYC, ext4): 15121 faults off, 6584 chosen and guess (the rest: the output
+    matrix and attention, which are not prefetched)."""
+    import json
+    import subprocess
+    import sys
+    got = {}
+    for mode in ("off", "chosen", "guess"):
+        r = subprocess.run([sys.executable, "-c", FAULT_SCRIPT, str(expert_heavy_gguf), mode],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got[mode] = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    off = got["off"]
+    assert off["resident_after_evict"] < 0.1 * off["size"], "the file's pages were not dropped: no cold start"
+    assert off["majflt"] >= 100, off["majflt"]          # the experts really were faulted in from the file
+    for mode in ("chosen", "guess"):
+        assert got[mode]["majflt"] < 0.6 * off["majflt"], (mode, got[mode]["majflt"], off["majflt"])
+        assert got[mode]["logits"] == off["logits"], mode
