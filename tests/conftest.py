@@ -95,6 +95,18 @@ def laddered_gguf(tiny_gguf, workdir):
     return copy_with_metadata(src, workdir / "qwen3_moe-ladder.gguf", md, progress=False)
 
 
+@pytest.fixture(scope="session")
+def expert_heavy_gguf(workdir, llama_cpp_dir):
+    """An OLMoE whose experts are most of its bytes (32 x 128 KiB per tensor and layer, f32: never
+    repacked, so they are read from the mmapped file)."""
+    out = workdir / "olmoe-expert-heavy-f32.gguf"
+    if not out.exists():
+        hf = tinymodels.make_checkpoint("olmoe", workdir / "hf-olmoe-expert-heavy", llama_cpp_dir, seed=3,
+                                        hidden_size=128, intermediate_size=256, num_experts=32)
+        convert_to_gguf(hf, out, llama_cpp_dir)
+    return out
+
+
 # --- docs/architectures.md is rendered from these tests' results (make docs) ---------------------------------
 ARCH_TESTS = {"test_stage1_matches_transformers_moe_block": "profile", "test_convert_and_apply_every_arch": "convert",
               "test_per_layer_k_matches_transformers": "runtime"}

@@ -105,20 +105,6 @@ print("RESULT " + json.dumps({"majflt": majflt, "size": os.path.getsize(path), "
 """
 
 
-@pytest.fixture(scope="module")
-def expert_heavy_gguf(workdir, llama_cpp_dir):
-    """An OLMoE whose experts are most of its bytes (32 x 128 KiB per tensor and layer, f32: never
-    repacked, so they are read from the mmapped file)."""
-    from lexi_gguf.export.hf_to_gguf import convert_to_gguf
-    from lexi_gguf.testbeds import tinymodels
-    out = workdir / "olmoe-expert-heavy-f32.gguf"
-    if not out.exists():
-        hf = tinymodels.make_checkpoint("olmoe", workdir / "hf-olmoe-expert-heavy", llama_cpp_dir, seed=3,
-                                        hidden_size=128, intermediate_size=256, num_experts=32)
-        convert_to_gguf(hf, out, llama_cpp_dir)
-    return out
-
-
 def test_prefetch_turns_expert_page_faults_into_reads_ahead(expert_heavy_gguf):
     """Counts, not time: after the file's pages are dropped, decoding 22 tokens with prefetch on takes
     far fewer major page faults than with it off (each expert's bytes were asked for before the matmul

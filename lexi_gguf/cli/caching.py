@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import LexiError
-from .common import add_device_opts, floats, lines, n_gpu_layers, write_json
+from .common import add_device_opts, floats, lines, setup_devices, write_json
 
 
 def cmd_trace(args) -> None:
@@ -16,7 +16,7 @@ def cmd_trace(args) -> None:
     tr = record(args.model, **kw, budget=args.budget, no_lexi=args.no_lexi, uniform_k=args.uniform_k,
                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                 hidden=args.hidden, n_ctx=args.ctx, threads=args.threads,
-                n_gpu_layers=n_gpu_layers(args))
+                n_gpu_layers=setup_devices(args))
     out = tr.save(args.output)
     m = tr.meta
     print(f"traced {len(tr.tokens)} tokens ({int(tr.generated.sum())} generated) x {len(tr.moe_layers)} MoE layers "

@@ -92,22 +92,27 @@ def add_alloc_opts(p, required_budget: bool) -> None:
 
 
 def add_device_opts(p) -> None:
-    """Where layers run: offloaded layers, RPC servers on other machines (docs/rpc.md), their shares."""
+    """Where layers and weights live: offloaded layers, RPC servers on other machines (docs/rpc.md), their
+    shares, and whether CPU weights are repacked or read in place from the file (docs/memory.md)."""
     p.add_argument("--n-gpu-layers", "-ngl", type=int,
                    help="layers to offload to GPUs / RPC servers (default 0; with --rpc all of them)")
     p.add_argument("--rpc", metavar="HOST:PORT[,...]",
                    help="llama.cpp RPC servers (`lexi-gguf rpc-server` there) to put the offloaded layers on")
     p.add_argument("--tensor-split", type=floats, metavar="W,W,...",
                    help="share of the offloaded layers per device (RPC servers first, in --rpc order)")
+    p.add_argument("--repack", default="auto", choices=["auto", "on", "off"],
+                   help="ggml's repacked CPU weight layouts: off = read every weight in place from the mapped "
+                   "file (pages, prefetch); auto (default) = off with --prefetch or a model larger than memory")
 
 
-def n_gpu_layers(args) -> int:
-    """The offload count a command loads with; connects --rpc servers first (process-wide, as llama.cpp)."""
+def setup_devices(args) -> int:
+    """Connect --rpc servers (process-wide, as llama.cpp does), set the repack mode and tensor split for
+    every load; returns the offload count the command loads with."""
+    from ..runtime import placement, rpc
+    placement.set_default(args.repack)
     if args.rpc:
-        from ..runtime import rpc
         rpc.connect(args.rpc, args.tensor_split)
     elif args.tensor_split:
-        from ..runtime import rpc
         rpc.set_tensor_split(args.tensor_split)
     if args.n_gpu_layers is not None:
         return args.n_gpu_layers

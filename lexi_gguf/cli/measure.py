@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import LexiError, read_json
-from .common import add_device_opts, floats, n_gpu_layers, outputs, write_json
+from .common import add_device_opts, floats, outputs, setup_devices, write_json
 
 
 def cmd_bench(args) -> None:
@@ -17,7 +17,7 @@ def cmd_bench(args) -> None:
         # each token may read hundreds of MB from disk: fewer tokens and one repetition unless asked
         res = memlimit.bench_mem_limited(args.model, args.budgets, mem_limit=args.mem_limit, n_gen=args.n_gen or 16,
                                          warmup=args.warmup, threads=args.threads, reps=args.reps or 1,
-                                         prefetch=tuple(args.prefetch.split(",")))
+                                         prefetch=tuple(args.prefetch.split(",")), repack=args.repack)
         js, png = outputs(args, "memlimit")
         print(memlimit.table(res))
         write_json(res, js)
@@ -31,14 +31,14 @@ def cmd_bench(args) -> None:
     if "," in args.prefetch:
         raise LexiError("several --prefetch modes are compared with --mem-limit only; give one mode")
     if args.switch:
-        res = switch_bench(args.model, args.budgets, n_gen=args.n_gen, threads=args.threads, n_gpu_layers=n_gpu_layers(args))
+        res = switch_bench(args.model, args.budgets, n_gen=args.n_gen, threads=args.threads, n_gpu_layers=setup_devices(args))
         js = Path(args.json) if args.json else Path(args.model).with_suffix(".switch.json")
         print(switch_table(res))
         write_json(res, js)
         print(f"json -> {js}")
         return
     res = bench(args.model, args.budgets, n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.reps,
-                threads=args.threads, n_gpu_layers=n_gpu_layers(args), prefetch=args.prefetch)
+                threads=args.threads, n_gpu_layers=setup_devices(args), prefetch=args.prefetch)
     js, png = outputs(args, "bench")
     print(table(res))
     write_json(res, js)
@@ -51,7 +51,7 @@ def cmd_eval(args) -> None:
     text_path = Path(args.text)
     if not text_path.exists():
         raise LexiError(f"{text_path} does not exist; give a UTF-8 text file with --text")
-    ngl = n_gpu_layers(args)
+    ngl = setup_devices(args)
     res = evaluate(args.model, text_path.read_text(errors="replace"), args.budgets, ctx=args.ctx,
                    threads=args.threads, n_gpu_layers=ngl, max_chunks=args.chunks)
     if args.cross_check:

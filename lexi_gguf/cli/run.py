@@ -1,12 +1,12 @@
 """`chat`, `serve` and `rpc-server`: a lexi GGUF in use, on one machine or several."""
 from __future__ import annotations
 
-from .common import add_device_opts, n_gpu_layers
+from .common import add_device_opts, setup_devices
 
 
 def cmd_chat(args) -> None:
     from ..serve.chat import chat
-    chat(args.model, budget=args.budget, no_lexi=args.no_lexi, n_gpu_layers=n_gpu_layers(args),
+    chat(args.model, budget=args.budget, no_lexi=args.no_lexi, n_gpu_layers=setup_devices(args),
          threads=args.threads, max_tokens=args.max_tokens, n_ctx=args.ctx, temperature=args.temperature,
          seed=args.seed, prefetch=args.prefetch)
 
@@ -19,7 +19,7 @@ def cmd_serve(args) -> None:
             raise LexiError("--prefetch is set through the lexi C API, which llama-server does not call: "
                             "use the python engine for prefetch")
         llama_server.serve(args.model, budget=args.budget, host=args.host, port=args.port, n_ctx=args.ctx,
-                           parallel=args.parallel or 4, threads=args.threads, n_gpu_layers=n_gpu_layers(args),
+                           parallel=args.parallel or 4, threads=args.threads, n_gpu_layers=setup_devices(args),
                            api_key=args.api_key)
         return
     if args.parallel not in (None, 1):
@@ -27,7 +27,7 @@ def cmd_serve(args) -> None:
                         "continuous batching use --engine llama-server")
     from ..serve import serve
     serve(args.model, budget=args.budget, host=args.host, port=args.port, n_ctx=args.ctx, threads=args.threads,
-          n_gpu_layers=n_gpu_layers(args), api_key=args.api_key, prefetch=args.prefetch)
+          n_gpu_layers=setup_devices(args), api_key=args.api_key, prefetch=args.prefetch)
 
 
 def cmd_rpc_server(args) -> None:

@@ -53,22 +53,30 @@ def tensor_src(ptr, i: int) -> int:
 
 
 @contextlib.contextmanager
-def context_params_with(eval_callback):
+def llama_params_with(eval_callback=None, model_fields: dict | None = None):
     """The one place lexi-gguf patches llama-cpp-python, and only while a Llama is being constructed:
-    its Llama takes no eval callback (cb_eval), and it builds its context params from
-    llama_context_default_params(), so for that moment the default params carry ours. Restored on exit,
-    whatever happens, so other Llama objects in the process are untouched."""
+    its Llama takes no eval callback (cb_eval) and no use_extra_bufts (llama.cpp's --no-repack), and it
+    builds its params from llama_context_default_params() / llama_model_default_params(), so for that
+    moment the defaults carry ours. Restored on exit, whatever happens, so other Llama objects in the
+    process are untouched."""
     import llama_cpp
     mod = llama_cpp.llama_cpp
-    original = mod.llama_context_default_params
+    ctx_default, model_default = mod.llama_context_default_params, mod.llama_model_default_params
 
-    def with_callback():
-        params = original()
-        params.cb_eval = eval_callback
-        params.cb_eval_user_data = None
+    def ctx_params():
+        params = ctx_default()
+        if eval_callback is not None:
+            params.cb_eval = eval_callback
+            params.cb_eval_user_data = None
         return params
-    mod.llama_context_default_params = with_callback
+
+    def model_params():
+        params = model_default()
+        for k, v in (model_fields or {}).items():
+            setattr(params, k, v)
+        return params
+    mod.llama_context_default_params, mod.llama_model_default_params = ctx_params, model_params
     try:
         yield
     finally:
-        mod.llama_context_default_params = original
+        mod.llama_context_default_params, mod.llama_model_default_params = ctx_default, model_default

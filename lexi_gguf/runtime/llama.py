@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import LexiError
 from ..gguf import keys
-from .graph import context_params_with
+from .graph import llama_params_with
 
 PATCH_MARKER = b"lexi.expert_used_count"   # string compiled into the patched libllama
 
@@ -115,18 +115,13 @@ def check_split_set(path: Path) -> None:
 
 def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512, n_threads: int | None = None,
          n_gpu_layers: int = 0, logits_all: bool = False, verbose: bool = False, seed: int = 0, n_batch: int = 512,
-         eval_callback=None, prefetch: str = "off", **kw):
+         eval_callback=None, prefetch: str = "off", repack: str | None = None, **kw):
     """Open a GGUF with the patched llama-cpp-python; loader errors become ModelLoadError.
-    prefetch: expert prefetch mode (set_prefetch).
+    prefetch: expert prefetch mode (set_prefetch). repack: auto | on | off, whether ggml may copy weights
+    into its repacked CPU layouts (runtime.placement; default: placement.default()).
 
     eval_callback: a llama_cpp.ggml_backend_sched_eval_callback that sees the graph's tensors as they
     are computed (kept alive on the returned Llama)."""
-    if eval_callback is not None:
-        with context_params_with(eval_callback):
-            llm = load(path, kv_overrides=kv_overrides, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                       logits_all=logits_all, verbose=verbose, seed=seed, n_batch=n_batch, prefetch=prefetch, **kw)
-        llm._lexi_eval_callback = eval_callback
-        return llm
     global _log_echo
     llama_cpp = import_llama_cpp()
     path = Path(path)
@@ -139,15 +134,19 @@ def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512
     _log_echo = verbose
     if prefetch not in PREFETCH_MODES:
         raise LexiError(f"unknown prefetch mode {prefetch!r}: use {', '.join(PREFETCH_MODES)}")
-    from . import rpc
+    from . import placement, rpc
     if rpc.servers() or rpc.tensor_split():
         kw.setdefault("tensor_split", rpc.tensor_split())
     if prefetch != "off" and rpc.servers() and n_gpu_layers != 0:
         _say_prefetch_skips(path, n_gpu_layers)
+    repack_on = placement.decide(path, repack, prefetch)
     try:
-        llm = llama_cpp.Llama(str(path), kv_overrides=kv_overrides or None, n_ctx=n_ctx, n_threads=n_threads,
-                              n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=logits_all,
-                              verbose=verbose, seed=seed, n_batch=n_batch, n_ubatch=n_batch, **kw)
+        with llama_params_with(eval_callback, None if repack_on else {"use_extra_bufts": False}):
+            llm = llama_cpp.Llama(str(path), kv_overrides=kv_overrides or None, n_ctx=n_ctx, n_threads=n_threads,
+                                  n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=logits_all,
+                                  verbose=verbose, seed=seed, n_batch=n_batch, n_ubatch=n_batch, **kw)
+        llm._lexi_eval_callback = eval_callback     # ctypes callbacks must outlive the context
+        llm._lexi_repack = repack_on
         if prefetch != "off":
             set_prefetch(llm, prefetch)
         return llm

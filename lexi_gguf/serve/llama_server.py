@@ -16,14 +16,15 @@ from pathlib import Path
 
 from .. import LexiError
 from ..gguf.reader import model_info
-from ..runtime import rpc
+from ..runtime import placement, rpc
 from ..runtime.budgets import DEFAULT, budget_kv, resolve
 from ..runtime.llama import check_split_set, override_kv_args, tool
 from .server import model_ids
 
 
-def _slot_args(n_ctx: int, parallel: int, threads: int | None, n_gpu_layers: int) -> list[str]:
-    """Options every instance gets: slots, context (each slot gets n_ctx), threads, devices."""
+def _slot_args(path: Path, n_ctx: int, parallel: int, threads: int | None, n_gpu_layers: int) -> list[str]:
+    """Options every instance gets: slots, context (each slot gets n_ctx), threads, devices, repacking
+    (runtime.placement: llama.cpp's --no-repack where lexi-gguf's own load would turn it off)."""
     if parallel < 1:
         raise LexiError(f"--parallel {parallel}: give at least 1 slot")
     args = ["-np", str(parallel), "-c", str(n_ctx * parallel), "-ngl", str(999 if n_gpu_layers < 0 else n_gpu_layers)]
@@ -32,6 +33,8 @@ def _slot_args(n_ctx: int, parallel: int, threads: int | None, n_gpu_layers: int
     split = rpc.tensor_split()
     if split:
         args += ["-ts", ",".join(f"{x:g}" for x in split)]
+    if not placement.decide(path, None, "off"):
+        args.append("--no-repack")
     return [*args, *rpc.tool_args()]
 
 
@@ -40,8 +43,12 @@ def preset_ini(path: Path, ids: dict, slot_args: list[str]) -> str:
     def kv_lines(args: list[str]) -> list[str]:
         out, i = [], 0
         while i < len(args):
-            out.append(f"{args[i].lstrip('-')} = {args[i + 1]}")
-            i += 2
+            if i + 1 == len(args) or args[i + 1].startswith("-"):     # a flag: `--no-repack` -> no-repack = true
+                out.append(f"{args[i].lstrip('-')} = true")
+                i += 1
+            else:
+                out.append(f"{args[i].lstrip('-')} = {args[i + 1]}")
+                i += 2
         return out
     lines = ["version = 1", "", "[*]", *kv_lines(slot_args)]
     for mid, b in ids.items():
@@ -61,7 +68,7 @@ def command(path, *, budget: str | None = None, host: str = "127.0.0.1", port: i
     name = path.stem
     exe = str(tool("llama-server"))
     common = ["--host", host, "--port", str(port), *(["--api-key", api_key] if api_key else [])]
-    slots = _slot_args(n_ctx, parallel, threads, n_gpu_layers)
+    slots = _slot_args(path, n_ctx, parallel, threads, n_gpu_layers)
     if budget is not None:
         b = resolve(info, budget, path.name)
         mid = name if b.name == DEFAULT else f"{name}@{b.name}"

@@ -15,13 +15,14 @@ from .disk import disk_of, disk_rates
 def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int = 4, threads: int | None = None,
                       reps: int = 1, seed: int = 0, rates: bool = True, cgroup_root: str | Path | None = None,
                       timeout: float | None = None, progress: bool = True, prefetch: tuple[str, ...] = ("off",),
-                      only: list[str] | None = None) -> dict:
+                      only: list[str] | None = None, repack: str = "auto") -> dict:
     """Decode tok/s, major faults and storage bytes per token of each configuration (full, then uniform
     and lexi at each stored budget: lexi_gguf.measure.configs.run_configs) under a memory limit; each
     configuration and repetition in a fresh child inside a fresh memory cgroup. Same shape as
     lexi_gguf.measure.bench.bench (rows + machine) plus the limit, the model size, the disk and its rates.
     prefetch: expert prefetch modes to run each configuration with (runtime.set_prefetch); only: the
-    configuration labels to run (e.g. ["full", "lexi 0.75"]), default all."""
+    configuration labels to run (e.g. ["full", "lexi 0.75"]), default all. repack: the children's
+    runtime.placement mode (auto: off when the model is larger than the group's room or prefetch is on)."""
     from ..bench import backend_name
     from ..configs import run_configs
     from ...runtime.cpu import machine
@@ -61,7 +62,8 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
         for rep in range(reps):
             with memory_cgroup(limit, root=cgroup_root) as g:
                 spec = {"model": str(path), "kv": c.kv, "n_gen": n_gen, "warmup": warmup, "threads": threads,
-                        "seed": seed, "cgroup": str(g.path), "version": g.version, "limit": limit, "prefetch": pf}
+                        "seed": seed, "cgroup": str(g.path), "version": g.version, "limit": limit, "prefetch": pf,
+                        "repack": repack}
                 r = run_child(spec, timeout=timeout)
                 r["peak_bytes"] = g.peak()
                 r["cgroup_path"] = str(g.path)
@@ -70,6 +72,7 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
         med = runs[sorted(range(reps), key=lambda i: tps[i])[reps // 2]]
         b = active(fp, c.counts)[0]
         row = {"config": c.config, "budget": c.budget, "avg_k": c.avg_k, "expert_used_count": c.counts, "prefetch": pf,
+               "repacked": med.get("repacked"),
                "active_bytes": b, "ideal_speedup": full_bytes / b,
                "tg_tps": statistics.median(tps), "tg_min": min(tps), "tg_max": max(tps),
                "majflt_per_token": med["majflt"] / n_gen,

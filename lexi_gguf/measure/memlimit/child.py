@@ -33,7 +33,7 @@ def decode(spec: dict) -> dict:
     c0 = counters(group)
     llm = load(path, kv_overrides=spec["kv"] or None, n_ctx=spec["warmup"] + spec["n_gen"] + 16, n_batch=32,
                n_threads=spec["threads"], n_gpu_layers=0, use_mmap=True, use_mlock=False,
-               prefetch=spec.get("prefetch", "off"))
+               prefetch=spec.get("prefetch", "off"), repack=spec.get("repack", "auto"))
     c1 = counters(group)
     rng = np.random.default_rng(spec.get("seed", 0))
     toks = rng.integers(100, llm.n_vocab(), spec["warmup"] + spec["n_gen"]).tolist()
@@ -59,7 +59,7 @@ def decode(spec: dict) -> dict:
            "cg_pgpgin_bytes": (delta(c2, c3, "cg_pgpgin") or 0) * PAGE if c2.get("cg_pgpgin") is not None else None,
            "token_ms": [x * 1e3 for x in per_tok], "evicted": ev, "resident_after_warmup": resident_warm,
            "resident_after_decode": resident_bytes(path), "rss_anon_bytes": (proc_status_kib("RssAnon") or 0) * 1024,
-           "rss_file_bytes": (proc_status_kib("RssFile") or 0) * 1024}
+           "rss_file_bytes": (proc_status_kib("RssFile") or 0) * 1024, "repacked": llm._lexi_repack}
     if group is not None:
         out["decode_peak_bytes"] = read_peak(group, spec.get("version", 1)) if spec.get("version") == 1 else None
         st = read_stat(group)
