@@ -32,6 +32,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--capacity", type=float, default=0.1)
     ap.add_argument("--links", nargs="+", default=["nvme", "1,200"])
+    ap.add_argument("--queues", default="1,32", help="link queue depths; depth > 1 runs demand-first")
     args = ap.parse_args()
     from lexi_gguf.caching import clock, idpredict, predict, simulate
     from lexi_gguf.caching.experiment import TEMPERATURE, held_out_prompts, testbed_gguf
@@ -68,10 +69,12 @@ def main() -> int:
     comp = clock.compute_from_trace(test)
     rows = []
     for link in args.links:
-        for pol in ["lru", "belady", *(f"prefetch:{n}" for n in preds)]:
-            p = preds.get(pol.removeprefix("prefetch:"))
-            rows.append(clock.simulate_clocked(test, args.capacity, pol, link=link, compute_s=comp, predictions=p,
-                                               depth=depth, phase="decode").row())
+        for q in (int(x) for x in args.queues.split(",")):
+            for pol in ["lru", "belady", *(f"prefetch:{n}" for n in preds)]:
+                p = preds.get(pol.removeprefix("prefetch:"))
+                rows.append(clock.simulate_clocked(test, args.capacity, pol, link=link, compute_s=comp, predictions=p,
+                                                   depth=depth, phase="decode", queue_depth=q,
+                                                   demand_first=q > 1).row())
     print(f"\nclocked, decode tokens, capacity {args.capacity:g}, compute {comp * 1e3:.3f} ms per MoE layer "
           "(measured while tracing):\n")
     print(clock.table(rows))

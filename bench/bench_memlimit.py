@@ -160,6 +160,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="memlimit", help="results file stem (bench/results/NAME-<machine>.json)")
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--quant", help="requantize the Q8_0 bench model to this type first (e.g. Q4_K_M; cached)")
+    ap.add_argument("--repack", default="auto", help="repack modes to compare, e.g. on,off (runtime.placement); "
+                    "a mode whose children are killed (repacked experts over the limit) is a row saying so")
     args = ap.parse_args()
     from lexi_gguf import LexiError
     from lexi_gguf.measure.bench import save_results
@@ -169,19 +172,41 @@ def main() -> int:
     ffn = args.ffn or (128 if args.small else 1024)
     limit = args.mem_limit or ("200M" if args.small else "3.5G")
     model = build_model(Path(args.out), hidden=hidden, ffn=ffn, layers=args.layers, experts=args.experts)
+    if args.quant:
+        from lexi_gguf.export.convert import quantize
+        q = model.with_name(model.stem.replace("Q8_0", args.quant) + ".gguf")
+        if not q.exists():
+            print(f"requantizing to {args.quant} -> {q}", flush=True)
+            tmp = q.with_suffix(".tmp")
+            quantize(model, tmp, args.quant, threads=args.threads, allow_requantize=True)
+            tmp.rename(q)
+        model = q
     if args.build_only:
         return 0
-    try:
-        res = bench_mem_limited(model, [float(b) for b in args.budgets.split(",")], mem_limit=limit, n_gen=args.n_gen,
-                                warmup=args.warmup, threads=args.threads, reps=args.reps,
-                                prefetch=tuple(args.prefetch.split(",")),
-                                only=args.only.split(",") if args.only else None)
-    except LexiError as e:
-        print(f"error: {e}", file=sys.stderr)
+    res, killed = None, {}
+    for mode in args.repack.split(","):
+        try:
+            r = bench_mem_limited(model, [float(b) for b in args.budgets.split(",")], mem_limit=limit, n_gen=args.n_gen,
+                                  warmup=args.warmup, threads=args.threads, reps=args.reps,
+                                  prefetch=tuple(args.prefetch.split(",")),
+                                  only=args.only.split(",") if args.only else None, repack=mode)
+        except LexiError as e:
+            print(f"repack {mode}: {e}", file=sys.stderr)
+            killed[mode] = str(e)
+            continue
+        for row in r["rows"]:
+            row["repack_mode"] = mode
+        if res is None:
+            res = r
+        else:
+            res["rows"] += r["rows"]
+    if res is None:
+        print("error: every repack mode failed", file=sys.stderr)
         return 2
+    res["failed_repack_modes"] = killed
     res["bench_model"] = (f"synthetic OLMoE-shaped: {args.layers} layers x {args.experts} experts, hidden {hidden}, "
-                          f"expert ffn {ffn}, base k 8, Q8_0, {fmt_size(res['model_bytes'])}; LExI ladder of a "
-                          f"random-weight template with the same layers/experts")
+                          f"expert ffn {ffn}, base k 8, {args.quant or 'Q8_0'}, {fmt_size(res['model_bytes'])}; LExI "
+                          f"ladder of a random-weight template with the same layers/experts")
     print(table(res))
     out = save_results(res, args.name, ROOT / "bench" / "results")
     plot(res, out.with_suffix(".png"))

@@ -65,3 +65,34 @@ def test_links():
     assert parse_link("2.5,80")[1:] == pytest.approx((2.5e9, 80e-6))
     with pytest.raises(LexiError, match="BANDWIDTH_GBps,LATENCY_us"):
         parse_link("fast")
+
+
+def test_a_deeper_queue_overlaps_latency_not_bandwidth():
+    tr = trace([[[0, 1, 2, 3]]], nbytes=0.1 * MB)               # one layer, four misses at once
+    slow_lat = "100,1000"                                          # 1 ms latency, 1 us per 0.1 MB
+    one = simulate_clocked(tr, 1.0, "lru", link=slow_lat, compute_s=0.0).row()
+    deep = simulate_clocked(tr, 1.0, "lru", link=slow_lat, compute_s=0.0, queue_depth=4).row()
+    assert one["stall_ms_per_token"] == pytest.approx(4 * 1.001)   # four round trips, one after another
+    assert deep["stall_ms_per_token"] == pytest.approx(1.0 + 4 * 0.001)   # latencies overlap, bytes do not
+    assert deep["link"] == "100GB/s+1000us q4"
+    thin = "0.1,1000"                                             # bandwidth-bound: depth does not help
+    a = simulate_clocked(tr, 1.0, "lru", link=thin, compute_s=0.0).row()["stall_ms_per_token"]
+    b = simulate_clocked(tr, 1.0, "lru", link=thin, compute_s=0.0, queue_depth=4).row()["stall_ms_per_token"]
+    assert a == pytest.approx(4 * (1.0 + 1.0)) and b == pytest.approx(1.0 + 4 * 1.0)
+
+
+def test_demand_first_puts_misses_ahead_of_queued_prefetches():
+    """Wrong prefetches for the next layers queue on the link; in FIFO order the next layer's demand
+    misses wait behind them, with demand priority they start first (one prefetch already moving is
+    not interrupted); the bytes moved are the same."""
+    ex = [[[0, 1], [2, 3], [4, 5]] for _ in range(6)]
+    tr = trace(ex)
+    wrong = {1: {(t, j): [6, 7] for t in range(6) for j in range(3)},
+             2: {(t, j): [6, 7] for t in range(6) for j in range(3)}}
+    kw = dict(link=LINK, compute_s=0.3e-3, predictions=wrong, depth=2)
+    fifo = simulate_clocked(tr, 0.25, "prefetch:wrong", **kw).row()
+    first = simulate_clocked(tr, 0.25, "prefetch:wrong", demand_first=True, **kw).row()
+    base = simulate_clocked(tr, 0.25, "lru", link=LINK, compute_s=0.3e-3).row()
+    assert first["stall_ms_per_token"] < fifo["stall_ms_per_token"]
+    assert first["mb_per_token"] == pytest.approx(fifo["mb_per_token"])
+    assert first["ms_per_token"] >= base["ms_per_token"]        # wrong guesses never beat no prefetch

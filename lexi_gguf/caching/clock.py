@@ -3,9 +3,13 @@
 Cost model, stated because every number below rests on it:
 - Each MoE layer computes for `compute_s[j]` seconds once all its experts are resident; a layer waiting
   for an expert stalls until the expert's transfer has finished (the wait is the stall).
-- One link, FIFO: a transfer starts when the link is free (and not before it is issued) and takes
-  latency + bytes / bandwidth. Demand misses of a layer are issued when the layer starts (its router
-  ran); prefetches for layers j+1..j+d are issued at the same moment, behind them.
+- One link (Link): a transfer waits for a free queue slot (at most `depth` requests in flight: 1 is
+  one request at a time, an NVMe queue is deeper), pays the link's latency (overlapped across the
+  requests in flight), then moves its bytes at the link's bandwidth, one transfer at a time. Demand
+  misses of a layer are issued when the layer starts (its router ran); prefetches for layers j+1..j+d
+  are issued at the same moment, behind them. In FIFO order (the default) a demand miss waits for
+  every transfer issued before it; with demand priority it starts before queued prefetches (one that
+  is already moving is not interrupted). depth 1, FIFO: latency + bytes / bandwidth, one after another.
 - A prefetched expert takes its cache slot when issued (it can evict); it is a hit only if its transfer
   finished by the time its layer starts, else a late hit that stalls for the rest of its transfer.
   Prefetched bytes never used before eviction (or the end) are wasted; they still occupied the link.
@@ -14,7 +18,9 @@ Cost model, stated because every number below rests on it:
 """
 from __future__ import annotations
 
+import heapq
 import itertools
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,30 +69,82 @@ def parse_link(spec: str) -> tuple[str, float, float]:
     return (f"{bw:g}GB/s+{lat:g}us", bw * 1e9, lat * 1e-6)
 
 
+class Link:
+    """Transfers over one link, simulated lazily in time order (issue times are the layers' starts,
+    which only move forward): see the module's cost model."""
+
+    def __init__(self, bw: float, lat: float, depth: int = 1, demand_first: bool = False):
+        if depth < 1:
+            raise LexiError(f"queue depth {depth}: give at least 1")
+        self.bw, self.lat, self.depth, self.demand_first = bw, lat, depth, demand_first
+        self.queues = (deque(), deque())        # (demand, prefetch) with demand_first; else all in [1]
+        self.inflight: list[float] = []         # completion times of started transfers (a heap)
+        self.data_free = self.last_start = 0.0
+        self.done: dict[int, float] = {}        # transfer id -> when its bytes are in fast memory
+        self._ids = itertools.count()
+
+    def issue(self, nbytes: float, t: float, demand: bool) -> int:
+        tid = next(self._ids)
+        self.queues[0 if demand and self.demand_first else 1].append((tid, nbytes, t))
+        return tid
+
+    def _next(self):
+        """(queue, start time) of the transfer that starts next, or None."""
+        slot = self.inflight[0] if len(self.inflight) >= self.depth else 0.0
+        s0 = max(slot, self.last_start)
+        cands = [(max(s0, q[0][2]), i) for i, q in enumerate(self.queues) if q]
+        if not cands:
+            return None
+        s, i = min(cands)                 # the earliest start; at a tie, demand (queue 0) first
+        return self.queues[i], s
+
+    def _start(self, q, s: float) -> None:
+        tid, nbytes, _ = q.popleft()
+        if len(self.inflight) >= self.depth:
+            heapq.heappop(self.inflight)
+        end = max(s + self.lat, self.data_free) + nbytes / self.bw
+        self.data_free, self.last_start = end, s
+        heapq.heappush(self.inflight, end)
+        self.done[tid] = end
+
+    def advance(self, t: float) -> None:
+        """Start every transfer that starts before t (call before issuing at t)."""
+        while (nxt := self._next()) is not None and nxt[1] < t:
+            self._start(*nxt)
+
+    def arrival(self, tid: int) -> float:
+        """When transfer tid finishes (simulating forward: nothing new is issued until then)."""
+        while tid not in self.done:
+            self._start(*self._next())
+        return self.done[tid]
+
+    def done_by(self, tid: int, t: float) -> bool:
+        return tid in self.done and self.done[tid] <= t
+
+
 def simulate_clocked(trace: Trace, capacity: float, policy: str, *, link: str = "nvme",
                      compute_s: list[float] | float, predictions: dict | None = None, depth: int = 1,
-                     phase: str = "auto", slot_mode: str = "global") -> ClockResult:
+                     phase: str = "auto", slot_mode: str = "global", queue_depth: int = 1,
+                     demand_first: bool = False) -> ClockResult:
     L, E = len(trace.moe_layers), trace.n_expert
     name, bw, lat = parse_link(link)
+    if queue_depth > 1 or demand_first:
+        name += f" q{queue_depth}" + (" demand-first" if demand_first else "")
     comp = np.broadcast_to(np.asarray(compute_s, dtype=float), (L,))
     _, prefetch, caches, cache_of, nbytes, toks, reqs, next_use = replay_setup(trace, capacity, policy, predictions,
                                                                               phase, slot_mode)
-    arrival: dict[int, float] = {}       # key -> when its bytes are in fast memory
+    wire = Link(bw, lat, queue_depth, demand_first)
+    pending: dict[int, int] = {}         # key -> its last transfer (absent: resident since long ago)
     unused: dict[int, float] = {}        # prefetched, not used yet -> bytes
-    now = link_free = 0.0
+    now = 0.0
     hits = late = 0
     demand_b = prefetch_b = wasted_b = stall = computed = 0.0
     seq_now = None
 
-    def transfer(issue: float, b: float) -> float:
-        nonlocal link_free
-        link_free = max(link_free, issue) + lat + b / bw
-        return link_free
-
     def evicted(ev) -> None:
         nonlocal wasted_b
         if ev is not None:
-            arrival.pop(ev, None)
+            pending.pop(ev, None)
             wasted_b += unused.pop(ev, 0.0)
 
     for (s, j), idx in itertools.groupby(range(len(reqs)), key=lambda i: (reqs[i][0], reqs[i][1])):
@@ -95,24 +153,24 @@ def simulate_clocked(trace: Trace, capacity: float, policy: str, *, link: str = 
             for c in caches:
                 getattr(c, "new_sequence", lambda: None)()
         c, start = cache_of(j), now
-        ready = start
+        wire.advance(start)
+        waits: list[int] = []            # transfers this layer waits for
         for i in idx:
             key = j * E + reqs[i][2]
             if key in c:
                 c.touch(key, i, next_use[i])
-                a = arrival.get(key, 0.0)
-                if a <= start:
+                tid = pending.get(key)
+                if tid is None or wire.done_by(tid, start):
                     hits += 1
                 else:
                     late += 1
-                    ready = max(ready, a)
+                    waits.append(tid)
                 unused.pop(key, None)
             else:
-                done = transfer(start, nbytes[j])
                 demand_b += nbytes[j]
                 evicted(c.insert(key, i, next_use[i]))
-                arrival[key] = done
-                ready = max(ready, done)
+                pending[key] = wire.issue(nbytes[j], start, demand=True)
+                waits.append(pending[key])
         if prefetch:
             for d, tt, jj in lookahead_targets(trace, toks, s, j, depth):
                 cj = cache_of(jj)
@@ -122,9 +180,10 @@ def simulate_clocked(trace: Trace, capacity: float, policy: str, *, link: str = 
                         cj.touch(key, i)
                         continue
                     evicted(cj.insert(key, i))
-                    arrival[key] = transfer(start, nbytes[jj])
+                    pending[key] = wire.issue(nbytes[jj], start, demand=False)
                     unused[key] = nbytes[jj]
                     prefetch_b += nbytes[jj]
+        ready = max([start, *(wire.arrival(t) for t in waits)])
         stall += ready - start
         computed += comp[j]
         now = ready + comp[j]

@@ -128,9 +128,13 @@ def cmd_cache_sim(args) -> None:
                     name = pol if pol in simulate.DEMAND_POLICIES else f"prefetch:{pol}"
                     rows.append(clock.simulate_clocked(tr, cap, name, link=link, compute_s=compute_s,
                                                        predictions=predictors.get(pol), depth=args.depth,
-                                                       phase=args.phase, slot_mode=args.slots).row())
+                                                       phase=args.phase, slot_mode=args.slots,
+                                                       queue_depth=args.queue_depth,
+                                                       demand_first=args.demand_first).row())
         res["clock"] = {"compute_s_per_layer": compute_s, "rows": rows}
-        print("\nOn a clock (caching/clock.py: FIFO link, a layer computes once its experts are there):\n")
+        order = "demand misses first" if args.demand_first else "FIFO"
+        print(f"\nOn a clock (caching/clock.py: {args.queue_depth} request(s) in flight, {order}; a layer computes "
+              "once its experts are there):\n")
         print(clock.table(rows))
     js = Path(args.json) if args.json else Path(args.trace).with_suffix(".cache.json")
     write_json(res, js)
@@ -208,6 +212,10 @@ def register(sub) -> None:
                         "(a measured disk); transfers take time, prefetches must arrive (docs/caching.md)")
     p.add_argument("--compute-ms", type=floats, help="compute per MoE layer for --clock: one value or one per "
                    "layer (default: measured while tracing)")
+    p.add_argument("--queue-depth", type=int, default=1, help="--clock: requests in flight on the link (latency "
+                   "overlaps, bandwidth does not; an NVMe queue is deep); default 1")
+    p.add_argument("--demand-first", action="store_true",
+                   help="--clock: demand misses start before queued prefetches (default FIFO)")
     p.add_argument("--json")
     p.add_argument("--plot")
     p.set_defaults(func=cmd_cache_sim)

@@ -33,12 +33,14 @@ def quant_ftype(name: str) -> int:
     return getattr(llama_cpp, attr)
 
 
-def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
-    """llama.cpp's own quantizer through llama-cpp-python (the same code as llama-quantize)."""
+def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, allow_requantize: bool = False) -> None:
+    """llama.cpp's own quantizer through llama-cpp-python (the same code as llama-quantize);
+    allow_requantize: from an already quantized file (llama-quantize --allow-requantize)."""
     import llama_cpp
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = quant_ftype(quant)
     params.nthread = threads or 0
+    params.allow_requantize = allow_requantize
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
         from ..runtime.llama import captured_log
