@@ -29,10 +29,11 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=0, prefetch="off") -> dict:
+def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=0, prefetch="off",
+            repack: str | None = None) -> dict:
     import numpy as np
     llm = load(path, kv_overrides=kv, n_ctx=n_prompt + n_gen + 16, n_batch=min(512, n_prompt),
-               n_threads=threads, n_gpu_layers=n_gpu_layers, prefetch=prefetch)
+               n_threads=threads, n_gpu_layers=n_gpu_layers, prefetch=prefetch, repack=repack)
     rng = np.random.default_rng(0)
     vocab = llm.n_vocab()
     prompt = rng.integers(100, vocab, n_prompt).tolist()   # random tokens, as llama-bench uses
