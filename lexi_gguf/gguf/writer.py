@@ -105,7 +105,7 @@ def lexi_metadata(info: GGUFModelInfo, counts: list[int], method: str, *, sensit
 
 
 def copy_with_metadata(src: str | Path, out: str | Path, new: dict, *, force: bool = False,
-                       drop_prefix: str = "lexi.", progress: bool = True) -> Path:
+                       drop_prefix: str = "lexi.", progress: bool = True, tensor_data=None) -> Path:
     """Stream src to out with `new` metadata (old lexi.* keys dropped). Tensors are copied one at a time
     from the reader's memory map, never the whole file in memory; the output appears atomically.
 
@@ -128,18 +128,20 @@ def copy_with_metadata(src: str | Path, out: str | Path, new: dict, *, force: bo
             tmp = stack.enter_context(atomic_output(o, force))
             tmp.unlink()
             link_or_copy(p, tmp)
-        _write_gguf(shards[0][1], tmp_first, new, drop_prefix, progress)
+        _write_gguf(shards[0][1], tmp_first, new, drop_prefix, progress, tensor_data or (lambda t: t.data))
     del reader, shards
     return outs[0]
 
 
-def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool) -> None:
-    """One GGUF file: reader's fields (less drop_prefix keys) + `new`, then its tensors, streamed."""
+def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, tensor_data) -> None:
+    """One GGUF file: reader's fields (less drop_prefix keys and those in `new`) + `new`, then its
+    tensors (tensor_data(t) of each), streamed."""
     gguf = gguf_py()
     arch = field_value(reader, "general.architecture")
     writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
     for f in reader.fields.values():
-        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or f.name.startswith(drop_prefix):
+        if (f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or f.name.startswith(drop_prefix)
+                or f.name in new):
             continue
         vt = f.types[0]
         sub = f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
@@ -148,8 +150,9 @@ def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool) 
         writer.add_key_value(name, val, vt, sub_type=sub)
     total = 0
     for t in reader.tensors:
-        total += int(t.n_bytes)
-        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        d = tensor_data(t)
+        total += int(d.nbytes)
+        writer.add_tensor_info(t.name, d.shape, d.dtype, d.nbytes, t.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -158,9 +161,10 @@ def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool) 
         from tqdm import tqdm
         bar = tqdm(desc="write", total=total, unit="B", unit_scale=True)
     for t in reader.tensors:
-        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        d = tensor_data(t)
+        writer.write_tensor_data(d, tensor_endianess=reader.endianess)
         if bar:
-            bar.update(int(t.n_bytes))
+            bar.update(int(d.nbytes))
     writer.close()
     if bar:
         bar.close()
