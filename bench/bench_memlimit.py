@@ -142,6 +142,31 @@ def build_model(out_dir: Path, *, hidden: int = 2048, ffn: int = 1024, layers: i
     return out
 
 
+def widened_testbed(out_dir: Path, factor: int, n_tokens: int, threads: int) -> tuple[Path, str, dict]:
+    """The trained caching testbed with experts widened `factor` times (cached), a held-out prompt, and
+    its routing on that prompt's sampled continuation: consecutive-token expert overlap per MoE layer
+    (traced on the small file: the routing is the same)."""
+    import numpy as np
+
+    from lexi_gguf.caching.experiment import TEMPERATURE, held_out_prompts, testbed_gguf
+    from lexi_gguf.runtime.trace import record
+    from lexi_gguf.testbeds.builtin import ensure_default_model
+    from lexi_gguf.testbeds.widen import widen_experts
+    small = testbed_gguf(ROOT / "out" / "bench", threads=threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wide = out_dir / f"{small.stem}-wide{factor}.gguf"
+    if not wide.exists():
+        widen_experts(small, wide, factor)
+    prompt = held_out_prompts(ensure_default_model(name="caching"), 1)[0]
+    tr = record(small, prompts=[prompt], max_new_tokens=n_tokens, temperature=TEMPERATURE, seed=0, progress=False,
+                no_lexi=True, threads=threads)
+    ex = tr.experts[tr.generated]                     # (T, L, k) decode tokens
+    k = ex.shape[2]
+    overlap = [float(np.mean([len(set(ex[t, j]) & set(ex[t - 1, j])) / k for t in range(1, len(ex))]))
+               for j in range(ex.shape[1])]
+    return wide, prompt, {"overlap_per_layer": overlap, "overlap_mean": float(np.mean(overlap)), "tokens": len(ex)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(CACHE), help="where the bench model is built and cached")
@@ -161,6 +186,9 @@ def main() -> int:
     ap.add_argument("--name", default="memlimit", help="results file stem (bench/results/NAME-<machine>.json)")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--quant", help="requantize the Q8_0 bench model to this type first (e.g. Q4_K_M; cached)")
+    ap.add_argument("--widen-testbed", type=int, metavar="FACTOR",
+                    help="instead of the random-weight model: the trained caching testbed (8 layers x 64 experts) "
+                    "with experts widened FACTOR times (testbeds.widen: same routing), decoding sampled text")
     ap.add_argument("--repack", default="auto", help="repack modes to compare, e.g. on,off (runtime.placement); "
                     "a mode whose children are killed (repacked experts over the limit) is a row saying so")
     args = ap.parse_args()
@@ -171,7 +199,11 @@ def main() -> int:
     hidden = args.hidden or (512 if args.small else 2048)
     ffn = args.ffn or (128 if args.small else 1024)
     limit = args.mem_limit or ("200M" if args.small else "3.5G")
-    model = build_model(Path(args.out), hidden=hidden, ffn=ffn, layers=args.layers, experts=args.experts)
+    prompt, routing = None, None
+    if args.widen_testbed:
+        model, prompt, routing = widened_testbed(Path(args.out), args.widen_testbed, args.n_gen + args.warmup, args.threads)
+    else:
+        model = build_model(Path(args.out), hidden=hidden, ffn=ffn, layers=args.layers, experts=args.experts)
     if args.quant:
         from lexi_gguf.export.convert import quantize
         q = model.with_name(model.stem.replace("Q8_0", args.quant) + ".gguf")
@@ -189,7 +221,7 @@ def main() -> int:
             r = bench_mem_limited(model, [float(b) for b in args.budgets.split(",")], mem_limit=limit, n_gen=args.n_gen,
                                   warmup=args.warmup, threads=args.threads, reps=args.reps,
                                   prefetch=tuple(args.prefetch.split(",")),
-                                  only=args.only.split(",") if args.only else None, repack=mode)
+                                  only=args.only.split(",") if args.only else None, repack=mode, prompt=prompt)
         except LexiError as e:
             print(f"repack {mode}: {e}", file=sys.stderr)
             killed[mode] = str(e)
@@ -204,9 +236,16 @@ def main() -> int:
         print("error: every repack mode failed", file=sys.stderr)
         return 2
     res["failed_repack_modes"] = killed
-    res["bench_model"] = (f"synthetic OLMoE-shaped: {args.layers} layers x {args.experts} experts, hidden {hidden}, "
-                          f"expert ffn {ffn}, base k 8, {args.quant or 'Q8_0'}, {fmt_size(res['model_bytes'])}; LExI "
-                          f"ladder of a random-weight template with the same layers/experts")
+    if routing:
+        res["routing"] = routing
+        res["bench_model"] = (f"the trained caching testbed, experts widened {args.widen_testbed}x with zeros "
+                              f"(same routing), {args.quant or 'Q8_0'}, {fmt_size(res['model_bytes'])}; sampled text")
+        print("consecutive-token expert overlap per MoE layer (decode, sampled): "
+              + " ".join(f"{x:.2f}" for x in routing["overlap_per_layer"]))
+    else:
+        res["bench_model"] = (f"synthetic OLMoE-shaped: {args.layers} layers x {args.experts} experts, hidden {hidden}, "
+                              f"expert ffn {ffn}, base k 8, {args.quant or 'Q8_0'}, {fmt_size(res['model_bytes'])}; LExI "
+                              f"ladder of a random-weight template with the same layers/experts")
     print(table(res))
     out = save_results(res, args.name, ROOT / "bench" / "results")
     plot(res, out.with_suffix(".png"))

@@ -15,14 +15,15 @@ from .disk import disk_of, disk_rates
 def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int = 4, threads: int | None = None,
                       reps: int = 1, seed: int = 0, rates: bool = True, cgroup_root: str | Path | None = None,
                       timeout: float | None = None, progress: bool = True, prefetch: tuple[str, ...] = ("off",),
-                      only: list[str] | None = None, repack: str = "auto") -> dict:
+                      only: list[str] | None = None, repack: str = "auto", prompt: str | None = None) -> dict:
     """Decode tok/s, major faults and storage bytes per token of each configuration (full, then uniform
     and lexi at each stored budget: lexi_gguf.measure.configs.run_configs) under a memory limit; each
     configuration and repetition in a fresh child inside a fresh memory cgroup. Same shape as
     lexi_gguf.measure.bench.bench (rows + machine) plus the limit, the model size, the disk and its rates.
     prefetch: expert prefetch modes to run each configuration with (runtime.set_prefetch); only: the
     configuration labels to run (e.g. ["full", "lexi 0.75"]), default all. repack: the children's
-    runtime.placement mode (auto: off when the model is larger than the group's room or prefetch is on)."""
+    runtime.placement mode (auto: off when the model is larger than the group's room or prefetch is on).
+    prompt: decode this prompt's continuation, sampled (seeded), instead of random token ids."""
     from ..bench import backend_name
     from ..configs import run_configs
     from ...runtime.cpu import machine
@@ -63,7 +64,7 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
             with memory_cgroup(limit, root=cgroup_root) as g:
                 spec = {"model": str(path), "kv": c.kv, "n_gen": n_gen, "warmup": warmup, "threads": threads,
                         "seed": seed, "cgroup": str(g.path), "version": g.version, "limit": limit, "prefetch": pf,
-                        "repack": repack}
+                        "repack": repack, "prompt": prompt}
                 r = run_child(spec, timeout=timeout)
                 r["peak_bytes"] = g.peak()
                 r["cgroup_path"] = str(g.path)

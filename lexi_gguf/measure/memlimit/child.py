@@ -36,17 +36,29 @@ def decode(spec: dict) -> dict:
                prefetch=spec.get("prefetch", "off"), repack=spec.get("repack", "auto"))
     c1 = counters(group)
     rng = np.random.default_rng(spec.get("seed", 0))
-    toks = rng.integers(100, llm.n_vocab(), spec["warmup"] + spec["n_gen"]).tolist()
     llm.reset()
-    for t in toks[:spec["warmup"]]:
-        llm.eval([t])
+    if spec.get("prompt"):
+        # generated text: the prompt, then sampled tokens (routing as the model routes its own output)
+        llm.eval(llm.tokenize(spec["prompt"].encode()))
+
+        def next_token():
+            return llm.sample(temp=0.8, top_k=40, top_p=0.95)
+    else:
+        # random token ids, as llama-bench
+        toks = iter(rng.integers(100, llm.n_vocab(), spec["warmup"] + spec["n_gen"]).tolist())
+
+        def next_token():
+            return next(toks)
+    for _ in range(spec["warmup"]):
+        llm.eval([next_token()])
     resident_warm = resident_bytes(path)
     if group is not None and spec.get("version") == 1:
         with contextlib.suppress(OSError):
             write_value(group / "memory.max_usage_in_bytes", 0)   # v1: the peak from here on
     c2 = counters(group)
     per_tok = []
-    for t in toks[spec["warmup"]:]:
+    for _ in range(spec["n_gen"]):
+        t = next_token()
         t0 = time.perf_counter()
         llm.eval([t])
         per_tok.append(time.perf_counter() - t0)
