@@ -77,6 +77,8 @@ def main() -> int:
     res = X.run(gguf, prompts, train_prompts, max_new_tokens=args.max_new_tokens, depth=args.depth,
                 threads=args.threads)
     print(X.tables(res))
+    print()
+    print(X.clock_table(res))
     res["trace_cost"] = cost = trace_cost(gguf, prompts, args.threads)
     print(f"\ntracing cost: {cost['trace_seconds']:.2f} s vs plain eval {cost['plain_seconds']:.2f} s "
           f"({cost['ratio']:.2f}x) on {cost['tokens']} tokens")

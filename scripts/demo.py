@@ -99,6 +99,8 @@ def stage_caching() -> dict:
     prompts, train_prompts = X.held_out_prompts(model_dir, 12), X.held_out_prompts(model_dir, 24, offset=12)
     res = X.run(gguf, prompts, train_prompts, max_new_tokens=24, depth=2, threads=THREADS)
     print(X.tables(res))
+    print()
+    print(X.clock_table(res))
     res["plot"] = X.plot(res, OUT / "caching.png")
     return res
 
