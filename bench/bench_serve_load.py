@@ -13,12 +13,8 @@ Results: bench/results/serve-load-<machine>.json and .png.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,36 +31,17 @@ def default_gguf(work: Path, threads: int) -> Path:
     return out
 
 
-def models(base: str) -> list[dict]:
-    req = urllib.request.Request(base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
-    return json.loads(urllib.request.urlopen(req, timeout=5).read())["data"]
-
-
-def model_ids(base: str) -> list[str]:
-    return [m["id"] for m in models(base)]
-
-
 def start(model: Path, engine: str, args, budget: str | None, threads: int) -> tuple[subprocess.Popen, str]:
-    from lexi_gguf.measure.load import free_port
-    port = free_port()
+    from lexi_gguf.measure import load
+    port = load.free_port()
     cmd = [sys.executable, "-m", "lexi_gguf.cli", "serve", str(model), "--port", str(port), "--ctx", str(args.ctx),
            "--threads", str(threads), "--api-key", KEY, *(["--budget", budget] if budget else [])]
     if engine == "llama-server":
         cmd += ["--engine", "llama-server", "--parallel", str(args.parallel)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{engine} exited with {proc.returncode}")
-        try:
-            if all(m.get("status", {}).get("value", "loaded") == "loaded" for m in models(base)):
-                return proc, base
-        except (urllib.error.URLError, ConnectionError, KeyError, ValueError):
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"{engine} did not come up in 300 s")
+    load.wait_until_serving(proc, base, KEY, timeout=300)
+    return proc, base
 
 
 def main() -> int:
@@ -110,7 +87,7 @@ def main() -> int:
     proc, base = start(gguf, "llama-server", args, None, args.threads)        # router: every stored budget
     try:
         router = load.tree_memory_mib(proc.pid)
-        ids = model_ids(base)
+        ids = [m["id"] for m in load.models(base, KEY)]
         for mid in ids:
             load.completion(base, mid, prompts[0], 8, KEY, 60)
         router.update(budgets_served=ids, after_one_request_each=load.tree_memory_mib(proc.pid))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lexi_gguf.measure.load import free_port
+from lexi_gguf.measure.load import free_port, wait_until_serving
 from lexi_gguf.runtime import llama as runtime
 from lexi_gguf.serve import llama_server
 
@@ -38,12 +38,6 @@ def _post(base, path, body, key=KEY, raw: bytes | None = None):
         return e.code, json.loads(e.read() or b"{}")
 
 
-def _models(base):
-    req = urllib.request.Request(base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
-    with urllib.request.urlopen(req, timeout=5) as r:
-        return json.loads(r.read())["data"]
-
-
 @pytest.fixture(scope="module")
 def router(laddered_gguf, tmp_path_factory):
     model = tmp_path_factory.mktemp("llama-server") / "m.gguf"
@@ -54,19 +48,10 @@ def router(laddered_gguf, tmp_path_factory):
                              "--port", str(port), "--parallel", "2", "--threads", "1", "--ctx", "256",
                              "--api-key", KEY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"llama-server exited ({proc.returncode}): {proc.stdout.read()[-3000:]}")
-        try:
-            if {m["id"] for m in _models(base) if m["status"]["value"] == "loaded"} == set(IDS):
-                break
-        except (urllib.error.URLError, ConnectionError, KeyError):
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail("llama-server did not load every budget in 120 s")
-        time.sleep(0.5)
+    try:
+        wait_until_serving(proc, base, KEY, ids=IDS)     # every budget's child loaded
+    except RuntimeError as e:
+        pytest.fail(str(e))
     yield proc, base, model
     if proc.poll() is None:
         proc.kill()

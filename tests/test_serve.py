@@ -9,13 +9,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from lexi_gguf.measure.load import free_port
+from lexi_gguf.measure.load import free_port, wait_until_serving
 from lexi_gguf.runtime import llama as runtime
 
 KEY = "test-key"
@@ -35,19 +34,10 @@ def server(laddered_gguf, tmp_path_factory):
                              "serve", str(model), "--port", str(port), "--threads", "2", "--ctx", "512",
                              "--api-key", KEY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited ({proc.returncode}): {proc.stdout.read()}")
-        try:
-            req = urllib.request.Request(base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
-            urllib.request.urlopen(req, timeout=2).read()
-            break
-        except (urllib.error.URLError, ConnectionError):
-            if time.time() > deadline:
-                proc.kill()
-                pytest.fail("server did not come up in 120 s")
-            time.sleep(0.5)
+    try:
+        wait_until_serving(proc, base, KEY)
+    except RuntimeError as e:
+        pytest.fail(str(e))
     yield proc, base, model
     if proc.poll() is None:
         proc.kill()

@@ -23,6 +23,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def models(base: str, key: str | None = None) -> list[dict]:
+    """The server's /v1/models entries (either engine; llama-server's router adds each one's status)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    req = urllib.request.Request(base + "/v1/models", headers=headers)
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read())["data"]
+
+
+def wait_until_serving(proc, base: str, key: str | None = None, *, timeout: float = 120.0, ids=None) -> None:
+    """Wait until the server started as `proc` answers /v1/models (with every id in `ids` loaded, for
+    llama-server's router); RuntimeError if it exits first or the time runs out (it is then killed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            out = proc.stdout.read()[-3000:] if proc.stdout else ""
+            raise RuntimeError(f"the server exited with status {proc.returncode}: {out}")
+        try:
+            loaded = {m["id"] for m in models(base, key) if m.get("status", {}).get("value", "loaded") == "loaded"}
+            if ids is None or set(ids) <= loaded:
+                return
+        except (urllib.error.URLError, ConnectionError, KeyError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the server at {base} was not serving after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def tree_pids(pid: int) -> list[int]:
     """pid and its descendants (Linux /proc)."""
     children: dict[int, list[int]] = {}
