@@ -33,6 +33,8 @@ def main() -> int:
     ap.add_argument("--capacity", type=float, default=0.1)
     ap.add_argument("--links", nargs="+", default=["nvme", "1,200"])
     ap.add_argument("--queues", default="1,32", help="link queue depths; depth > 1 runs demand-first")
+    ap.add_argument("--testbed", default="caching", help="built-in model: caching (Mixtral, 64 experts), "
+                    "qwen3-testbed or olmoe-testbed (16 experts, k 4)")
     args = ap.parse_args()
     from lexi_gguf.caching import clock, idpredict, predict, simulate
     from lexi_gguf.caching.experiment import TEMPERATURE, held_out_prompts, testbed_gguf
@@ -43,8 +45,8 @@ def main() -> int:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    gguf = testbed_gguf(work, threads=args.threads)
-    mdir = ensure_default_model(name="caching")
+    gguf = testbed_gguf(work, threads=args.threads, name=args.testbed)
+    mdir = ensure_default_model(name=args.testbed)
     test_p = held_out_prompts(mdir, args.prompts)
     train_p = held_out_prompts(mdir, args.train_prompts, offset=args.prompts)
     depth = 2
@@ -92,7 +94,9 @@ def main() -> int:
     res = {"machine": machine(), "model": str(gguf), "tokens": len(test.tokens), "train_tokens": len(train.tokens),
            "decode_tokens": len(dec), "compute_s_per_layer": comp, "sequence_fit": fit, "recall": recall,
            "clock": rows, "targets_met": targets}
-    path = save_results(res, "idpredict", ROOT / "bench" / "results")
+    res["testbed"] = args.testbed
+    stem = "idpredict" if args.testbed == "caching" else f"idpredict-{args.testbed}"
+    path = save_results(res, stem, ROOT / "bench" / "results")
     plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
     names = list(recall)
@@ -105,7 +109,7 @@ def main() -> int:
     ax[1].bar([r["policy"].removeprefix("prefetch:") for r in first], [r["ms_per_token"] for r in first])
     ax[1].set_ylabel(f"ms / token, clocked ({rows[0]['link']})")
     ax[1].tick_params(axis="x", rotation=30, labelsize=7)
-    fig.suptitle(f"caching testbed, capacity {args.capacity:g}, {machine()['cpu_class']}", fontsize=9)
+    fig.suptitle(f"{args.testbed} testbed, capacity {args.capacity:g}, {machine()['cpu_class']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=110)
     print(f"plot -> {path.with_suffix('.png')}")

@@ -16,13 +16,15 @@ CAPACITIES = [0.05, 0.1, 0.25, 0.5]
 POLICIES = ["lru", "lfu", "eamc", "belady", "router", "learned", "oracle"]
 
 
-def testbed_gguf(out_dir: Path, budgets=(0.75, 0.5), threads: int = 2, log=print) -> Path:
-    """The caching testbed, trained (cached) and converted (Q8_0) with a ladder holding `budgets`."""
+def testbed_gguf(out_dir: Path, budgets=(0.75, 0.5), threads: int = 2, log=print, name: str = "caching") -> Path:
+    """A built-in testbed (default: the caching one), trained (cached) and converted (Q8_0) with a
+    ladder holding `budgets`."""
     from ..export.convert import convert
     from ..testbeds.builtin import ensure_default_model, recipe_hash
-    out = Path(out_dir) / f"caching-testbed-{recipe_hash('caching')}-Q8_0.gguf"   # a new recipe, a new file
+    stem = "caching-testbed" if name == "caching" else name
+    out = Path(out_dir) / f"{stem}-{recipe_hash(name)}-Q8_0.gguf"   # a new recipe, a new file
     if not out.exists():
-        convert(ensure_default_model(log=log, name="caching"), out, budget=budgets[0], budgets=[1.0, *budgets],
+        convert(ensure_default_model(log=log, name=name), out, budget=budgets[0], budgets=[1.0, *budgets],
                 quant="Q8_0", threads=threads, samples=4096)
     return out
 
