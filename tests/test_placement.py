@@ -89,3 +89,11 @@ def test_cgroup_room_is_read_from_this_process_group(tmp_path):
     (v1 / "memory.usage_in_bytes").write_text("7000\n")
     proc.write_text("12:cpu,cpuacct:/x\n5:memory:/g\n")
     assert placement.cgroup_room(proc, tmp_path / "sys") == 0       # over the limit: no room, not negative
+
+
+def test_model_bytes_counts_every_shard_by_name(tmp_path):
+    for i, n in enumerate((100, 250, 50), 1):
+        (tmp_path / f"m-{i:05d}-of-00003.gguf").write_bytes(b"\0" * n)
+    (tmp_path / "single.gguf").write_bytes(b"\0" * 7)
+    assert placement.model_bytes(tmp_path / "m-00001-of-00003.gguf") == 400
+    assert placement.model_bytes(tmp_path / "single.gguf") == 7

@@ -102,7 +102,7 @@ def test_layers_split_over_two_servers_match_local_at_every_budget(laddered_gguf
 
 def test_prefetch_skips_remote_layers_with_one_line(laddered_gguf, servers):
     out, err = _client(laddered_gguf, rpc=servers[0], ngl=2, rows=[ROW_MODEL, 2], prefetch="guess")
-    said = [x for x in err.splitlines() if "prefetch" in x]
+    said = [x for x in err.splitlines() if x.startswith("lexi-gguf: prefetch:")]
     assert said == ["lexi-gguf: prefetch: 2 of 4 layers are on RPC servers and are not prefetched (their experts "
                     "live in the servers' memory); the 2 layers held here are"], err[-2000:]
     for row, d in out["diff"].items():

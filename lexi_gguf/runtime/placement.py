@@ -81,9 +81,14 @@ def available_bytes() -> int | None:
 
 
 def model_bytes(path: Path) -> int:
-    """Bytes of a GGUF, every shard of a split set included."""
-    from ..gguf.reader import open_reader, shard_paths
-    return sum(p.stat().st_size for p in shard_paths(open_reader(path), path))
+    """Bytes of a GGUF, every shard of a split set included (by llama.cpp's shard names: no file is
+    parsed, this runs on every load; runtime.llama.check_split_set has checked the set)."""
+    from ..gguf.split import shard_name, split_prefix
+    split = split_prefix(path)
+    if split is None:
+        return Path(path).stat().st_size
+    prefix, _, count = split
+    return sum(p.stat().st_size for p in (shard_name(prefix, i, count) for i in range(count)) if p.exists())
 
 
 def decide(path: Path, mode: str | None, prefetch: str) -> bool:
