@@ -11,13 +11,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from lexi_gguf.measure.load import free_port, wait_until_serving
+from lexi_gguf.measure.load import free_port, post, wait_until_serving
 from lexi_gguf.runtime import llama as runtime
 from lexi_gguf.serve import llama_server
 
@@ -28,14 +26,7 @@ IDS = {"m": {}, "m@full": {"lexi.enable": False}, "m@1": {"lexi.budget_index": 0
 
 
 def _post(base, path, body, key=KEY, raw: bytes | None = None):
-    data = raw if raw is not None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    req = urllib.request.Request(base + path, data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+    return post(base, path, raw if raw is not None else json.dumps(body).encode(), key, 120)
 
 
 @pytest.fixture(scope="module")
