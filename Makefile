@@ -5,7 +5,9 @@ VPY     := $(VENV)/bin/python
 LEXI    := $(VENV)/bin/lexi-gguf
 BACKEND ?= cpu
 STAMP   := $(VENV)/.lexi-setup-$(BACKEND)
-# the torch build on disk for CPU machines; a bare `torch` requirement would pull a multi-GB CUDA build
+# the torch build on disk for CPU machines; a bare `torch` requirement would pull a multi-GB CUDA build.
+# --no-compile: byte-compiling every file of torch and transformers took ~20 s of a cold set-up; Python
+# compiles the few modules it imports on first use
 TORCH   ?= torch==2.13.0
 
 .PHONY: setup runtime demo test docs bench clean distclean
@@ -15,8 +17,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml patches/pin.toml patches/*.patch lexi_gguf/runtime/build.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q "$(TORCH)"
-	$(VPY) -m pip install -q -e ".[test]"
+	$(VPY) -m pip install -q --no-compile "$(TORCH)"
+	$(VPY) -m pip install -q --no-compile -e ".[test]"
 	$(LEXI) build-runtime --backend $(BACKEND)
 	$(LEXI) doctor >/dev/null
 	touch $@

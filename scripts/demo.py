@@ -3,7 +3,9 @@
 
 train (or load cached) -> profile + allocate + convert + quantize (Q8_0) -> chat one prompt ->
 bench and eval full / uniform / lexi -> one summary table, with the paths of the JSON and PNG files;
-then expert caching on a second built-in model (64 experts): trace, predict, simulate.
+then expert caching on the same model: trace, predict, simulate (free transfers and on a clock). The
+64-expert caching study is `bench/bench_caching.py` on its own testbed (a second trained model: ~5 min
+of training a cold `make demo` does not pay).
 
 Every stage runs in a child process (`demo.py --stage NAME`) and writes out/demo/<stage>.json as soon
 as it finishes, so a stage that fails (an error, or native code killed by a signal) loses nothing
@@ -93,11 +95,9 @@ def stage_eval() -> dict:
 
 def stage_caching() -> dict:
     from lexi_gguf.caching import experiment as X
-    from lexi_gguf.testbeds.builtin import ensure_default_model
-    gguf = X.testbed_gguf(OUT, threads=THREADS)
-    model_dir = ensure_default_model(name="caching")
+    model_dir = _model_dir()
     prompts, train_prompts = X.held_out_prompts(model_dir, 12), X.held_out_prompts(model_dir, 24, offset=12)
-    res = X.run(gguf, prompts, train_prompts, max_new_tokens=24, depth=2, threads=THREADS)
+    res = X.run(GGUF, prompts, train_prompts, budgets=BUDGETS, max_new_tokens=24, depth=2, threads=THREADS)
     print(X.tables(res))
     print()
     print(X.clock_table(res))
@@ -112,8 +112,8 @@ STAGES = [
     ("chat", "3. chat (one prompt, lexi budget 0.75)", stage_chat, ["convert"]),
     ("bench", f"4. bench: full vs uniform (--override-kv) vs lexi, {THREADS} threads", stage_bench, ["convert"]),
     ("eval", "5. eval: perplexity and KL divergence vs the full model on held-out text", stage_eval, ["model", "convert"]),
-    ("caching", "6. expert caching on the 64-expert testbed: trace -> look-ahead predictor -> cache simulation",
-     stage_caching, []),
+    ("caching", "6. expert caching: trace -> look-ahead predictors -> cache simulation (free and on a clock)",
+     stage_caching, ["model", "convert"]),
 ]
 
 
@@ -133,6 +133,27 @@ def run_stage_child(name: str) -> str | None:
         return None
     cause = exit_cause(p.returncode) if p.returncode != 0 else f"wrote no {name}.json"
     return f"{cause}; last output: {' / '.join(last) or '(none)'}"
+
+
+def run_stages(stages, run) -> tuple[dict[str, str], dict[str, float]]:
+    """Run each stage (run(name) -> None or the cause of its failure) in order; a stage whose needs
+    failed is skipped, the others go on. Returns (failed name -> cause, name -> seconds)."""
+    failed: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    for name, title, _, needs in stages:
+        print(f"\n== {title}", flush=True)
+        missing = [n for n in needs if n in failed]
+        if missing:
+            failed[name] = f"skipped: needs {', '.join(missing)}"
+            print(f"   {failed[name]}")
+            continue
+        t_stage = time.perf_counter()
+        cause = run(name)
+        seconds[name] = time.perf_counter() - t_stage
+        if cause:
+            failed[name] = cause
+            print(f"   stage {name} FAILED: {cause}", flush=True)
+    return failed, seconds
 
 
 def summary(failed: dict[str, str]) -> None:
@@ -171,21 +192,7 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     for name, *_ in STAGES:   # results of an earlier run must not pass for this one's
         (OUT / f"{name}.json").unlink(missing_ok=True)
-    failed: dict[str, str] = {}
-    seconds: dict[str, float] = {}
-    for name, title, _, needs in STAGES:
-        print(f"\n== {title}", flush=True)
-        missing = [n for n in needs if n in failed]
-        if missing:
-            failed[name] = f"skipped: needs {', '.join(missing)}"
-            print(f"   {failed[name]}")
-            continue
-        t_stage = time.perf_counter()
-        cause = run_stage_child(name)
-        seconds[name] = time.perf_counter() - t_stage
-        if cause:
-            failed[name] = cause
-            print(f"   stage {name} FAILED: {cause}", flush=True)
+    failed, seconds = run_stages(STAGES, run_stage_child)
     if (OUT / "eval.json").exists():
         from lexi_gguf.measure.evaluate import pareto_plot
         b = json.loads((OUT / "bench.json").read_text()) if (OUT / "bench.json").exists() else None
