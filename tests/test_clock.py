@@ -96,3 +96,40 @@ def test_demand_first_puts_misses_ahead_of_queued_prefetches():
     assert first["stall_ms_per_token"] < fifo["stall_ms_per_token"]
     assert first["mb_per_token"] == pytest.approx(fifo["mb_per_token"])
     assert first["ms_per_token"] >= base["ms_per_token"]        # wrong guesses never beat no prefetch
+
+
+def test_no_prefetch_reads_fewer_bytes_than_belady():
+    """Belady's MIN needs the fewest transfers of any policy with the same slots, prefetching ones too (a
+    prefetch takes a slot; delaying every fetch to its use never adds one), so a prefetch policy that
+    reads fewer bytes than Belady means the simulator lost a transfer."""
+    from lexi_gguf.caching.predict import random_predictions, sure_guesses
+    rng = np.random.default_rng(3)
+    hot = [rng.choice(16, 5, replace=False) for _ in range(3)]           # some locality per layer
+    ex = [[rng.choice(hot[j], 2, replace=False).tolist() if rng.random() < 0.7 else rng.choice(16, 2, replace=False).tolist()
+           for j in range(3)] for _ in range(60)]
+    tr = trace(ex, n_expert=16)
+    preds = {"oracle": oracle_predictions(tr, 2), "random": random_predictions(tr, 2)}
+    preds["oracle top1"] = sure_guesses(preds["oracle"], top=1)
+    for cap in (0.1, 0.25, 0.5):
+        for slots in ("global", "equal"):
+            bel = simulate_clocked(tr, cap, "belady", link=LINK, compute_s=1e-3, slot_mode=slots).row()
+            for name, p in preds.items():
+                r = simulate_clocked(tr, cap, f"prefetch:{name}", link=LINK, compute_s=1e-3, predictions=p, depth=2,
+                                     slot_mode=slots, queue_depth=4, demand_first=True).row()
+                assert r["mb_per_token"] >= bel["mb_per_token"] - 1e-9, (cap, slots, name)
+
+
+def test_sure_guesses_keep_the_first_guesses_of_near_layers():
+    from lexi_gguf.caching.predict import sure_guesses
+    p = {1: {(0, 1): [5, 3, 7]}, 2: {(0, 2): [1, 2, 4]}}
+    assert sure_guesses(p, top=2) == {1: {(0, 1): [5, 3]}, 2: {(0, 2): [1, 2]}}
+    assert sure_guesses(p, max_distance=1) == {1: {(0, 1): [5, 3, 7]}}
+    with pytest.raises(LexiError, match="at least 1"):
+        sure_guesses(p, top=0)
+    # wrong guesses cut to one per layer: fewer wasted bytes and less time than all of them
+    ex = [[[0, 1], [2, 3]] for _ in range(10)]
+    tr = trace(ex)
+    wrong = {1: {(t, j): [6, 7] for t in range(10) for j in range(2)}}
+    full = simulate_clocked(tr, 0.5, "prefetch:wrong", link=LINK, compute_s=1e-3, predictions=wrong).row()
+    one = simulate_clocked(tr, 0.5, "prefetch:wrong", link=LINK, compute_s=1e-3, predictions=sure_guesses(wrong, 1)).row()
+    assert one["wasted_mb_per_token"] < full["wasted_mb_per_token"] and one["ms_per_token"] < full["ms_per_token"]

@@ -97,6 +97,16 @@ def random_predictions(trace: Trace, depth: int = 3, seed: int = 0) -> dict[int,
     return {d: guess for d in range(1, depth + 1)}
 
 
+def sure_guesses(predictions: dict[int, dict], top: int | None = None, max_distance: int | None = None) -> dict[int, dict]:
+    """Fewer, surer prefetches: each target's `top` first guesses (every predictor here lists its guesses
+    most confident first), from look-ahead distances <= max_distance only. A prefetch that is wrong
+    still moves its bytes and takes a cache slot; this trades hit rate for bytes (docs/caching.md)."""
+    if top is not None and top < 1:
+        raise LexiError(f"--prefetch-top {top}: give at least 1 guess per layer")
+    return {d: {key: list(g[:top]) for key, g in p.items()} for d, p in predictions.items()
+            if max_distance is None or d <= max_distance}
+
+
 # ---------------------------------------------------------------- learned look-ahead predictor
 
 def lookahead_pairs(trace: Trace, depth: int, tokens: np.ndarray | None = None):

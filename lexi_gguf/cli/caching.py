@@ -110,6 +110,8 @@ def cmd_cache_sim(args) -> None:
         if not args.train_trace:
             raise LexiError("--policy coactivation needs --train-trace TRACE.npz (counted on other prompts)")
         predictors["coactivation"] = idpredict.coactivation_predictions(Trace.load(args.train_trace), tr, args.depth)
+    if args.prefetch_top is not None:
+        predictors = {n: predict.sure_guesses(p, args.prefetch_top) for n, p in predictors.items()}
     res = simulate.run(tr, args.capacity, args.policy, predictors=predictors, depth=args.depth, phase=args.phase,
                        slot_mode=args.slots)
     print("Free-transfer model (an upper bound: a prefetch is resident the moment it is issued; only demand\n"
@@ -203,6 +205,8 @@ def register(sub) -> None:
     p.add_argument("--predictor", help="a predictor .pt from `predictor train` (for --policy learned or sequence)")
     p.add_argument("--train-trace", help="a trace of other prompts (for --policy coactivation)")
     p.add_argument("--depth", type=int, default=1, help="prefetch layers l+1..l+depth")
+    p.add_argument("--prefetch-top", type=int, help="prefetch only each layer's N most confident guesses (fewer "
+                   "bytes, fewer hits; default: as many as the layer runs)")
     p.add_argument("--slots", default="global", choices=["global", "equal", "k"],
                    help="one shared cache, or per-layer quotas (equal, or following each layer's k)")
     p.add_argument("--phase", default="auto", choices=["auto", "decode", "all"])
