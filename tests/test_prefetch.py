@@ -35,34 +35,44 @@ def _run(path, mode: str, switch_to: str | None = None) -> np.ndarray:
 def test_prefetch_leaves_every_output_bit_identical(which, tiny_gguf, converted):
     path = tiny_gguf("olmoe") if which == "f32" else converted
     ref = _run(path, "off")
-    for mode in ("chosen", "guess"):
+    for mode in ("chosen", "guess", "guess2"):
         assert np.array_equal(_run(path, mode), ref), mode
     # switched on and off mid-run: the reused one-token graph is rebuilt, outputs stay the same
     assert np.array_equal(_run(path, "off", switch_to="guess"), ref)
     assert np.array_equal(_run(path, "guess", switch_to="off"), ref)
 
 
-def test_next_layer_guess_is_in_the_graph(tiny_gguf):
+def test_look_ahead_guesses_run_before_the_layer_before_them_computes(tiny_gguf):
+    """The guess for MoE layer j is issued from layer j-1 (guess) or j-2 (guess2), right after that
+    layer's router and before its expert matmuls, so its reads overlap them: node order, as the
+    scheduler runs the graph."""
     import llama_cpp
 
     from lexi_gguf.runtime.graph import ggml_lib
     lib = ggml_lib()
-    seen: set[str] = set()
+    order: list[str] = []
 
     def cb(t, ask, user_data):
         name = lib.ggml_get_name(t).decode()
-        if re.match(r"ffn_moe_(prefetch_guess|topk)-\d+$", name):
-            seen.add(name)
+        if re.match(r"ffn_moe_(prefetch_guess|topk|down)-\d+$", name):
+            order.append(name)
         return False if ask else True
     callback = llama_cpp.ggml_backend_sched_eval_callback(cb)
-    for mode, want in (("off", set()), ("chosen", set()), ("guess", {f"ffn_moe_prefetch_guess-{i}" for i in (1, 2, 3)})):
-        seen.clear()
+    want = {"off": set(), "chosen": set(), "guess": {1, 2, 3}, "guess2": {1, 2, 3}}
+    for mode, layers in want.items():
+        order.clear()
         llm = runtime.load(tiny_gguf("olmoe"), n_ctx=32, eval_callback=callback, prefetch=mode)
-        llm.eval(PROMPT[:3])
-        llm.eval(PROMPT[3:4])   # one-token decode: the last layer too (a prompt's last layer runs output rows only)
+        llm.eval(PROMPT[3:4])   # one-token decode: every layer runs every row
         llm.close()
-        assert {s for s in seen if "guess" in s} == want, mode    # layer 0 has no earlier MoE input
-        assert "ffn_moe_topk-0" in seen
+        guesses = [n for n in order if "guess" in n]
+        assert {int(n.rsplit("-", 1)[1]) for n in guesses} == layers, mode   # nothing guesses layer 0
+        for j in layers:
+            first = order.index(f"ffn_moe_prefetch_guess-{j}")
+            ahead = 2 if mode == "guess2" and j >= 2 else 1
+            # issued after layer j-ahead's router, before its experts' down matmul
+            assert order.index(f"ffn_moe_topk-{j - ahead}") < first < order.index(f"ffn_moe_down-{j - ahead}"), (mode, j)
+        if mode == "guess2":
+            assert len(guesses) == 5    # layer 0 guesses 1, 2; layer 1 guesses 2, 3; layer 2 guesses 3
 
 
 def test_bad_prefetch_modes_are_refused(tiny_gguf):

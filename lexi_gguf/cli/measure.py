@@ -73,7 +73,7 @@ def register(sub) -> None:
     p.add_argument("--n-gen", type=int, help="decode tokens (default 128; 16 with --mem-limit)")
     p.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --mem-limit)")
     p.add_argument("--prefetch", default="off",
-                   help="expert prefetch mode: off, chosen or guess (docs/memory.md); with --mem-limit a list "
+                   help="expert prefetch mode: off, chosen, guess or guess2 (docs/memory.md); with --mem-limit a list "
                         "to compare, e.g. off,chosen,guess")
     p.add_argument("--mem-limit", metavar="SIZE",
                    help="decode each configuration in a child inside a memory cgroup of SIZE (e.g. 3G, 3.5GiB; "

@@ -1,7 +1,11 @@
 """`chat`, `serve` and `rpc-server`: a lexi GGUF in use, on one machine or several."""
 from __future__ import annotations
 
+from ..runtime.llama import PREFETCH_MODES
 from .common import add_device_opts, setup_devices
+
+PREFETCH_HELP = ("expert prefetch from the mmapped file (docs/memory.md): off, chosen experts, + guesses for the "
+                 "next MoE layer (guess) or two (guess2)")
 
 
 def cmd_chat(args) -> None:
@@ -55,8 +59,7 @@ def register(sub) -> None:
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefetch", default="off", choices=["off", "chosen", "guess"],
-                   help="expert prefetch from the mmapped file (docs/memory.md): off, chosen experts, + next-layer guess")
+    p.add_argument("--prefetch", default="off", choices=list(PREFETCH_MODES), help=PREFETCH_HELP)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible local server; every stored budget is a model id")
@@ -70,8 +73,7 @@ def register(sub) -> None:
                    "time; llama-server: llama.cpp's server, parallel slots and continuous batching, one process "
                    "per budget (docs/serving.md)")
     p.add_argument("--parallel", type=int, help="llama-server: slots per budget (default 4)")
-    p.add_argument("--prefetch", default="off", choices=["off", "chosen", "guess"],
-                   help="expert prefetch from the mmapped file (docs/memory.md): off, chosen experts, + next-layer guess")
+    p.add_argument("--prefetch", default="off", choices=list(PREFETCH_MODES), help=PREFETCH_HELP)
     add_device_opts(p)
     p.add_argument("--threads", type=int)
     p.add_argument("--ctx", type=int, default=2048, help="context per request (per slot with llama-server)")

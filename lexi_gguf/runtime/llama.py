@@ -206,13 +206,16 @@ def set_lexi_row(llm, row: int, *, keep_cache: bool = False) -> None:
         llm.reset()
 
 
-PREFETCH_MODES = {"off": -1, "chosen": 0, "guess": 1}
+# guess / guess2: also the experts the next one / two MoE layers' routers pick from this layer's input,
+# asked for before this layer's experts run (a slower disk needs its reads started earlier)
+PREFETCH_MODES = {"off": -1, "chosen": 0, "guess": 1, "guess2": 2}
 
 
 def set_prefetch(llm, mode: str | int) -> None:
     """Expert prefetch for experts read from the mmapped file (docs/memory.md): "off", "chosen" (as soon
-    as a layer's router has chosen, ask the OS for exactly those experts' bytes) or "guess" (also, one
-    layer ahead, the experts the next layer's router picks from this layer's input). Outputs are unchanged."""
+    as a layer's router has chosen, ask the OS for exactly those experts' bytes), "guess" (also, before
+    this layer's experts run, the experts the next MoE layer's router picks from this layer's input) or
+    "guess2" (two layers of guesses). Outputs are unchanged."""
     value = PREFETCH_MODES.get(mode, mode) if isinstance(mode, str) else mode
     if value not in PREFETCH_MODES.values():
         raise LexiError(f"unknown prefetch mode {mode!r}: use {', '.join(PREFETCH_MODES)}")

@@ -122,15 +122,16 @@ def table(res: dict) -> str:
 
 
 def plot(res: dict, out) -> Path:
+    from ...runtime.llama import PREFETCH_MODES
     from ..plots import pyplot
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, key, name, scale in ((axes[0], "tg_tps", "decode tok/s", 1), (axes[1], "majflt_per_token",
                                                                             "major faults / token", 1),
                                  (axes[2], "read_bytes_per_token", "MB read / token", 1e-6)):
-        modes = sorted({r.get("prefetch", "off") for r in res["rows"]}, key=["off", "chosen", "guess"].index)
+        modes = sorted({r.get("prefetch", "off") for r in res["rows"]}, key=list(PREFETCH_MODES).index)
         for cfg, style in (("full", "s:"), ("uniform", "o--"), ("lexi", "^-")):
-            for pf, color in zip(modes, ("k", "C1", "C2")):
+            for pf, color in zip(modes, ("k", "C1", "C2", "C3")):
                 rs = sorted((r for r in res["rows"] if r["config"] == cfg and r.get("prefetch", "off") == pf
                              and r.get(key) is not None), key=lambda r: r["avg_k"])
                 if rs:
