@@ -167,6 +167,39 @@ def widened_testbed(out_dir: Path, factor: int, n_tokens: int, threads: int) -> 
     return wide, prompt, {"overlap_per_layer": overlap, "overlap_mean": float(np.mean(overlap)), "tokens": len(ex)}
 
 
+def belady_replay(wide: Path, res: dict, threads: int) -> None:
+    """Each row's bytes read per decode token beside what a Belady-optimal expert cache of the same size
+    would read on the same tokens: every run's own token ids are traced again on the file it decoded
+    (no limit) and replayed through MIN with as many whole experts as the limit holds once the non-expert
+    weights and the process's anonymous memory are in (row["belady_read_bytes_per_token"]). The page cache
+    keeps parts of experts, which whole-expert MIN cannot: measured reads can come out below it."""
+    import numpy as np
+
+    from lexi_gguf.caching import simulate
+    from lexi_gguf.gguf.reader import footprint, model_info
+    from lexi_gguf.runtime.trace import record
+    fp, info = footprint(wide), model_info(wide)
+    moe = list(info.moe_layers)
+    eb = float(np.mean([fp["expert_bytes"][i] for i in moe]))
+    expert_total = eb * len(moe) * info.expert_count
+    traces: dict = {}
+    for row in res["rows"]:
+        kw = ({"no_lexi": True} if row["config"] == "full" else {"budget": f"{row['budget']:g}"}
+              if row["config"] == "lexi" else {"uniform_k": int(row["expert_used_count"][moe[0]])})
+        per_run = []
+        for run in row["reps"]:
+            room = res["mem_limit_bytes"] - (res["model_bytes"] - expert_total) - run["rss_anon_bytes"]
+            slots = max(1, int(room // eb))
+            key = (tuple(run["tokens"]), row["config"], row["budget"])
+            if key not in traces:
+                traces[key] = record(wide, tokens=[run["tokens"]], n_ctx=len(run["tokens"]) + 8, threads=threads,
+                                     progress=False, **kw)
+            tr = traces[key]
+            per_run.append(simulate.demand_misses(tr, slots, "belady", run["decode_from"]) * eb / res["n_gen"])
+        row["belady_slots"] = slots
+        row["belady_read_bytes_per_token"] = float(np.median(per_run))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(CACHE), help="where the bench model is built and cached")
@@ -236,6 +269,14 @@ def main() -> int:
         print("error: every repack mode failed", file=sys.stderr)
         return 2
     res["failed_repack_modes"] = killed
+    if routing:
+        belady_replay(model, res, args.threads)
+        print("bytes read per decode token, measured vs a Belady-optimal cache of the same size on the same tokens:")
+        for r in res["rows"]:
+            rb, bel = r.get("read_bytes_per_token") or 0, r["belady_read_bytes_per_token"]
+            r["read_vs_belady"] = rb / bel if bel else None
+            print(f"  {r['config']} {r['budget']:g} prefetch {r['prefetch']}: {rb / 1e6:.1f} vs Belady {bel / 1e6:.1f} MB "
+                  f"({r['belady_slots']} experts fit)" + (f", {rb / bel:.2f}x" if bel else ", Belady reads nothing"))
     if routing:
         res["routing"] = routing
         res["bench_model"] = (f"the trained caching testbed, experts widened {args.widen_testbed}x with zeros "

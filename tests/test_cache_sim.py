@@ -31,6 +31,14 @@ def test_lru_and_belady_by_hand():
     assert bel.row()["demand_mb_per_token"] == pytest.approx(5 * 100 / 7 / 1e6)
 
 
+def test_demand_misses_counts_a_warm_cache_from_a_token_on():
+    tr = _trace([[[e]] for e in [0, 1, 2, 0, 1, 3, 0]], 4)          # the hand-counted loop above
+    assert S.demand_misses(tr, 2, "belady") == 5 and S.demand_misses(tr, 2, "lru") == 7
+    # from token 3 on the cache is warm with what tokens 0-2 left: Belady misses only 1 and 3 there
+    assert S.demand_misses(tr, 2, "belady", count_from=3) == 2
+    assert S.demand_misses(tr, 4, "belady", count_from=3) == 1       # all fit: only 3, never seen before
+
+
 def test_belady_is_the_ceiling_of_demand_policies():
     rng = np.random.default_rng(0)
     # 3 layers, 16 experts, k 2, skewed popularity

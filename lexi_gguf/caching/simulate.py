@@ -270,6 +270,21 @@ def simulate(trace: Trace, capacity: float, policy: str, *, predictions: dict | 
     return SimResult(policy, capacity, slots, len(reqs), hits, len(toks), demand_b, prefetch_b, n_pref, used_pref)
 
 
+def demand_misses(trace: Trace, slots: int, policy: str = "belady", count_from: int = 0) -> int:
+    """Misses of a demand policy with `slots` (layer, expert) slots over every token, counted from token
+    `count_from` on: what a warm cache misses on the tokens after a prompt and warm-up."""
+    reqs, next_use = request_stream(trace, np.arange(len(trace.tokens)), belady=policy == "belady")
+    cache, misses = POLICIES[policy](slots), 0
+    for i, (step, j, e) in enumerate(reqs):
+        key = j * trace.n_expert + e
+        if key in cache:
+            cache.touch(key, i, next_use[i])
+        else:
+            cache.insert(key, i, next_use[i])
+            misses += step >= count_from
+    return misses
+
+
 def oracle_predictions(trace: Trace, depth: int = 3) -> dict[int, dict]:
     """The experts each (token, layer) really used, known at every depth: a perfect predictor."""
     truth = {(t, j): [int(e) for e in trace.experts[t, j] if e >= 0]

@@ -37,9 +37,11 @@ def decode(spec: dict) -> dict:
     c1 = counters(group)
     rng = np.random.default_rng(spec.get("seed", 0))
     llm.reset()
+    evaluated: list[int] = []     # every token id evaluated, in order: the run's own trace can be replayed
     if spec.get("prompt"):
         # generated text: the prompt, then sampled tokens (routing as the model routes its own output)
-        llm.eval(llm.tokenize(spec["prompt"].encode()))
+        evaluated += llm.tokenize(spec["prompt"].encode())
+        llm.eval(evaluated)
 
         def next_token():
             return llm.sample(temp=0.8, top_k=40, top_p=0.95)
@@ -50,7 +52,9 @@ def decode(spec: dict) -> dict:
         def next_token():
             return next(toks)
     for _ in range(spec["warmup"]):
-        llm.eval([next_token()])
+        evaluated.append(int(next_token()))
+        llm.eval(evaluated[-1:])
+    decode_from = len(evaluated)
     resident_warm = resident_bytes(path)
     if group is not None and spec.get("version") == 1:
         with contextlib.suppress(OSError):
@@ -58,7 +62,8 @@ def decode(spec: dict) -> dict:
     c2 = counters(group)
     per_tok = []
     for _ in range(spec["n_gen"]):
-        t = next_token()
+        t = int(next_token())
+        evaluated.append(t)
         t0 = time.perf_counter()
         llm.eval([t])
         per_tok.append(time.perf_counter() - t0)
@@ -71,7 +76,8 @@ def decode(spec: dict) -> dict:
            "cg_pgpgin_bytes": (delta(c2, c3, "cg_pgpgin") or 0) * PAGE if c2.get("cg_pgpgin") is not None else None,
            "token_ms": [x * 1e3 for x in per_tok], "evicted": ev, "resident_after_warmup": resident_warm,
            "resident_after_decode": resident_bytes(path), "rss_anon_bytes": (proc_status_kib("RssAnon") or 0) * 1024,
-           "rss_file_bytes": (proc_status_kib("RssFile") or 0) * 1024, "repacked": llm._lexi_repack}
+           "rss_file_bytes": (proc_status_kib("RssFile") or 0) * 1024, "repacked": llm._lexi_repack,
+           "tokens": evaluated, "decode_from": decode_from}
     if group is not None:
         out["decode_peak_bytes"] = read_peak(group, spec.get("version", 1)) if spec.get("version") == 1 else None
         st = read_stat(group)
