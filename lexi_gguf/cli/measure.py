@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import LexiError, read_json
+from ..runtime.llama import PREFETCH_MODES
 from .common import add_device_opts, floats, outputs, setup_devices, write_json
 
 
@@ -73,7 +74,7 @@ def register(sub) -> None:
     p.add_argument("--n-gen", type=int, help="decode tokens (default 128; 16 with --mem-limit)")
     p.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --mem-limit)")
     p.add_argument("--prefetch", default="off",
-                   help="expert prefetch mode: off, chosen, guess or guess2 (docs/memory.md); with --mem-limit a list "
+                   help=f"expert prefetch mode: {', '.join(PREFETCH_MODES)} (docs/memory.md); with --mem-limit a list "
                         "to compare, e.g. off,chosen,guess")
     p.add_argument("--mem-limit", metavar="SIZE",
                    help="decode each configuration in a child inside a memory cgroup of SIZE (e.g. 3G, 3.5GiB; "
