@@ -1,4 +1,4 @@
-"""`convert`, `apply` and `inspect`: the lexi GGUF, written and read back."""
+"""`convert`, `apply`, `relayout` and `inspect`: the lexi GGUF, written and read back."""
 from __future__ import annotations
 
 import json
@@ -36,6 +36,12 @@ def cmd_inspect(args) -> None:
     print(json.dumps(info, indent=2) if args.json else render(info))
 
 
+def cmd_relayout(args) -> None:
+    from ..export.relayout import relayout_from_trace
+    out = relayout_from_trace(args.model, args.output, args.trace, force=args.force)
+    print(f"wrote {out}")
+
+
 def register(sub) -> None:
     p = sub.add_parser("apply", help="write lexi keys into a GGUF (streamed copy, atomic)")
     p.add_argument("input")
@@ -71,3 +77,11 @@ def register(sub) -> None:
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("relayout", help="store each MoE layer's experts in co-activation order (from a trace of "
+                       "this file): what a token uses together lies together on disk")
+    p.add_argument("model")
+    p.add_argument("--trace", required=True, help="a routing trace of this file (`lexi-gguf trace`)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--force", action="store_true", help="overwrite the output")
+    p.set_defaults(func=cmd_relayout)

@@ -28,7 +28,7 @@ def inspect_gguf(path: str | Path) -> dict:
             "base_k": info.expert_used_count, "moe_layers": info.moe_layers,
             "shards": [str(p) for p in info.shards],
             "method": lx.get(keys.METHOD), "lexi_version": lx.get(keys.VERSION),
-            "has_sensitivity": keys.SENS_DEVIATION in lx,
+            "has_sensitivity": keys.SENS_DEVIATION in lx, "experts_relaid_out": keys.EXPERT_ORDER in lx,
             "full": {"active_bytes": full_b, "active_params": full_p}, "configs": configs,
             "runtime_honours_keys": is_patched()}
 
@@ -38,7 +38,8 @@ def render(d: dict) -> str:
              f"{d['expert_count']} experts, base k {d['base_k']}"
              + (f", split into {len(d['shards'])} shards" if len(d.get("shards", [])) > 1 else ""),
              f"method: {d['method'] or '-'}   lexi-gguf {d['lexi_version'] or '-'}   "
-             f"sensitivity table stored: {'yes' if d['has_sensitivity'] else 'no'}",
+             f"sensitivity table stored: {'yes' if d['has_sensitivity'] else 'no'}"
+             + ("   experts in co-activation order (lexi-gguf relayout)" if d.get("experts_relaid_out") else ""),
              f"full model: {d['full']['active_params'] / 1e6:.2f} M active params, "
              f"{d['full']['active_bytes'] / 2**20:.1f} MiB active bytes per token"]
     if not d["configs"]:

@@ -15,6 +15,10 @@ BUDGET_INDEX = "lexi.budget_index"              # u32 (file or kv override int:N
 WEIGHT_NORM = "lexi.weight_norm"                # str (file or kv override str:X): renorm (default) | base
 WEIGHT_NORMS = ("renorm", "base")
 
+EXPERT_ORDER = "lexi.expert_order"              # u32[block_count * expert_count]: original expert id at each
+                                                # position (export.relayout; identity rows on dense blocks)
+TENSOR_KEYS = (EXPERT_ORDER,)                   # describe the tensors, not an allocation: `apply` keeps them
+
 SENS_DEVIATION = "lexi.sensitivity.deviation"   # f32[block_count * base k], zeros on dense blocks
 SENS_STDERR = "lexi.sensitivity.stderr"         # f32[block_count * base k]
 SENS_SAMPLES = "lexi.sensitivity.samples"       # u32: token vectors per layer

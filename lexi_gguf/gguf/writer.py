@@ -111,8 +111,9 @@ def copy_with_metadata(src: str | Path, out: str | Path, new: dict, *, force: bo
 
     A split src (its first shard) gives a split output named by llama.cpp's pattern (split.output_names):
     a new first shard with the metadata and its tensors, the other shards hard-linked (or copied) as they
-    are. The other shards appear first, the first shard last, so a visible first shard means a whole set.
-    Returns the (first) output path."""
+    are, or rewritten through `tensor_data` too when one is given (a transform of tensors applies to
+    every shard). The other shards appear first, the first shard last, so a visible first shard means a
+    whole set. Returns the (first) output path."""
     reader = open_reader(src)
     shards = getattr(reader, "shards", [(Path(src), reader)])
     outs = output_names(out, len(shards))
@@ -121,27 +122,32 @@ def copy_with_metadata(src: str | Path, out: str | Path, new: dict, *, force: bo
             raise LexiError(f"{o} already exists; pass --force to overwrite it")
     if not outs[0].parent.exists():
         raise LexiError(f"output folder {outs[0].parent} does not exist")
-    require_free(outs[0].parent, copy_space([p for p, _ in shards], outs[0].parent), f"writing {outs[0].name}")
+    paths = [p for p, _ in shards]
+    need = copy_space(paths, outs[0].parent) if tensor_data is None else sum(p.stat().st_size for p in paths)
+    require_free(outs[0].parent, need, f"writing {outs[0].name}")
     with ExitStack() as stack:
         tmp_first = stack.enter_context(atomic_output(outs[0], force))
-        for (p, _), o in zip(shards[1:], outs[1:]):
+        for (p, r), o in zip(shards[1:], outs[1:]):
             tmp = stack.enter_context(atomic_output(o, force))
-            tmp.unlink()
-            link_or_copy(p, tmp)
+            if tensor_data is None:
+                tmp.unlink()
+                link_or_copy(p, tmp)
+            else:                    # the shard's own metadata (split.no, ...) as it is, its tensors transformed
+                _write_gguf(r, tmp, {}, "\0", progress, tensor_data, arch=field_value(shards[0][1], "general.architecture"))
         _write_gguf(shards[0][1], tmp_first, new, drop_prefix, progress, tensor_data or (lambda t: t.data))
     del reader, shards
     return outs[0]
 
 
-def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, tensor_data) -> None:
+def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, tensor_data, arch: str | None = None) -> None:
     """One GGUF file: reader's fields (less drop_prefix keys and those in `new`) + `new`, then its
     tensors (tensor_data(t) of each), streamed."""
     gguf = gguf_py()
-    arch = field_value(reader, "general.architecture")
+    arch = arch or field_value(reader, "general.architecture")    # a later shard may not state it
     writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
     for f in reader.fields.values():
-        if (f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or f.name.startswith(drop_prefix)
-                or f.name in new):
+        if (f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or f.name in new
+                or (f.name.startswith(drop_prefix) and f.name not in keys.TENSOR_KEYS)):
             continue
         vt = f.types[0]
         sub = f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
