@@ -167,6 +167,52 @@ def widened_testbed(out_dir: Path, factor: int, n_tokens: int, threads: int) -> 
     return wide, prompt, {"overlap_per_layer": overlap, "overlap_mean": float(np.mean(overlap)), "tokens": len(ex)}
 
 
+def calibration_trace(threads: int):
+    """Routing on other prompts than the bench decodes (held-out prompts 1-8, 32 sampled tokens each,
+    full k), traced on the small testbed: the widened one routes the same, with the same expert ids."""
+    from lexi_gguf.caching.experiment import TEMPERATURE, held_out_prompts, testbed_gguf
+    from lexi_gguf.runtime.trace import record
+    from lexi_gguf.testbeds.builtin import ensure_default_model
+    prompts = held_out_prompts(ensure_default_model(name="caching"), 8, offset=1)
+    return record(testbed_gguf(ROOT / "out" / "bench", threads=threads), prompts=prompts, max_new_tokens=32,
+                  temperature=TEMPERATURE, seed=0, progress=False, no_lexi=True, threads=threads)
+
+
+def coactivation_layout(model: Path, threads: int) -> tuple[Path, dict]:
+    """`model` (the widened testbed) with each layer's experts in co-activation order (export.relayout,
+    cached beside it), learnt from the calibration trace."""
+    from lexi_gguf.export.relayout import adjacency, coactivation_orders, relayout
+    tr = calibration_trace(threads)
+    orders = coactivation_orders(tr)
+    out = model.with_name(model.stem + "-coact.gguf")
+    if not out.exists():
+        relayout(model, out, orders)
+    return out, {"calibration_tokens": len(tr.tokens), "adjacent_pairs_id_order": adjacency(tr),
+                 "adjacent_pairs_coact_order": adjacency(tr, orders)}
+
+
+def pin_ranges(model: Path, fraction: float, mem_limit: str, threads: int) -> tuple[list, dict]:
+    """The hottest experts of the calibration trace that fill `fraction` of the room the limit leaves
+    for experts (limit - non-expert bytes - 64 MiB for the process), as (file offset, length) ranges of
+    `model` (through its stored expert order if it was re-laid out)."""
+    import numpy as np
+
+    from lexi_gguf.export.relayout import stored_order
+    from lexi_gguf.gguf.reader import footprint, model_info, open_one
+    from lexi_gguf.measure.memlimit import parse_size
+    from lexi_gguf.measure.memlimit.pin import expert_ranges, hot_experts
+    fp, info = footprint(model), model_info(model)
+    expert_total = sum(fp["expert_bytes"][i] for i in info.moe_layers) * info.expert_count
+    room = parse_size(mem_limit) - (model.stat().st_size - expert_total) - 64 * 2**20
+    ranges = expert_ranges(model)
+    hot = hot_experts(calibration_trace(threads), ranges, int(fraction * room))
+    pos = np.argsort(stored_order(open_one(model), info.block_count, info.expert_count), axis=1)  # id -> position
+    hot = [(blk, int(pos[blk, e])) for blk, e in hot]
+    out = [r for x in hot for r in ranges[x]]
+    return out, {"fraction_of_room": fraction, "experts": len(hot), "bytes": sum(n for _, n in out),
+                 "room_bytes": int(room)}
+
+
 def belady_replay(wide: Path, res: dict, threads: int) -> None:
     """Each row's bytes read per decode token beside what a Belady-optimal expert cache of the same size
     would read on the same tokens: every run's own token ids are traced again on the file it decoded
@@ -222,6 +268,11 @@ def main() -> int:
     ap.add_argument("--widen-testbed", type=int, metavar="FACTOR",
                     help="instead of the random-weight model: the trained caching testbed (8 layers x 64 experts) "
                     "with experts widened FACTOR times (testbeds.widen: same routing), decoding sampled text")
+    ap.add_argument("--relayout", action="store_true",
+                    help="with --widen-testbed: run the file with each layer's experts in co-activation order "
+                    "(export.relayout, learnt from other prompts than the bench decodes)")
+    ap.add_argument("--pin", default="0", help="with --widen-testbed: fractions of the experts' room to pin with "
+                    "the calibration trace's hottest experts (mlock; 0 = none), e.g. 0,0.5")
     ap.add_argument("--repack", default="auto", help="repack modes to compare, e.g. on,off (runtime.placement); "
                     "a mode whose children are killed (repacked experts over the limit) is a row saying so")
     args = ap.parse_args()
@@ -246,21 +297,37 @@ def main() -> int:
             quantize(model, tmp, args.quant, threads=args.threads, allow_requantize=True)
             tmp.rename(q)
         model = q
+    layout = None
+    if args.relayout:
+        if not args.widen_testbed:
+            raise SystemExit("--relayout needs --widen-testbed (a trained model: random weights have no co-activation)")
+        model, layout = coactivation_layout(model, args.threads)
+        print(f"co-activation layout {model.name}: co-activated pairs side by side "
+              f"{layout['adjacent_pairs_id_order']:.1%} -> {layout['adjacent_pairs_coact_order']:.1%} "
+              f"(calibration prompts)", flush=True)
     if args.build_only:
         return 0
+    pins = [float(x) for x in args.pin.split(",")]
+    if any(pins) and not args.widen_testbed:
+        raise SystemExit("--pin needs --widen-testbed (hot experts come from a trained model's routing)")
     res, killed = None, {}
-    for mode in args.repack.split(","):
+    for mode, frac in ((m, f) for m in args.repack.split(",") for f in pins):
+        pin, pin_info = pin_ranges(model, frac, limit, args.threads) if frac else (None, None)
+        if pin_info:
+            print(f"pinning {pin_info['experts']} hot experts, {pin_info['bytes'] / 2**20:.0f} MiB "
+                  f"({frac:g} of {pin_info['room_bytes'] / 2**20:.0f} MiB room)", flush=True)
         try:
             r = bench_mem_limited(model, [float(b) for b in args.budgets.split(",")], mem_limit=limit, n_gen=args.n_gen,
                                   warmup=args.warmup, threads=args.threads, reps=args.reps,
                                   prefetch=tuple(args.prefetch.split(",")),
-                                  only=args.only.split(",") if args.only else None, repack=mode, prompt=prompt)
+                                  only=args.only.split(",") if args.only else None, repack=mode, prompt=prompt, pin=pin)
         except LexiError as e:
             print(f"repack {mode}: {e}", file=sys.stderr)
             killed[mode] = str(e)
             continue
         for row in r["rows"]:
             row["repack_mode"] = mode
+            row["pin"] = pin_info
         if res is None:
             res = r
         else:
@@ -277,10 +344,13 @@ def main() -> int:
             r["read_vs_belady"] = rb / bel if bel else None
             print(f"  {r['config']} {r['budget']:g} prefetch {r['prefetch']}: {rb / 1e6:.1f} vs Belady {bel / 1e6:.1f} MB "
                   f"({r['belady_slots']} experts fit)" + (f", {rb / bel:.2f}x" if bel else ", Belady reads nothing"))
+    if layout:
+        res["layout"] = layout
     if routing:
         res["routing"] = routing
         res["bench_model"] = (f"the trained caching testbed, experts widened {args.widen_testbed}x with zeros "
-                              f"(same routing), {args.quant or 'Q8_0'}, {fmt_size(res['model_bytes'])}; sampled text")
+                              f"(same routing), {args.quant or 'Q8_0'}, {fmt_size(res['model_bytes'])}; sampled text"
+                              + ("; experts in co-activation order" if layout else ""))
         print("consecutive-token expert overlap per MoE layer (decode, sampled): "
               + " ".join(f"{x:.2f}" for x in routing["overlap_per_layer"]))
     else:
@@ -290,7 +360,8 @@ def main() -> int:
     print(table(res))
     out = save_results(res, args.name, ROOT / "bench" / "results")
     plot(res, out.with_suffix(".png"))
-    print(json.dumps({r["config"] + f" {r['budget']:g} prefetch {r['prefetch']}": round(r["tg_tps"], 3)
+    print(json.dumps({r["config"] + f" {r['budget']:g} prefetch {r['prefetch']}"
+                      + (f" pin {r['pin']['fraction_of_room']:g}" if r.get("pin") else ""): round(r["tg_tps"], 3)
                       for r in res["rows"]}))
     return 0
 

@@ -119,14 +119,18 @@ def test_real_child_under_a_limit(tiny_gguf, workdir):
     """A real child joins a fresh cgroup, loads the tiny model mmapped, decodes, reports its counters;
     the group is gone afterwards."""
     from lexi_gguf.measure.configs import run_configs
+    from lexi_gguf.measure.memlimit.pin import expert_ranges
     path = tiny_gguf("olmoe")
     limit = memlimit.parse_size("256M")
     cfg = run_configs(path, [])[0]
+    pin = expert_ranges(path)[(1, 3)] + expert_ranges(path)[(2, 0)]     # two experts, 3 tensors each
     with memlimit.memory_cgroup(limit) as g:
         where = g.path
         assert (g.path / "cgroup.procs").exists()
-        r = memlimit.run_child({"model": str(path), "kv": cfg.kv, "n_gen": 4, "warmup": 2, "threads": 2,
-                                "cgroup": str(g.path), "version": g.version, "limit": limit}, timeout=120)
+        spec = {"model": str(path), "kv": cfg.kv, "n_gen": 4, "warmup": 2, "threads": 2, "cgroup": str(g.path),
+                "version": g.version, "limit": limit, "pin": pin, "prompt": "The quick brown fox"}
+        r = memlimit.run_child(spec, timeout=120)
+        again = memlimit.run_child({**spec, "pin": None, "prefetch": "chosen"}, timeout=120)
         peak = g.peak()
     assert not where.exists()
     size = path.stat().st_size
@@ -134,6 +138,10 @@ def test_real_child_under_a_limit(tiny_gguf, workdir):
     assert r["load_read_bytes"] is not None and r["load_read_bytes"] >= 0.5 * size   # read from disk through the group
     for key in ("majflt", "read_bytes", "rss_anon_bytes"):
         assert r[key] is not None, key
+    # sampled text, seeded: every run decodes the same tokens (pinned or not, prefetch or not)
+    assert len(r["tokens"]) > 6 and again["tokens"] == r["tokens"] and again["locked_bytes"] == 0
+    # the pinned experts' slices are locked in the child (whole pages around each slice)
+    assert len(pin) == 6 and r["pinned_bytes"] == sum(n for _, n in pin) <= r["locked_bytes"]
     # the decode's clock covers its four timed tokens and little else
     assert len(r["token_ms"]) == 4 and 0.5 * r["decode_s"] <= sum(r["token_ms"]) / 1e3 <= r["decode_s"]
     # the group was charged for the child: at least the model file it read through it (a child outside

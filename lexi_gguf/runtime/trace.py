@@ -137,11 +137,16 @@ class TraceRecorder:
         return experts, weights, hidden
 
 
-def _next_token(llm, temperature: float, rng) -> int:
-    """Greedy (temperature 0) or sampled from softmax(logits / temperature) with a seeded generator."""
+def last_logits(llm) -> np.ndarray:
+    """The logits of the last evaluated token (float64 copy), whether or not the model keeps all logits."""
     import llama_cpp
     ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-    logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float64)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float64)
+
+
+def _next_token(llm, temperature: float, rng) -> int:
+    """Greedy (temperature 0) or sampled from softmax(logits / temperature) with a seeded generator."""
+    logits = last_logits(llm)
     if temperature <= 0:
         return int(np.argmax(logits))
     p = np.exp((logits - logits.max()) / temperature)

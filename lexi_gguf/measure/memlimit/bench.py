@@ -15,7 +15,8 @@ from .disk import disk_of, disk_rates
 def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int = 4, threads: int | None = None,
                       reps: int = 1, seed: int = 0, rates: bool = True, cgroup_root: str | Path | None = None,
                       timeout: float | None = None, progress: bool = True, prefetch: tuple[str, ...] = ("off",),
-                      only: list[str] | None = None, repack: str = "auto", prompt: str | None = None) -> dict:
+                      only: list[str] | None = None, repack: str = "auto", prompt: str | None = None,
+                      pin: list[tuple[int, int]] | None = None) -> dict:
     """Decode tok/s, major faults and storage bytes per token of each configuration (full, then uniform
     and lexi at each stored budget: lexi_gguf.measure.configs.run_configs) under a memory limit; each
     configuration and repetition in a fresh child inside a fresh memory cgroup. Same shape as
@@ -23,7 +24,8 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
     prefetch: expert prefetch modes to run each configuration with (runtime.set_prefetch); only: the
     configuration labels to run (e.g. ["full", "lexi 0.75"]), default all. repack: the children's
     runtime.placement mode (auto: off when the model is larger than the group's room or prefetch is on).
-    prompt: decode this prompt's continuation, sampled (seeded), instead of random token ids."""
+    prompt: decode this prompt's continuation, sampled (seeded), instead of random token ids. pin: (file
+    offset, length) ranges each child mlocks after loading (pin.py: the hot-expert experiment)."""
     from ..bench import backend_name
     from ..configs import run_configs
     from ...runtime.cpu import machine
@@ -64,7 +66,7 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
             with memory_cgroup(limit, root=cgroup_root) as g:
                 spec = {"model": str(path), "kv": c.kv, "n_gen": n_gen, "warmup": warmup, "threads": threads,
                         "seed": seed, "cgroup": str(g.path), "version": g.version, "limit": limit, "prefetch": pf,
-                        "repack": repack, "prompt": prompt}
+                        "repack": repack, "prompt": prompt, "pin": pin}
                 r = run_child(spec, timeout=timeout)
                 r["peak_bytes"] = g.peak()
                 r["cgroup_path"] = str(g.path)
@@ -78,7 +80,7 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
                "tg_tps": statistics.median(tps), "tg_min": min(tps), "tg_max": max(tps),
                "majflt_per_token": med["majflt"] / n_gen,
                "read_bytes_per_token": med["read_bytes"] / n_gen if med["read_bytes"] is not None else None,
-               "peak_bytes": med["peak_bytes"], "reps": runs}
+               "peak_bytes": med["peak_bytes"], "pinned_bytes": med.get("pinned_bytes", 0), "reps": runs}
         rows.append(row)
         if progress:
             rb = row["read_bytes_per_token"]
@@ -102,7 +104,8 @@ def table(res: dict) -> str:
              "MB read / token | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         rb = r.get("read_bytes_per_token")
-        lines.append(f"| {r['config']} | {r['budget']:g} | {r.get('prefetch', 'off')} | {r['avg_k']:.2f} | {r['tg_tps']:.2f} "
+        pin = f" + {r['pinned_bytes'] / 2**20:.0f} MiB pinned" if r.get("pinned_bytes") else ""
+        lines.append(f"| {r['config']}{pin} | {r['budget']:g} | {r.get('prefetch', 'off')} | {r['avg_k']:.2f} | {r['tg_tps']:.2f} "
                      f"({r['tg_min']:.2f}-{r['tg_max']:.2f}) | {r['tg_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
                      f"{r['majflt_per_token']:.1f} | {'-' if rb is None else f'{rb / 1e6:.1f}'} | "
                      f"{'-' if r.get('peak_bytes') is None else round(r['peak_bytes'] / 2**20)} |")

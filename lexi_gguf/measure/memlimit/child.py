@@ -34,17 +34,27 @@ def decode(spec: dict) -> dict:
     llm = load(path, kv_overrides=spec["kv"] or None, n_ctx=spec["warmup"] + spec["n_gen"] + 16, n_batch=32,
                n_threads=spec["threads"], n_gpu_layers=0, use_mmap=True, use_mlock=False,
                prefetch=spec.get("prefetch", "off"), repack=spec.get("repack", "auto"))
+    pinned = 0
+    if spec.get("pin"):          # hot experts locked in memory (pin.py), read as part of the load
+        from .pin import mlock_ranges
+        pinned = mlock_ranges(path, [tuple(x) for x in spec["pin"]])
     c1 = counters(group)
     rng = np.random.default_rng(spec.get("seed", 0))
     llm.reset()
     evaluated: list[int] = []     # every token id evaluated, in order: the run's own trace can be replayed
     if spec.get("prompt"):
-        # generated text: the prompt, then sampled tokens (routing as the model routes its own output)
+        # generated text: the prompt, then tokens sampled (top 40, temperature 0.8) with the seeded numpy
+        # generator, so every run decodes the same text (llama-cpp-python's sampler takes seed 0 for
+        # "random"); top-k first keeps the sampling's cost out of the decode clock's way
+        from ...runtime.trace import last_logits
         evaluated += llm.tokenize(spec["prompt"].encode())
         llm.eval(evaluated)
 
         def next_token():
-            return llm.sample(temp=0.8, top_k=40, top_p=0.95)
+            logits = last_logits(llm)
+            top = np.argpartition(logits, -40)[-40:]
+            p = np.exp((logits[top] - logits[top].max()) / 0.8)
+            return int(top[rng.choice(len(top), p=p / p.sum())])
     else:
         # random token ids, as llama-bench
         toks = iter(rng.integers(100, llm.n_vocab(), spec["warmup"] + spec["n_gen"]).tolist())
@@ -77,7 +87,8 @@ def decode(spec: dict) -> dict:
            "token_ms": [x * 1e3 for x in per_tok], "evicted": ev, "resident_after_warmup": resident_warm,
            "resident_after_decode": resident_bytes(path), "rss_anon_bytes": (proc_status_kib("RssAnon") or 0) * 1024,
            "rss_file_bytes": (proc_status_kib("RssFile") or 0) * 1024, "repacked": llm._lexi_repack,
-           "tokens": evaluated, "decode_from": decode_from}
+           "tokens": evaluated, "decode_from": decode_from, "pinned_bytes": pinned,
+           "locked_bytes": (proc_status_kib("VmLck") or 0) * 1024}
     if group is not None:
         out["decode_peak_bytes"] = read_peak(group, spec.get("version", 1)) if spec.get("version") == 1 else None
         st = read_stat(group)

@@ -13,15 +13,17 @@ PAGE = mmap.PAGESIZE
 _libc = None
 
 
-def _c():
+def libc():
+    """libc through ctypes, with the signatures this package calls (loaded once)."""
     global _libc
     if _libc is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-        _libc = libc
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+        lib.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc = lib
     return _libc
 
 
@@ -32,24 +34,24 @@ def resident_bytes(path: str | Path) -> int | None:
     if size == 0:
         return 0
     try:
-        libc = _c()
+        lc = libc()
     except OSError:
         return None
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        addr = lc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         if addr in (None, ctypes.c_void_p(-1).value):
             return None
         try:
             n = (size + PAGE - 1) // PAGE
             vec = (ctypes.c_ubyte * n)()
-            if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+            if lc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
                 return None
             import numpy as np
             pages = int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1))
             return min(size, pages * PAGE)
         finally:
-            libc.munmap(ctypes.c_void_p(addr), size)
+            lc.munmap(ctypes.c_void_p(addr), size)
     finally:
         os.close(fd)
 
