@@ -164,7 +164,8 @@ def relayout(src: str | Path, out: str | Path, orders: dict[int, np.ndarray], *,
     T = gguf.GGUFValueType
     new = {keys.EXPERT_ORDER: ([int(x) for x in prior.ravel()], T.ARRAY, T.UINT32)}
     del r
-    return copy_with_metadata(src, out, new, force=force, drop_prefix="\0", progress=progress, tensor_data=data)
+    return copy_with_metadata(src, out, new, force=force, drop_prefix="\0", progress=progress, tensor_data=data,
+                              same_shapes=True)
 
 
 def relayout_from_trace(src: str | Path, out: str | Path, trace_path: str | Path, *, force: bool = False,

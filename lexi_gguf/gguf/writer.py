@@ -105,7 +105,8 @@ def lexi_metadata(info: GGUFModelInfo, counts: list[int], method: str, *, sensit
 
 
 def copy_with_metadata(src: str | Path, out: str | Path, new: dict, *, force: bool = False,
-                       drop_prefix: str = "lexi.", progress: bool = True, tensor_data=None) -> Path:
+                       drop_prefix: str = "lexi.", progress: bool = True, tensor_data=None,
+                       same_shapes: bool = False) -> Path:
     """Stream src to out with `new` metadata (old lexi.* keys dropped). Tensors are copied one at a time
     from the reader's memory map, never the whole file in memory; the output appears atomically.
 
@@ -113,7 +114,8 @@ def copy_with_metadata(src: str | Path, out: str | Path, new: dict, *, force: bo
     a new first shard with the metadata and its tensors, the other shards hard-linked (or copied) as they
     are, or rewritten through `tensor_data` too when one is given (a transform of tensors applies to
     every shard). The other shards appear first, the first shard last, so a visible first shard means a
-    whole set. Returns the (first) output path."""
+    whole set. same_shapes: tensor_data keeps every tensor's shape and type, so the header is written from
+    the source's (an extra pass over all the data saved). Returns the (first) output path."""
     reader = open_reader(src)
     shards = getattr(reader, "shards", [(Path(src), reader)])
     outs = output_names(out, len(shards))
@@ -133,15 +135,19 @@ def copy_with_metadata(src: str | Path, out: str | Path, new: dict, *, force: bo
                 tmp.unlink()
                 link_or_copy(p, tmp)
             else:                    # the shard's own metadata (split.no, ...) as it is, its tensors transformed
-                _write_gguf(r, tmp, {}, "\0", progress, tensor_data, arch=field_value(shards[0][1], "general.architecture"))
-        _write_gguf(shards[0][1], tmp_first, new, drop_prefix, progress, tensor_data or (lambda t: t.data))
+                _write_gguf(r, tmp, {}, "\0", progress, tensor_data, same_shapes,
+                            arch=field_value(shards[0][1], "general.architecture"))
+        _write_gguf(shards[0][1], tmp_first, new, drop_prefix, progress, tensor_data or (lambda t: t.data),
+                    same_shapes or tensor_data is None)
     del reader, shards
     return outs[0]
 
 
-def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, tensor_data, arch: str | None = None) -> None:
+def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, tensor_data, same_shapes: bool,
+                arch: str | None = None) -> None:
     """One GGUF file: reader's fields (less drop_prefix keys and those in `new`) + `new`, then its
-    tensors (tensor_data(t) of each), streamed."""
+    tensors (tensor_data(t) of each), streamed. The header needs every tensor's shape before any data:
+    from the source's (memory-mapped, nothing read) when same_shapes, else from tensor_data."""
     gguf = gguf_py()
     arch = arch or field_value(reader, "general.architecture")    # a later shard may not state it
     writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
@@ -156,7 +162,7 @@ def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, 
         writer.add_key_value(name, val, vt, sub_type=sub)
     total = 0
     for t in reader.tensors:
-        d = tensor_data(t)
+        d = t.data if same_shapes else tensor_data(t)
         total += int(d.nbytes)
         writer.add_tensor_info(t.name, d.shape, d.dtype, d.nbytes, t.tensor_type)
     writer.write_header_to_file()
