@@ -21,6 +21,7 @@ read from storage per token. Needs root (cgroups). Results: bench/results/memlim
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -167,6 +168,7 @@ def widened_testbed(out_dir: Path, factor: int, n_tokens: int, threads: int) -> 
     return wide, prompt, {"overlap_per_layer": overlap, "overlap_mean": float(np.mean(overlap)), "tokens": len(ex)}
 
 
+@functools.lru_cache(maxsize=None)
 def calibration_trace(threads: int):
     """Routing on other prompts than the bench decodes (held-out prompts 1-8, 32 sampled tokens each,
     full k), traced on the small testbed: the widened one routes the same, with the same expert ids."""

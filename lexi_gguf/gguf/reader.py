@@ -198,7 +198,7 @@ def sensitivity_from_gguf(info: GGUFModelInfo) -> dict | None:
                         "stderr": se[i].tolist() if i in info.moe_layers else None} for i in range(n)]}
 
 
-_EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps")
+EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps")
 
 
 def footprint(path: str | Path, reader=None) -> dict:
@@ -216,7 +216,7 @@ def footprint(path: str | Path, reader=None) -> dict:
             rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
             fixed_b += n_b / rows
             fixed_p += n_el / rows
-        elif len(parts) > 2 and parts[0] == "blk" and parts[2] in _EXPERT_TENSORS:
+        elif len(parts) > 2 and parts[0] == "blk" and parts[2] in EXPERT_TENSORS:
             i = int(parts[1])
             per_expert_b[i] += n_b / info.expert_count
             per_expert_p[i] += n_el / info.expert_count

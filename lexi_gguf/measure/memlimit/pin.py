@@ -14,10 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ... import LexiError
-from ...gguf.reader import open_one
+from ...gguf.reader import EXPERT_TENSORS, open_one
 from .pagecache import PAGE, libc
-
-EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps")
 
 
 def expert_ranges(path: str | Path) -> dict[tuple[int, int], list[tuple[int, int]]]:
