@@ -6,8 +6,10 @@ crashes, see docs/backends.md): "amx" (AVX512 + AMX, e.g. Sapphire Rapids), "avx
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -52,15 +54,43 @@ def cpu_features() -> dict[str, bool]:
     return {f: f in flags for f in X86_FEATURES} if platform.machine() in ("x86_64", "AMD64") else {}
 
 
+def flags_hash(flags: set[str] | None = None) -> str:
+    """6 hex digits of the CPU's feature flags: two machines that report the same model string (a
+    virtual machine often says only "AMD EPYC" or "Intel Xeon Processor") but expose other features
+    get other ids."""
+    flags = cpu_flags() if flags is None else flags
+    return hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:6]
+
+
+def _slug(text: str) -> str:
+    text = re.sub(r"\((r|tm|c)\)", "", text.lower())
+    text = re.sub(r"@.*$| with .*$", "", text).strip()
+    text = re.sub(r"\b(cpu|processor)\b", "", text)
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:32] or "cpu"
+
+
+def machine_id(model: str | None = None, cls: str | None = None, cores: int | None = None,
+               flags: set[str] | None = None) -> str:
+    """The name a result file carries: CPU model, class, cores and the flags hash, e.g.
+    `amd-epyc-avx2-2c-3f09a1`; no two machines that differ in any of those share it."""
+    flags = cpu_flags() if flags is None else flags
+    model = cpu_model() if model is None else model
+    cls = cpu_class(flags) if cls is None else cls
+    cores = os.cpu_count() if cores is None else cores
+    return f"{_slug(model)}-{cls}-{cores}c-{flags_hash(flags)}"
+
+
 def machine() -> dict:
-    """What every saved benchmark result records about where it ran."""
+    """What every saved benchmark result records about where it ran (`id`: machine_id())."""
     mem = None
     try:
         mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         pass
-    return {"system": platform.system(), "machine": platform.machine(), "cpu": cpu_model(), "cpu_class": cpu_class(),
-            "cores": os.cpu_count(), "memory_gib": mem, "python": platform.python_version()}
+    flags = cpu_flags()
+    return {"system": platform.system(), "machine": platform.machine(), "cpu": cpu_model(),
+            "cpu_class": cpu_class(flags), "cores": os.cpu_count(), "memory_gib": mem,
+            "python": platform.python_version(), "cpu_flags_hash": flags_hash(flags), "id": machine_id(flags=flags)}
 
 
 def ggml_system_info() -> dict[str, str]:
