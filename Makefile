@@ -40,9 +40,14 @@ docs: setup
 		--arch-results out/arch-results.json
 	$(VPY) -m lexi_gguf.testbeds.archdoc out/arch-results.json -o docs/architectures.md
 
+# every bench's quick mode (minutes each: small sizes, one repetition); results go to out/bench-quick/,
+# never bench/results/. A full run is `python bench/bench_NAME.py` (see its docstring); `make report`
+# renders bench/results/*.json into docs/results.md
+BENCHES := $(sort $(wildcard bench/bench_*.py))
 bench: setup
-	$(VPY) bench/bench_runtime.py
-	$(VPY) bench/bench_profile.py
+	@failed=""; for b in $(BENCHES); do echo "== $$b --quick"; \
+		$(VPY) $$b --quick || failed="$$failed $$b"; done; \
+	if [ -n "$$failed" ]; then echo "bench: failed:$$failed"; exit 1; fi
 
 clean:
 	rm -rf out build .pytest_cache

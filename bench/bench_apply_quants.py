@@ -5,18 +5,19 @@ expert ffn 512: 50 M expert weights a layer, 100 MB in bf16). Each type is made 
 llama-quantize (IQ2/IQ3 with a llama-imatrix matrix); apply runs in its own process, which reports its
 VmHWM (peak resident set, the mmapped file pages it read included). The f32 file's allocation is the reference; the table says whether each type gives the same k.
 
-Results: bench/results/apply-quants-<machine>.json and .png.
+Results: bench/results/apply-quants-<machine id>.json and .png. --quick: hidden 256, expert ffn 128,
+8 experts, 512 samples, types F32, Q8_0 and Q4_K_M.
 """
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):          # run as a file: python bench/bench_apply_quants.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
 
 TYPES = ["F32", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "IQ4_XS", "IQ4_NL",
          "IQ3_XXS", "IQ2_XXS", "MXFP4_MOE"]
@@ -30,11 +31,11 @@ _CHILD = ("import sys; from lexi_gguf import cli; rc = cli.main(sys.argv[1:]); "
           "file=sys.stderr); sys.exit(rc)")
 
 
-def run_apply(src: Path, out: Path, samples: int) -> tuple[float, float]:
+def run_apply(src: Path, out: Path, samples: int, threads: int) -> tuple[float, float]:
     """(seconds, peak RSS MiB, file pages it read included) of one `lexi-gguf apply --budget 0.5`."""
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", _CHILD, "apply", str(src), "-o", str(out), "--force",
-                        "--budget", "0.5", "--samples", str(samples), "--threads", "2"],
+                        "--budget", "0.5", "--samples", str(samples), "--threads", str(threads)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     secs = time.perf_counter() - t0
     if r.returncode != 0:
@@ -44,8 +45,8 @@ def run_apply(src: Path, out: Path, samples: int) -> tuple[float, float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default=str(ROOT / "out" / "bench-quants"))
+    ap = C.parser(__doc__)
+    ap.add_argument("--work", default=str(C.ROOT / "out" / "bench-quants"))
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--ffn", type=int, default=512)
     ap.add_argument("--experts", type=int, default=32)
@@ -53,11 +54,12 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=2048)
     ap.add_argument("--types", default=",".join(TYPES))
     args = ap.parse_args()
+    if args.quick:
+        args.hidden, args.ffn, args.experts, args.samples, args.types = 256, 128, 8, 512, "F32,Q8_0,Q4_K_M"
+    run = C.Run(args, "apply-quants")
     from lexi_gguf.export.hf_to_gguf import convert_to_gguf
     from lexi_gguf.gguf import keys
     from lexi_gguf.gguf.reader import model_info
-    from lexi_gguf.measure.bench import machine, save_results
-    from lexi_gguf.measure.plots import pyplot
     from lexi_gguf.runtime.llama import llama_cpp_dir, tool
     from lexi_gguf.testbeds.tinymodels import make_checkpoint
 
@@ -73,7 +75,8 @@ def main() -> int:
         convert_to_gguf(hf, f32, llama_cpp_dir())
     imatrix = work / f"imatrix-{shape}.gguf"
     if not imatrix.exists():
-        subprocess.run([str(tool("llama-imatrix")), "-m", str(f32), "-f", str(ROOT / "README.md"), "-c", "128",
+        # any English text of > 1k tokens; the results up to issue 34 used the README of that time
+        subprocess.run([str(tool("llama-imatrix")), "-m", str(f32), "-f", str(C.ROOT / "docs" / "method.md"), "-c", "128",
                         "--chunks", "8", "-t", "2", "-o", str(imatrix)], check=True, capture_output=True)
     layer_weights = args.experts * 3 * args.hidden * args.ffn
     rows, ref = [], None
@@ -85,7 +88,7 @@ def main() -> int:
             subprocess.run(cmd, check=True, capture_output=True)
             Path(str(src) + ".tmp").rename(src)       # an interrupted run leaves no half-written file
         out = work / f"lexi-{quant}.gguf"
-        secs, rss = run_apply(src, out, args.samples)
+        secs, rss = run_apply(src, out, args.samples, args.threads)
         lx = model_info(out).lexi
         k = [int(x) for x in lx[keys.EXPERT_USED_COUNT]]
         ref = ref or k
@@ -101,10 +104,10 @@ def main() -> int:
     for r in rows:
         print(f"| {r['type']} | {r['expert_types']} | {r['file_mib']:.0f} | {r['apply_s']:.1f} | {r['peak_rss_mib']:.0f} | "
               f"{r['k']} | {'yes' if r['same_k_as_f32'] else 'no'} |")
-    res = {"machine": machine(), "shape": shape, "samples": args.samples, "layer_expert_weights": layer_weights,
-           "rows": rows}
-    path = save_results(res, "apply-quants", ROOT / "bench" / "results")
-    plt = pyplot()
+    res = {"shape": shape, "samples": args.samples, "layer_expert_weights": layer_weights, "threads": args.threads,
+           "imatrix_text": "docs/method.md", "rows": rows}
+    run.save(res)
+    plt = C.pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
     names = [r["type"] for r in rows]
     ax[0].bar(names, [r["apply_s"] for r in rows])
@@ -115,10 +118,8 @@ def main() -> int:
     ax[1].legend(fontsize=7)
     for a in ax:
         a.tick_params(axis="x", rotation=60, labelsize=7)
-    fig.suptitle(f"lexi-gguf apply per input type ({shape}, {machine()['cpu_class']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=110)
-    print(f"plot -> {path.with_suffix('.png')}")
+    fig.suptitle(f"lexi-gguf apply per input type ({shape}, {C.machine()['cpu_class']})", fontsize=9)
+    run.plot(fig)
     return 0
 
 

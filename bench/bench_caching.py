@@ -6,17 +6,18 @@ of a disjoint prompt set) are scored; every trace is replayed through LRU, LFU,
 Belady (offline optimum) and prefetching caches. Also: what tracing costs over a plain eval.
 
 Targets (issue 9), at 10 % capacity: predictor prefetch >= 3x LRU and >= 0.85x Belady; LExI 0.75 raises
-every policy over full and uniform. Results: bench/results/caching-<machine>.json (+ .png).
+every policy over full and uniform. Results: bench/results/caching-<machine id>.json (+ .png). --quick:
+4 prompts of 8 tokens, a 20 k-request simulator check.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):          # run as a file: python bench/bench_caching.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
 
 
 def trace_cost(gguf: Path, prompts: list[str], threads: int) -> dict:
@@ -57,14 +58,17 @@ def simulator_speed(events: int = 1_000_000) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default=str(ROOT / "out" / "bench"))
+    ap = C.parser(__doc__)
+    ap.add_argument("--work", default=str(C.WORK))
     ap.add_argument("--prompts", type=int, default=24)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=32,
+                    help="tokens generated after each prompt (default 32)")
     ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    from lexi_gguf.measure.bench import machine, save_results
+    events = 1_000_000
+    if args.quick:
+        args.prompts, args.max_tokens, events = 4, 8, 20_000
+    run = C.Run(args, "caching")
     from lexi_gguf.caching import experiment as X
     from lexi_gguf.testbeds.builtin import ensure_default_model
 
@@ -74,7 +78,7 @@ def main() -> int:
     model_dir = ensure_default_model(name="caching")
     prompts = X.held_out_prompts(model_dir, args.prompts)
     train_prompts = X.held_out_prompts(model_dir, 2 * args.prompts, offset=args.prompts)    # disjoint
-    res = X.run(gguf, prompts, train_prompts, max_new_tokens=args.max_new_tokens, depth=args.depth,
+    res = X.run(gguf, prompts, train_prompts, max_new_tokens=args.max_tokens, depth=args.depth,
                 threads=args.threads)
     print(X.tables(res))
     print()
@@ -82,16 +86,15 @@ def main() -> int:
     res["trace_cost"] = cost = trace_cost(gguf, prompts, args.threads)
     print(f"\ntracing cost: {cost['trace_seconds']:.2f} s vs plain eval {cost['plain_seconds']:.2f} s "
           f"({cost['ratio']:.2f}x) on {cost['tokens']} tokens")
-    res["simulator_speed"] = speed = simulator_speed()
+    res["simulator_speed"] = speed = simulator_speed(events)
     print(f"simulator: {speed['events'] / 1e6:.2f} M requests in {speed['lru_seconds']:.1f} s (LRU), "
           f"{speed['belady_seconds']:.1f} s (Belady)")
     t = X.targets(res)
     res["targets"] = {k: v for k, v in t.items() if k != "met"}
     res["targets_met"] = dict(t["met"], **{"trace cost <= 2x plain eval": cost["ratio"] <= 2.0,
                                            "1 M requests simulated in < 10 s": max(speed["lru_seconds"], speed["belady_seconds"]) < 10})
-    res["machine"] = machine()
-    out = save_results(res, "caching", ROOT / "bench" / "results")
-    print(f"plot -> {X.plot(res, out.with_suffix('.png'))}")
+    run.save(res)
+    print(f"plot -> {X.plot(res, run.png)}")
     return 0
 
 

@@ -11,19 +11,20 @@ allocation differs). Every allocation of a model is a row of one file's ladder a
 llama_lexi_set_row on one loaded model.
 
 Target (issue 13): calibrated LExI (the default metric) within 1.2x of the greedy allocation's KLD.
-Results: bench/results/calib-<machine>.json.
+Results: bench/results/calib-<machine id>.json. --quick: the default model only, 2 chunks of 128 tokens,
+the greedy oracle reused from this machine's last results when there are any.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):          # run as a file: python bench/bench_calib.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
 
 BUDGETS = [0.75, 0.5]
 TOKENS = [1024, 4096, 16384]      # --calib-metric deviation
@@ -82,18 +83,18 @@ def greedy(kld: KLD, info, budgets: list[float], work: Path) -> dict[float, list
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default=str(ROOT / "out" / "bench"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap = C.parser(__doc__)
+    ap.add_argument("--work", default=str(C.WORK))
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--chunks", type=int, default=12, help="evaluation chunks of --ctx tokens")
     ap.add_argument("--reuse-greedy", action="store_true", help="take the oracle's counts from this machine's last "
                     "results file instead of searching again (the search is deterministic and the slow part)")
     ap.add_argument("--models", default="default,caching,qwen3-testbed,olmoe-testbed")
     args = ap.parse_args()
+    if args.quick:
+        args.models, args.ctx, args.chunks, args.reuse_greedy = "default", 128, 2, True
+    run = C.Run(args, "calib")
     from lexi_gguf.method.allocate import allocate
-    from lexi_gguf.measure.bench import save_results
-    from lexi_gguf.measure.bench import results_path
     from lexi_gguf.method.calib import capture_inputs, kld_table
     from lexi_gguf.export.convert import convert
     from lexi_gguf.testbeds.builtin import corpus, ensure_default_model, recipe_hash
@@ -104,14 +105,14 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     train_text, _ = corpus()
-    from lexi_gguf.runtime.cpu import machine
     res = {"ctx": args.ctx, "chunks": args.chunks, "budgets": BUDGETS, "deviation_tokens": TOKENS,
-           "kld_tokens": KLD_TOKENS, "models": [], "machine": machine()}
+           "kld_tokens": KLD_TOKENS, "models": []}
     prev = {}
     if args.reuse_greedy:   # the oracle's counts from this machine's last run (deterministic, the slow part)
-        f = results_path("calib", ROOT / "bench" / "results", res["machine"])
+        f = C.result_path("calib")
         if f.exists():
-            prev = {m["model"]: {r["budget"]: r["greedy"]["counts"] for r in m["rows"]} for m in json.loads(f.read_text())["models"]}
+            prev = {m["model"]: {r["budget"]: r["greedy"]["counts"] for r in m["rows"]}
+                    for m in json.loads(f.read_text())["models"]}
             res["greedy_counts_from"] = f.name
     labels_shown = ["data-free", *(f"deviation {t}" for t in TOKENS), *(f"kld {t}" for t in KLD_TOKENS), "greedy"]
     lines = ["| model | budget | data-free | " + " | ".join(f"deviation {t // 1024}k" for t in TOKENS) + " | " +
@@ -158,7 +159,7 @@ def main() -> int:
                           all(r["kld_calib_over_greedy"] <= 1.2 for m in res["models"] for r in m["rows"])}
     res["table"] = "\n".join(lines)
     print(f"targets: {res['targets_met']}")
-    print(f"results -> {save_results(res, 'calib', ROOT / 'bench' / 'results')}")
+    run.save(res)
     return 0
 
 

@@ -5,18 +5,18 @@ OLMoE-shaped bench model at Q8_0 and Q4_0, measured by the patched tree's own ll
 
 On an AMX CPU the shipped build runs the AVX512/VNNI repack kernels where upstream would run AMX;
 on AVX512 and AVX2 CPUs the shipped build is byte-for-byte the upstream native one. The CPU class
-is in the saved result. Results: bench/results/cpu-paths-<machine>.json (+ .png).
+is in the saved result. Results: bench/results/cpu-paths-<machine id>.json (+ .png). --quick: 2 layers,
+32/8 tokens, one repetition.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+if __package__ in (None, ""):          # run as a file: python bench/bench_cpu_paths.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
 
 
 def q4_0_model(q8: Path) -> Path:
@@ -31,9 +31,8 @@ def q4_0_model(q8: Path) -> Path:
     return out
 
 
-def plot(res: dict, out: Path) -> Path:
-    from lexi_gguf.measure.plots import pyplot
-    plt = pyplot()
+def plot(res: dict, run) -> Path:
+    plt = C.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
     quants = sorted({r["quant"] for r in res["rows"]})
     for ax, test in zip(axes, ("pp", "tg")):
@@ -50,31 +49,28 @@ def plot(res: dict, out: Path) -> Path:
     axes[0].legend(fontsize=7)
     m = res["machine"]
     fig.suptitle(f"CPU paths: {m['cpu']} [{m['cpu_class']}], {res['threads']} threads", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return run.plot(fig)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default=str(ROOT / "out" / "bench"))
+    ap = C.parser(__doc__)
+    ap.add_argument("--work", default=str(C.WORK))
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n-prompt", type=int, default=256)
     ap.add_argument("--n-gen", type=int, default=32)
     args = ap.parse_args()
-    from bench_runtime import build_model
-
-    from lexi_gguf.measure.bench import machine, save_results
+    if args.quick:
+        args.layers, args.reps, args.n_prompt, args.n_gen = 2, 1, 32, 8
+    run = C.Run(args, "cpu-paths")
+    from bench.models import olmoe_shaped
     from lexi_gguf.runtime.cpu import amx_matmul_compiled
     from lexi_gguf.runtime.procs import run_child
     from lexi_gguf.runtime.llama import tool
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    q8 = build_model(work, args.layers)
+    q8 = olmoe_shaped(work, args.layers)
     models = {"Q8_0": q8, "Q4_0": q4_0_model(q8)}
     rows = []
     print("| quant | test | repack | t/s | vs --repack 0 |")
@@ -94,9 +90,9 @@ def main() -> int:
                       f"{x['avg_ts']:.1f} ± {x['stddev_ts']:.1f} | {x['avg_ts'] / off['avg_ts']:.2f}x |", flush=True)
     res = {"model": f"synthetic OLMoE-shaped: hidden 2048, 64 experts, expert ffn 1024, {args.layers} layers, base k 8",
            "threads": args.threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen, "reps": args.reps,
-           "amx_matmul_compiled": amx_matmul_compiled(), "machine": machine(), "rows": rows}
-    out = save_results(res, "cpu-paths", ROOT / "bench" / "results")
-    print(f"plot -> {plot(res, out.with_suffix('.png'))}")
+           "amx_matmul_compiled": amx_matmul_compiled(), "rows": rows}
+    run.save(res)
+    plot({**res, "machine": C.machine()}, run)
     return 0
 
 

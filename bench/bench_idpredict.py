@@ -10,23 +10,23 @@ nvme preset and on a slower disk: LRU, Belady (demand optimum) and prefetch by e
 
 Targets (issue 20): the sequence transformer beats co-activation and previous-token recall at d 1 and 2;
 the best realizable prefetch cuts time per token >= 1.5x against LRU and reads fewer bytes than Belady.
-Results: bench/results/idpredict-<machine>.json and .png.
+Results: bench/results/idpredict[-<testbed>]-<machine id>.json and .png. --quick: 4 + 8 prompts, 40
+optimizer steps, the nvme link only.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):          # run as a file: python bench/bench_idpredict.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default=str(ROOT / "out" / "bench"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap = C.parser(__doc__)
+    ap.add_argument("--work", default=str(C.WORK))
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--train-prompts", type=int, default=48)
     ap.add_argument("--steps", type=int, default=400)
@@ -36,10 +36,11 @@ def main() -> int:
     ap.add_argument("--testbed", default="caching", help="built-in model: caching (Mixtral, 64 experts), "
                     "qwen3-testbed or olmoe-testbed (16 experts, k 4)")
     args = ap.parse_args()
+    if args.quick:
+        args.prompts, args.train_prompts, args.steps, args.links = 4, 8, 40, ["nvme"]
+    run = C.Run(args, "idpredict", None if args.testbed == "caching" else args.testbed)
     from lexi_gguf.caching import clock, idpredict, predict, simulate
     from lexi_gguf.caching.experiment import TEMPERATURE, held_out_prompts, testbed_gguf
-    from lexi_gguf.measure.bench import machine, save_results
-    from lexi_gguf.measure.plots import pyplot
     from lexi_gguf.runtime.trace import record
     from lexi_gguf.testbeds.builtin import ensure_default_model
 
@@ -108,13 +109,12 @@ def main() -> int:
                   f"{r['mb_per_token'] / bel['mb_per_token']:.2f}x Belady's bytes")
     targets["sequence beats coactivation and previous at d=1 and d=2"] = bool(all(
         recall["sequence"][d] > max(recall["coactivation"][d], recall["previous"][d]) for d in (1, 2)))
-    res = {"machine": machine(), "model": str(gguf), "tokens": len(test.tokens), "train_tokens": len(train.tokens),
+    res = {"model": str(gguf), "tokens": len(test.tokens), "train_tokens": len(train.tokens),
            "decode_tokens": len(dec), "compute_s_per_layer": comp, "sequence_fit": fit, "recall": recall,
            "clock": rows, "tradeoff": tradeoff, "targets_met": targets}
     res["testbed"] = args.testbed
-    stem = "idpredict" if args.testbed == "caching" else f"idpredict-{args.testbed}"
-    path = save_results(res, stem, ROOT / "bench" / "results")
-    plt = pyplot()
+    run.save(res)
+    plt = C.pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
     names = list(recall)
     for d, off in ((1, -0.2), (2, 0.2)):
@@ -126,10 +126,8 @@ def main() -> int:
     ax[1].bar([r["policy"].removeprefix("prefetch:") for r in first], [r["ms_per_token"] for r in first])
     ax[1].set_ylabel(f"ms / token, clocked ({rows[0]['link']})")
     ax[1].tick_params(axis="x", rotation=30, labelsize=7)
-    fig.suptitle(f"{args.testbed} testbed, capacity {args.capacity:g}, {machine()['cpu_class']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=110)
-    print(f"plot -> {path.with_suffix('.png')}")
+    fig.suptitle(f"{args.testbed} testbed, capacity {args.capacity:g}, {C.machine()['cpu_class']}", fontsize=9)
+    run.plot(fig)
     return 0
 
 

@@ -13,135 +13,25 @@ random f32 routers. Building takes well under a minute plus the disk's write tim
 
 Each configuration then runs in a fresh child inside a fresh memory cgroup (lexi_gguf.measure.memlimit):
 evict the file, load mmapped, a fixed warm-up, n_gen decode tokens timed, with major faults and bytes
-read from storage per token. Needs root (cgroups). Results: bench/results/memlimit-<machine>.json + .png.
+read from storage per token. Needs root (cgroups). Results: bench/results/memlimit[-<name>]-<machine id>.json
++ .png (--name says which experiment: e.g. widened-q4km-ra128).
 
     sudo .venv/bin/python bench/bench_memlimit.py                       # the ~7.3 GB model, 3.5 GiB limit
-    .venv/bin/python bench/bench_memlimit.py --small                    # ~280 MB model, 200 MiB limit
+    sudo .venv/bin/python bench/bench_memlimit.py --small               # ~280 MB model, 200 MiB limit
+    .venv/bin/python bench/bench_memlimit.py --quick                    # --small, 4 tokens; skipped without root
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
+import os
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-CACHE = Path.home() / ".cache" / "lexi-gguf" / "bench-models"
-TEMPLATE_HIDDEN, TEMPLATE_FFN = 96, 32        # distinct from 64 experts and the vocabulary: dims map 1:1
-BUDGETS = [1.0, 0.75, 0.5]
-
-
-def _template(work: Path, layers: int, experts: int, k: int, seed: int) -> Path:
-    """The tiny OLMoE of the same structure, converted and given its LExI ladder (cached)."""
-    from lexi_gguf.export.apply import apply
-    from lexi_gguf.runtime.llama import llama_cpp_dir
-    from lexi_gguf.export.hf_to_gguf import convert_to_gguf
-    from lexi_gguf.testbeds.tinymodels import make_checkpoint
-    out = work / f"olmoe-template-{layers}L-{experts}e-k{k}-s{seed}-lexi.gguf"
-    if out.exists():
-        return out
-    hf = make_checkpoint("olmoe", work / f"hf-template-{layers}L", llama_cpp_dir(), seed=seed,
-                         hidden_size=TEMPLATE_HIDDEN, intermediate_size=TEMPLATE_FFN, num_experts=experts,
-                         num_experts_per_tok=k, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         router_scale=4.0)
-    f32 = convert_to_gguf(hf, work / f"olmoe-template-{layers}L.gguf", llama_cpp_dir())
-    apply(f32, out, budget=0.75, budgets=BUDGETS, samples=2048, seed=seed, threads=2, force=True, progress=False)
-    import shutil
-    shutil.rmtree(hf, ignore_errors=True)
-    f32.unlink(missing_ok=True)
-    return out
-
-
-def build_model(out_dir: Path, *, hidden: int = 2048, ffn: int = 1024, layers: int = 16, experts: int = 64, k: int = 8,
-                head_dim: int = 128, seed: int = 0, progress: bool = True) -> Path:
-    """The big OLMoE-shaped Q8_0 GGUF with a LExI ladder, written tensor by tensor (cached by shape)."""
-    import gguf
-    import numpy as np
-
-    from lexi_gguf.gguf.reader import open_one
-    from lexi_gguf.gguf.writer import atomic_output
-    from lexi_gguf.measure.memlimit import evict
-    if hidden % 32 or ffn % 32 or hidden % head_dim:
-        raise SystemExit("hidden and ffn must be multiples of 32 (Q8_0 blocks), hidden a multiple of head_dim")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"olmoe-shaped-{layers}L-{experts}x{ffn}-h{hidden}-k{k}-Q8_0-lexi.gguf"
-    if out.exists():
-        return out
-    t0 = time.perf_counter()
-    tpl = _template(out_dir, layers, experts, k, seed)
-    r = open_one(tpl)
-    arch = r.fields["general.architecture"].contents()
-    T = gguf.GGUFValueType
-    heads = hidden // head_dim
-    override = {f"{arch}.embedding_length": hidden, f"{arch}.feed_forward_length": ffn,
-                f"{arch}.attention.head_count": heads, f"{arch}.attention.head_count_kv": heads,
-                "general.file_type": int(gguf.LlamaFileType.MOSTLY_Q8_0),
-                "general.name": f"olmoe-shaped {layers}L {experts}x{ffn} h{hidden}",
-                "general.size_label": None}
-    rng = np.random.default_rng(seed)
-    d = np.array([2.7e-4], dtype=np.float16).view(np.uint8)    # int8 in [-128,127] x d: std ~0.02
-
-    def dims(t):
-        return [hidden if n == TEMPLATE_HIDDEN else ffn if n == TEMPLATE_FFN else int(n) for n in t.shape]
-
-    def qtype(t, ne):
-        return (gguf.GGMLQuantizationType.F32 if len(ne) < 2 or "ffn_gate_inp" in t.name or ne[0] % 32
-                else gguf.GGMLQuantizationType.Q8_0)
-
-    with atomic_output(out, force=True) as tmp:
-        w = gguf.GGUFWriter(tmp, arch=arch)
-        for f in r.fields.values():
-            if f.name.startswith("GGUF.") or f.name == "general.architecture":
-                continue
-            if f.name in override:
-                if override[f.name] is None:
-                    continue
-                w.add_key_value(f.name, override[f.name], f.types[0])
-                continue
-            vt = f.types[0]
-            w.add_key_value(f.name, f.contents(), vt, sub_type=f.types[-1] if vt == T.ARRAY else None)
-        plan = []
-        total = 0
-        for t in r.tensors:
-            ne = dims(t)
-            qt = qtype(t, ne)
-            np_shape = list(reversed(ne))
-            if qt == gguf.GGMLQuantizationType.Q8_0:
-                byte_shape = np_shape[:-1] + [np_shape[-1] // 32 * 34]
-                nbytes = int(np.prod(byte_shape))
-                w.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qt)
-            else:
-                nbytes = int(np.prod(np_shape)) * 4
-                w.add_tensor_info(t.name, np_shape, np.dtype(np.float32), nbytes)
-            plan.append((t.name, np_shape, qt, nbytes))
-            total += nbytes
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        done = 0
-        for name, np_shape, qt, nbytes in plan:
-            if qt == gguf.GGMLQuantizationType.Q8_0:
-                a = np.frombuffer(rng.bytes(nbytes), dtype=np.uint8).copy().reshape(-1, 34)
-                a[:, :2] = d
-                a = a.reshape(np_shape[:-1] + [np_shape[-1] // 32 * 34])
-            elif "ffn_gate_inp" in name:   # router: O(1) logits after the RMS norm, so routing varies by token
-                a = rng.standard_normal(np_shape, dtype=np.float32) * np.float32(2.0 / np.sqrt(hidden))
-            else:                            # norms
-                a = np.ones(np_shape, dtype=np.float32)
-            w.write_tensor_data(a)
-            done += nbytes
-            del a
-            if progress and done * 10 // total != (done - nbytes) * 10 // total:
-                print(f"  wrote {done / 2**30:.2f} / {total / 2**30:.2f} GiB", flush=True)
-        w.close()
-    evict(out)    # a bench starts from an evicted file anyway; leave the page cache to others meanwhile
-    print(f"model {out} ({out.stat().st_size / 2**30:.2f} GiB) built in {time.perf_counter() - t0:.0f} s", flush=True)
-    return out
-
+if __package__ in (None, ""):          # run as a file: python bench/bench_memlimit.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
+from bench.models import CACHE, big_olmoe  # noqa: E402
 
 def widened_testbed(out_dir: Path, factor: int, n_tokens: int, threads: int) -> tuple[Path, str, dict]:
     """The trained caching testbed with experts widened `factor` times (cached), a held-out prompt, and
@@ -152,8 +42,9 @@ def widened_testbed(out_dir: Path, factor: int, n_tokens: int, threads: int) -> 
     from lexi_gguf.caching.experiment import TEMPERATURE, held_out_prompts, testbed_gguf
     from lexi_gguf.runtime.trace import record
     from lexi_gguf.testbeds.builtin import ensure_default_model
-    from lexi_gguf.testbeds.widen import widen_experts
-    small = testbed_gguf(ROOT / "out" / "bench", threads=threads)
+
+    from bench.widen import widen_experts
+    small = testbed_gguf(C.WORK, threads=threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     wide = out_dir / f"{small.stem}-wide{factor}.gguf"
     if not wide.exists():
@@ -176,7 +67,7 @@ def calibration_trace(threads: int):
     from lexi_gguf.runtime.trace import record
     from lexi_gguf.testbeds.builtin import ensure_default_model
     prompts = held_out_prompts(ensure_default_model(name="caching"), 8, offset=1)
-    return record(testbed_gguf(ROOT / "out" / "bench", threads=threads), prompts=prompts, max_new_tokens=32,
+    return record(testbed_gguf(C.WORK, threads=threads), prompts=prompts, max_new_tokens=32,
                   temperature=TEMPERATURE, seed=0, progress=False, no_lexi=True, threads=threads)
 
 
@@ -202,7 +93,8 @@ def pin_ranges(model: Path, fraction: float, mem_limit: str, threads: int) -> tu
     from lexi_gguf.export.relayout import stored_order
     from lexi_gguf.gguf.reader import footprint, model_info, open_one
     from lexi_gguf.measure.memlimit import parse_size
-    from lexi_gguf.measure.memlimit.pin import expert_ranges, hot_experts
+
+    from bench.pin import expert_ranges, hot_experts
     fp, info = footprint(model), model_info(model)
     expert_total = sum(fp["expert_bytes"][i] for i in info.moe_layers) * info.expert_count
     room = parse_size(mem_limit) - (model.stat().st_size - expert_total) - 64 * 2**20
@@ -249,7 +141,7 @@ def belady_replay(wide: Path, res: dict, threads: int) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = C.parser(__doc__)
     ap.add_argument("--out", default=str(CACHE), help="where the bench model is built and cached")
     ap.add_argument("--small", action="store_true", help="validation size: hidden 512, ffn 128 (~280 MB), limit 200M")
     ap.add_argument("--hidden", type=int)
@@ -263,13 +155,13 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--prefetch", default="off,chosen,guess", help="expert prefetch modes to compare")
     ap.add_argument("--only", help="configurations to run, e.g. 'full,lexi 0.75,uniform 0.75' (default all)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--name", default="memlimit", help="results file stem (bench/results/NAME-<machine>.json)")
+    ap.add_argument("--name", help="which experiment, in the results file name: bench/results/memlimit-NAME-<machine "
+                    "id>.json (default: none)")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--quant", help="requantize the Q8_0 bench model to this type first (e.g. Q4_K_M; cached)")
     ap.add_argument("--widen-testbed", type=int, metavar="FACTOR",
                     help="instead of the random-weight model: the trained caching testbed (8 layers x 64 experts) "
-                    "with experts widened FACTOR times (testbeds.widen: same routing), decoding sampled text")
+                    "with experts widened FACTOR times (bench/widen.py: same routing), decoding sampled text")
     ap.add_argument("--relayout", action="store_true",
                     help="with --widen-testbed: run the file with each layer's experts in co-activation order "
                     "(export.relayout, learnt from other prompts than the bench decodes)")
@@ -278,8 +170,14 @@ def main() -> int:
     ap.add_argument("--repack", default="auto", help="repack modes to compare, e.g. on,off (runtime.placement); "
                     "a mode whose children are killed (repacked experts over the limit) is a row saying so")
     args = ap.parse_args()
+    if args.quick:
+        if os.geteuid() != 0:
+            print("bench_memlimit --quick: skipped (memory cgroups need root; run it with sudo)")
+            return 0
+        args.small, args.layers, args.n_gen, args.warmup, args.prefetch = True, 4, 4, 2, "off,chosen"
+    name = args.name.removeprefix("memlimit-").removeprefix("memlimit") if args.name else None
+    run = C.Run(args, "memlimit", name or None)
     from lexi_gguf import LexiError
-    from lexi_gguf.measure.bench import save_results
     from lexi_gguf.measure.memlimit import bench_mem_limited, fmt_size, plot, table
 
     hidden = args.hidden or (512 if args.small else 2048)
@@ -289,7 +187,7 @@ def main() -> int:
     if args.widen_testbed:
         model, prompt, routing = widened_testbed(Path(args.out), args.widen_testbed, args.n_gen + args.warmup, args.threads)
     else:
-        model = build_model(Path(args.out), hidden=hidden, ffn=ffn, layers=args.layers, experts=args.experts)
+        model = big_olmoe(Path(args.out), hidden=hidden, ffn=ffn, layers=args.layers, experts=args.experts)
     if args.quant:
         from lexi_gguf.export.convert import quantize
         q = model.with_name(model.stem.replace("Q8_0", args.quant) + ".gguf")
@@ -360,8 +258,8 @@ def main() -> int:
                               f"expert ffn {ffn}, base k 8, {args.quant or 'Q8_0'}, {fmt_size(res['model_bytes'])}; LExI "
                               f"ladder of a random-weight template with the same layers/experts")
     print(table(res))
-    out = save_results(res, args.name, ROOT / "bench" / "results")
-    plot(res, out.with_suffix(".png"))
+    run.save(res)
+    plot(res, run.png)
     print(json.dumps({r["config"] + f" {r['budget']:g} prefetch {r['prefetch']}"
                       + (f" pin {r['pin']['fraction_of_room']:g}" if r.get("pin") else ""): round(r["tg_tps"], 3)
                       for r in res["rows"]}))

@@ -7,11 +7,10 @@
 * OLMoE-1B-7B (16 layers) time extrapolated from the per-layer time;
 * whether the default model's allocations change when the samples are doubled.
 Targets: >= 50 % of peak; peak RSS <= 1.5x one layer's expert weights + 1 GiB; OLMoE 16 layers < 10 min.
-Results (with the machine) go to bench/results/profile-<machine>.json.
+Results go to bench/results/profile-<machine id>.json. --quick: 512 samples, no sample check.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import subprocess
@@ -19,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):          # run as a file: python bench/bench_profile.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
 
 SHAPES = {"olmoe": dict(hidden=2048, experts=64, ffn=1024, k=8),
           "mixtral": dict(hidden=4096, experts=8, ffn=14336, k=2)}
@@ -88,17 +88,18 @@ def sample_check(samples: int) -> dict | None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = C.parser(__doc__)
     ap.add_argument("--samples", type=int, default=8192)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", choices=list(SHAPES))
     args = ap.parse_args()
     if args.child:
         print(json.dumps(one_layer(args.child, args.samples, args.threads)))
         return 0
+    if args.quick:
+        args.samples = 512
+    run = C.Run(args, "profile")
     import torch
     torch.set_num_threads(args.threads)
-    from lexi_gguf.measure.bench import machine, save_results
     peaks = {dt: matmul_peak(dt) for dt in ("float32", "bfloat16")}
     peak = max(peaks.values())
     print("torch matmul peak (x @ W.T, 4096x2048x2048): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
@@ -117,7 +118,7 @@ def main() -> int:
               f"{row['expert_weights_gib']:.2f} | {row['peak_rss_gib']:.2f} | {row['rss_target_gib']:.2f} |", flush=True)
     olmoe16 = rows[0]["seconds"] * 16
     print(f"OLMoE-1B-7B, 16 layers at {args.samples} samples: {olmoe16:.0f} s (target < 600 s)")
-    check = sample_check(args.samples)
+    check = None if args.quick else sample_check(args.samples)
     if check:
         print(f"default model, allocation at {args.samples} vs {2 * args.samples} samples (independent draws); "
               f"max relative stderr of D at {args.samples}: {check['max_rel_stderr']:.2%}")
@@ -125,7 +126,7 @@ def main() -> int:
             print(f"  budget {bud}: {v['k_at_samples']} vs {v['k_at_2x_samples']}: "
                   f"{'same' if v['same'] else 'differs'}; regret on the 2x table {v['regret']:.4f} "
                   f"({v['regret_rel']:.2%}), objective stderr {v['objective_stderr']:.4f}")
-    res = {"machine": machine(), "threads": args.threads, "matmul_peak_gflops": peaks, "rows": rows,
+    res = {"threads": args.threads, "matmul_peak_gflops": peaks, "rows": rows,
            "olmoe_16_layers_seconds": olmoe16, "sample_check": check,
            "targets_met": {"of_peak >= 0.5": all(r["of_peak"] >= 0.5 for r in rows),
                            "peak_rss <= 1.5x weights + 1 GiB": all(r["peak_rss_gib"] <= r["rss_target_gib"] for r in rows),
@@ -134,7 +135,7 @@ def main() -> int:
                                v["same"] for v in check["budgets"].values()),
                            "any change is within 2 stderr of the objective": bool(check) and all(
                                v["regret"] <= 2 * v["objective_stderr"] for v in check["budgets"].values())}}
-    save_results(res, "profile", ROOT / "bench" / "results")
+    run.save(res)
     return 0
 
 

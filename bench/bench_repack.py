@@ -5,19 +5,19 @@ bench model with ggml's CPU repack on (llama.cpp's default) and off (`--repack o
 process, same tokens, alternating, at full k and LExI 0.75; plus the anonymous memory each holds.
 
 The model is bench_memlimit.py's synthetic OLMoE-shaped file requantized (default Q4_K_M, 16 layers x
-64 experts, hidden 1024, expert ffn 512). Results: bench/results/repack-<quant>-<machine>.json + .png.
+64 experts, hidden 1024, expert ffn 512). Results: bench/results/repack-<quant>-<machine id>.json + .png.
+--quick: 4 layers, hidden 256, expert ffn 128, 32/8 tokens, one repetition.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+if __package__ in (None, ""):          # run as a file: python bench/bench_repack.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
 
 CHILD = r"""
 import json, sys
@@ -42,7 +42,7 @@ print("RESULT " + json.dumps(r))
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = C.parser(__doc__)
     ap.add_argument("--quant", default="Q4_K_M")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--ffn", type=int, default=512)
@@ -50,16 +50,15 @@ def main() -> int:
     ap.add_argument("--n-prompt", type=int, default=128)
     ap.add_argument("--n-gen", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    from bench_memlimit import CACHE, build_model
-
+    if args.quick:
+        args.layers, args.hidden, args.ffn, args.n_prompt, args.n_gen, args.reps = 4, 256, 128, 32, 8, 1
+    run = C.Run(args, "repack", args.quant)
+    from bench.models import CACHE, big_olmoe
     from lexi_gguf.export.convert import quantize
-    from lexi_gguf.measure.bench import machine, save_results
     from lexi_gguf.measure.configs import run_configs
-    from lexi_gguf.measure.plots import pyplot
 
-    q8 = build_model(CACHE, hidden=args.hidden, ffn=args.ffn, layers=args.layers, experts=64)
+    q8 = big_olmoe(CACHE, hidden=args.hidden, ffn=args.ffn, layers=args.layers, experts=64)
     model = q8.with_name(q8.stem.replace("Q8_0", args.quant) + ".gguf")
     if not model.exists():
         tmp = model.with_suffix(".tmp")
@@ -72,7 +71,7 @@ def main() -> int:
             spec = {"model": str(model), "kv": c.kv, "n_prompt": args.n_prompt, "n_gen": args.n_gen, "reps": args.reps,
                     "threads": args.threads, "repack": repack}
             out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True,
-                                 check=True).stdout
+                                 check=True, cwd=C.ROOT).stdout
             r = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
             rows.append({"config": c.label, "repack": repack, **r})
             print(f"  {c.label:<10} repack {repack:<3}: pp {r['pp_tps']:.1f} tok/s, tg {r['tg_tps']:.2f} tok/s, "
@@ -85,10 +84,10 @@ def main() -> int:
         on, off = (next(r for r in rows if r["config"] == c.label and r["repack"] == m) for m in ("on", "off"))
         print(f"{c.label}: repack off / on = prefill {off['pp_tps'] / on['pp_tps']:.2f}x, decode "
               f"{off['tg_tps'] / on['tg_tps']:.2f}x")
-    res = {"machine": machine(), "model": str(model), "model_bytes": model.stat().st_size, "quant": args.quant,
+    res = {"model": str(model), "model_bytes": model.stat().st_size, "quant": args.quant,
            "n_prompt": args.n_prompt, "n_gen": args.n_gen, "reps": args.reps, "threads": args.threads, "rows": rows}
-    out = save_results(res, f"repack-{args.quant}", ROOT / "bench" / "results")
-    plt = pyplot()
+    run.save(res)
+    plt = C.pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
     labels = [f"{r['config']}\nrepack {r['repack']}" for r in rows]
     ax[0].bar(labels, [r["pp_tps"] for r in rows])
@@ -97,10 +96,8 @@ def main() -> int:
     ax[1].set_ylabel("decode tok/s")
     for a in ax:
         a.tick_params(axis="x", labelsize=7)
-    fig.suptitle(f"{args.quant} bench model ({model.stat().st_size / 2**30:.2f} GiB), {machine()['cpu_class']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    print(f"plot -> {out.with_suffix('.png')}")
+    fig.suptitle(f"{args.quant} bench model ({model.stat().st_size / 2**30:.2f} GiB), {C.machine()['cpu_class']}", fontsize=9)
+    run.plot(fig)
     return 0
 
 

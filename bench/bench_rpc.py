@@ -7,19 +7,19 @@ Loopback is not a network: it has no wire latency and no bandwidth limit beyond 
 this is the protocol's overhead (graph serialisation, one round trip per graph split, activations
 copied through sockets), a floor under what two machines would see. On 2 cores the servers and the
 client share the CPU (the client, one thread, waits while a server computes).
-Results: bench/results/rpc-<machine>.json and .png.
+Results: bench/results/rpc-<machine id>.json and .png. --quick: 32/8 tokens, one repetition.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):          # run as a file: python bench/bench_rpc.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
 
 
 def bench_run(gguf: Path, args, rpc: list[str], threads: int) -> dict:
@@ -33,19 +33,17 @@ def bench_run(gguf: Path, args, rpc: list[str], threads: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default=str(ROOT / "out" / "bench"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap = C.parser(__doc__)
+    ap.add_argument("--work", default=str(C.WORK))
     ap.add_argument("--n-prompt", type=int, default=128)
     ap.add_argument("--n-gen", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench_serve_load import default_gguf
-
-    from lexi_gguf.measure.bench import machine, save_results
-    from lexi_gguf.measure.load import free_port
-    from lexi_gguf.measure.plots import pyplot
+    if args.quick:
+        args.n_prompt, args.n_gen, args.reps = 32, 8, 1
+    run = C.Run(args, "rpc")
+    from bench.loadgen import free_port
+    from bench.models import default_gguf
     from lexi_gguf.runtime import rpc
 
     work = Path(args.work)
@@ -78,10 +76,10 @@ def main() -> int:
     print("\n| setup | config | pp tok/s | tg tok/s | tg vs local |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setup']} | {r['config']} | {r['pp_tps']:.0f} | {r['tg_tps']:.1f} | {r['tg_vs_local']:.2f}x |")
-    res = {"machine": machine(), "model": str(gguf), "n_prompt": args.n_prompt, "n_gen": args.n_gen, "reps": args.reps,
+    res = {"model": str(gguf), "n_prompt": args.n_prompt, "n_gen": args.n_gen, "reps": args.reps,
            "link": "loopback (not a network)", "rows": rows}
-    out = save_results(res, "rpc", ROOT / "bench" / "results")
-    plt = pyplot()
+    run.save(res)
+    plt = C.pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     configs = list(local)
     for i, name in enumerate(setups):
@@ -89,11 +87,9 @@ def main() -> int:
         ax.bar([j + (i - 1) * 0.27 for j in range(len(configs))], vals, 0.27, label=name)
     ax.set_xticks(range(len(configs)), configs)
     ax.set_ylabel("decode tok/s")
-    ax.set_title(f"RPC over loopback (not a network), default model Q8_0, {machine()['cpu_class']}", fontsize=9)
+    ax.set_title(f"RPC over loopback (not a network), default model Q8_0, {C.machine()['cpu_class']}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
-    print(f"plot -> {out.with_suffix('.png')}")
+    run.plot(fig)
     return 0
 
 

@@ -5,70 +5,41 @@ A synthetic OLMoE-shaped model (hidden 2048, 64 experts, expert ffn 1024, 4 laye
 from a transformers config with random bf16 weights, converted to Q8_0 by llama.cpp's converter.
 Runs on CPU: full k=8, uniform k=4 (the --override-kv users do today), per-layer [8,4,2,2] (same total).
 Targets: per-layer >= 0.97x uniform decode; speed-up over full >= 0.9x the active-bytes ideal.
-Results (with the machine) go to bench/results/runtime-<machine>.json.
+Results go to bench/results/runtime-<machine id>.json. --quick: 2 layers, 64/16 tokens, one repetition.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-
-def build_model(work: Path, layers: int) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lexi_gguf.runtime.llama import llama_cpp_dir
-    from lexi_gguf.export.hf_to_gguf import convert_to_gguf
-    from lexi_gguf.testbeds.tinymodels import save_gpt2_tokenizer
-    gguf = work / f"olmoe-shaped-{layers}L-Q8_0.gguf"
-    if gguf.exists():
-        return gguf
-    hf = work / "hf"
-    cfg = AutoConfig.for_model("olmoe", hidden_size=2048, intermediate_size=1024, num_hidden_layers=layers,
-                               num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
-                               vocab_size=50257, max_position_embeddings=4096, bos_token_id=50256, eos_token_id=50256,
-                               pad_token_id=None, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    model.save_pretrained(hf)
-    save_gpt2_tokenizer(hf, llama_cpp_dir())
-    del model
-    convert_to_gguf(hf, gguf, llama_cpp_dir(), outtype="q8_0")
-    import shutil
-    shutil.rmtree(hf)
-    return gguf
+if __package__ in (None, ""):          # run as a file: python bench/bench_runtime.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default=str(ROOT / "out" / "bench"))
+    ap = C.parser(__doc__)
+    ap.add_argument("--work", default=str(C.WORK))
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--pattern", default="8,4,2,2")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n-prompt", type=int, default=512)
     ap.add_argument("--n-gen", type=int, default=128)
     args = ap.parse_args()
+    if args.quick:
+        args.layers, args.pattern, args.reps, args.n_prompt, args.n_gen = 2, "8,4", 1, 64, 16
+    run = C.Run(args, "runtime")
+    from bench.models import olmoe_shaped
     from lexi_gguf.export.apply import apply
-    from lexi_gguf.measure.bench import machine, measure, save_results
-    from lexi_gguf.gguf.reader import model_info
-    from lexi_gguf.gguf.reader import active, footprint
+    from lexi_gguf.gguf.reader import active, footprint, model_info
+    from lexi_gguf.measure.bench import measure
     from lexi_gguf.runtime.llama import lexi_overrides
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    base = build_model(work, args.layers)
+    base = olmoe_shaped(work, args.layers)
     pattern = [int(x) for x in args.pattern.split(",")]
     per_layer = work / f"olmoe-shaped-{args.layers}L-Q8_0-lexi.gguf"
     apply(base, per_layer, k=pattern, force=True, progress=False)
@@ -100,9 +71,8 @@ def main() -> int:
           "per_layer_speedup >= 0.9 x ideal": targets["per_layer_speedup_of_ideal"] >= 0.9}
     res = {"model": "synthetic OLMoE-shaped: hidden 2048, 64 experts, expert ffn 1024, "
                     f"{args.layers} layers, base k 8, Q8_0", "threads": args.threads, "n_prompt": args.n_prompt,
-           "n_gen": args.n_gen, "reps": args.reps, "machine": machine(), "rows": rows, "targets": targets,
-           "targets_met": ok}
-    save_results(res, "runtime", ROOT / "bench" / "results")
+           "n_gen": args.n_gen, "reps": args.reps, "rows": rows, "targets": targets, "targets_met": ok}
+    run.save(res)
     return 0
 
 

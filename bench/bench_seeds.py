@@ -7,33 +7,34 @@ and the ratio LExI / uniform that the demo's summary prints.
 
 The models are reproducible (lexi_gguf.testbeds.builtin), so the spread here is the seed's, not the
 machine's. Each seed trains for minutes on 2 cores (cached afterwards by recipe hash).
-Results: bench/results/seeds-<machine>.json and .png.
+Results: bench/results/seeds-<machine id>.json and .png. --quick: seeds 1234 and 1 (trained once, then
+cached), ctx 128.
 
     .venv/bin/python bench/bench_seeds.py [--seeds 1234,1,2]
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):          # run as a file: python bench/bench_seeds.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
 BUDGETS = [0.75, 0.5]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = C.parser(__doc__)
     ap.add_argument("--seeds", default="1234,1,2", help="training seeds (1234: the demo's model)")
-    ap.add_argument("--work", default=str(ROOT / "out" / "bench"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default=str(C.WORK))
     ap.add_argument("--ctx", type=int, default=256)
     args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.ctx = "1234,1", 128
+    run = C.Run(args, "seeds")
     from lexi_gguf.export.convert import convert
-    from lexi_gguf.measure.bench import machine, save_results
     from lexi_gguf.measure.evaluate import evaluate
-    from lexi_gguf.measure.plots import pyplot
     from lexi_gguf.testbeds.builtin import ensure_default_model, recipe_hash
 
     work = Path(args.work)
@@ -67,10 +68,9 @@ def main() -> int:
         lines.append(f"| {b:g} | {', '.join(f'{x:.2f}' for x in ratios)} | {s['mean']:.2f} | {s['min']:.2f} | "
                      f"{s['max']:.2f} | {s['stdev']:.2f} |")
     print("\n".join(lines))
-    res = {"seeds": seeds, "ctx": args.ctx, "budgets": BUDGETS, "per_seed": per_seed, "ratio_over_seeds": spread,
-           "machine": machine()}
-    out = save_results(res, "seeds", ROOT / "bench" / "results")
-    plt = pyplot()
+    res = {"seeds": seeds, "ctx": args.ctx, "budgets": BUDGETS, "per_seed": per_seed, "ratio_over_seeds": spread}
+    run.save(res)
+    plt = C.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for i, b in enumerate(BUDGETS):
         ys = [r[f"{b:g}"]["ratio"] for r in per_seed]
@@ -81,12 +81,9 @@ def main() -> int:
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
     ax.set_xticks(range(len(BUDGETS)), [f"budget {b:g}" for b in BUDGETS])
     ax.set_ylabel("LExI KLD / uniform KLD (lower: LExI better)")
-    ax.set_title(f"default recipe, {len(seeds)} training seeds ({res['machine']['cpu_class']})", fontsize=9)
+    ax.set_title(f"default recipe, {len(seeds)} training seeds ({C.machine()['cpu_class']})", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    plt.close(fig)
-    print(f"plot -> {out.with_suffix('.png')}")
+    run.plot(fig)
     return 0
 
 

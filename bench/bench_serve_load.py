@@ -8,31 +8,24 @@ limit; requests/s, tokens/s, p50/p99 latency, failed and lost requests, the serv
 the load and peak RSS. The python engine runs at --threads = cores and = cores - 1. Beside the 4-client load: a body that is not JSON, a prompt ~8x the context and a client
 that stalls mid-request (what they got is saved; the load beside them must lose nothing). Then the
 memory of llama-server's router mode holding every stored budget (one child each, weights shared).
-Results: bench/results/serve-load-<machine>.json and .png.
+Results: bench/results/serve-load-<machine id>.json and .png. --quick: 1 and 4 clients, 8 requests of
+8 tokens, one python engine and llama-server (its first use builds it, ~3 min).
 """
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):          # run as a file: python bench/bench_serve_load.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
+
 KEY = "bench-key"
 
 
-def default_gguf(work: Path, threads: int) -> Path:
-    from lexi_gguf.export.convert import convert
-    from lexi_gguf.testbeds.builtin import ensure_default_model, recipe_hash
-    out = work / f"default-{recipe_hash('default')}-Q8_0.gguf"
-    if not out.exists():
-        convert(ensure_default_model(), out, budget=0.75, budgets=[1.0, 0.75, 0.5], quant="Q8_0", threads=threads)
-    return out
-
-
 def start(model: Path, engine: str, args, budget: str | None, threads: int) -> tuple[subprocess.Popen, str]:
-    from lexi_gguf.measure import load
+    from bench import loadgen as load
     port = load.free_port()
     cmd = [sys.executable, "-m", "lexi_gguf.cli", "serve", str(model), "--port", str(port), "--ctx", str(args.ctx),
            "--threads", str(threads), "--api-key", KEY, *(["--budget", budget] if budget else [])]
@@ -45,9 +38,8 @@ def start(model: Path, engine: str, args, budget: str | None, threads: int) -> t
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default=str(ROOT / "out" / "bench"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap = C.parser(__doc__)
+    ap.add_argument("--work", default=str(C.WORK))
     ap.add_argument("--parallel", type=int, default=4, help="llama-server slots")
     ap.add_argument("--ctx", type=int, default=512, help="context per request / slot")
     ap.add_argument("--clients", default="1,4,16")
@@ -55,10 +47,12 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--time-limit", type=float, default=300.0)
     args = ap.parse_args()
+    if args.quick:
+        args.clients, args.requests, args.max_tokens = "1,4", 8, 8
+    run = C.Run(args, "serve-load")
+    from bench import loadgen as load
+    from bench.models import default_gguf
     from lexi_gguf.caching.experiment import held_out_prompts
-    from lexi_gguf.measure import load
-    from lexi_gguf.measure.bench import machine, save_results
-    from lexi_gguf.measure.plots import pyplot
     from lexi_gguf.testbeds.builtin import ensure_default_model
 
     work = Path(args.work)
@@ -70,6 +64,8 @@ def main() -> int:
     rows = []
     # the python engine also at one thread less than the cores: its event loop needs a core (see README)
     engines = [("python", args.threads), ("python", args.threads - 1), ("llama-server", args.threads)]
+    if args.quick:
+        engines = [("python", max(1, args.threads - 1)), ("llama-server", args.threads)]
     for engine, threads in [e for e in engines if e[1] >= 1]:
         proc, base = start(gguf, engine, args, "0.75", threads)
         try:
@@ -99,11 +95,11 @@ def main() -> int:
     print(f"\nllama-server router mode, {len(ids)} model ids (one child each): PSS {router['pss_mib']:.0f} MiB, "
           f"RSS {router['rss_mib']:.0f} MiB (RSS counts the shared weights once per child)")
     targets = {"no failed or lost request at any load": all(r["failed"] == 0 and r["lost"] == 0 for r in rows)}
-    res = {"machine": machine(), "model": str(gguf), "model_id": model_id, "threads": args.threads,
+    res = {"model": str(gguf), "model_id": model_id, "threads": args.threads,
            "parallel": args.parallel, "ctx": args.ctx, "requests": args.requests, "max_tokens": args.max_tokens,
            "rows": rows, "router": router, "targets_met": targets}
-    out = save_results(res, "serve-load", ROOT / "bench" / "results")
-    plt = pyplot()
+    run.save(res)
+    plt = C.pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     for engine in dict.fromkeys(r["engine"] for r in rows):
         rs = [r for r in rows if r["engine"] == engine]
@@ -114,10 +110,8 @@ def main() -> int:
         a.set_xlabel("concurrent clients")
         a.set_ylabel(lab)
         a.legend(fontsize=8)
-    fig.suptitle(f"serving the default model at budget 0.75, loopback, {machine()['cpu_class']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
-    print(f"plot -> {out.with_suffix('.png')}")
+    fig.suptitle(f"serving the default model at budget 0.75, loopback, {C.machine()['cpu_class']}", fontsize=9)
+    run.plot(fig)
     return 0
 
 

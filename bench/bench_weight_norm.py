@@ -6,26 +6,27 @@ testbed does not (there `base` must change nothing). Mean KL divergence from the
 held-out text, LExI and uniform at budgets 0.75 and 0.5.
 
 Target (issue 13): base cuts LExI's mean KLD by >= 15 % at budget 0.5 on every normalising testbed.
-Results: bench/results/weight-norm-<machine>.json.
+Results: bench/results/weight-norm-<machine id>.json. --quick: the default and OLMoE testbed models, ctx 128.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):          # run as a file: python bench/bench_weight_norm.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default=str(ROOT / "out" / "bench"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap = C.parser(__doc__)
+    ap.add_argument("--work", default=str(C.WORK))
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--models", default="default,caching,qwen3-testbed,olmoe-testbed")
     args = ap.parse_args()
-    from lexi_gguf.measure.bench import machine, save_results
+    if args.quick:
+        args.models, args.ctx = "default,olmoe-testbed", 128
+    run = C.Run(args, "weight-norm")
     from lexi_gguf.method.archs import spec_for
     from lexi_gguf.export.convert import convert
     from lexi_gguf.testbeds.builtin import ensure_default_model, recipe_hash
@@ -68,8 +69,7 @@ def main() -> int:
     res["targets_met"] = {
         "base cuts LExI KLD >= 15 % at 0.5 on every normalising testbed": all(r["change"] <= -0.15 for r in lexi05),
         "base leaves a non-normalising testbed unchanged": all(r["kld_base"] == r["kld_renorm"] for r in same)}
-    res["machine"] = machine()
-    save_results(res, "weight-norm", ROOT / "bench" / "results")
+    run.save(res)
     return 0
 
 

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from lexi_gguf.measure.load import free_port, post, wait_until_serving
 from lexi_gguf.runtime import llama as runtime
 from lexi_gguf.serve import llama_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # the checkout root: bench/ helpers
+from bench.loadgen import free_port, post, wait_until_serving  # noqa: E402
 
 KEY = "test-key"
 PROMPT = "The river"

@@ -3,6 +3,7 @@ child under a memory cgroup (where the machine lets us: root and a memory contro
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,7 +120,8 @@ def test_real_child_under_a_limit(tiny_gguf, workdir):
     """A real child joins a fresh cgroup, loads the tiny model mmapped, decodes, reports its counters;
     the group is gone afterwards."""
     from lexi_gguf.measure.configs import run_configs
-    from lexi_gguf.measure.memlimit.pin import expert_ranges
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.pin import expert_ranges          # the pin experiment lives in bench/
     path = tiny_gguf("olmoe")
     limit = memlimit.parse_size("256M")
     cfg = run_configs(path, [])[0]

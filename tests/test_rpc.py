@@ -11,13 +11,16 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from lexi_gguf import LexiError
-from lexi_gguf.measure.load import free_port
 from lexi_gguf.runtime import rpc
 from lexi_gguf.runtime.llama import ROW_MODEL
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # the checkout root: bench/ helpers
+from bench.loadgen import free_port  # noqa: E402
 
 from conftest import TOKENS
 

@@ -11,11 +11,14 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from lexi_gguf.measure.load import free_port, wait_until_serving
 from lexi_gguf.runtime import llama as runtime
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # the checkout root: bench/ helpers
+from bench.loadgen import free_port, wait_until_serving  # noqa: E402
 
 KEY = "test-key"
 MESSAGES = [{"role": "user", "content": "Tell me about the river."}]

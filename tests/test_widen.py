@@ -1,15 +1,20 @@
-"""testbeds.widen: experts widened with zeros compute the same model (Q8_0: logits bit-identical; f32:
-to summation order), store the new width, and grow by the factor; quant types it cannot widen are refused."""
+"""bench/widen.py (bench-only; was testbeds.widen): experts widened with zeros compute the same model
+(Q8_0: logits bit-identical; f32: to summation order), store the new width, and grow by the factor; quant
+types it cannot widen are refused."""
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lexi_gguf import LexiError
 from lexi_gguf.gguf.reader import field_value, open_one
-from lexi_gguf.testbeds.widen import widen_experts
 
-from conftest import f32_logits
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # the checkout root: bench/ helpers
+from bench.widen import widen_experts  # noqa: E402
+from conftest import f32_logits  # noqa: E402
 
 
 @pytest.mark.parametrize("which", ["q8_0", "f32"])

@@ -3,9 +3,7 @@ llama-cpp-python, for full, uniform and lexi at each budget. Median of repetitio
 Writes a markdown table, JSON (with the machine) and a PNG of tok/s against average k."""
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -116,22 +114,6 @@ def plot(res: dict, out) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return Path(out)
-
-
-def results_path(name: str, results_dir: Path, m: dict) -> Path:
-    """bench/results/<name>-<arch>[-<cpu class>]-<cores>c.json: one file per benchmark and CPU class."""
-    cls = f"-{m['cpu_class']}" if m.get("cpu_class") and m["cpu_class"] != platform.machine() else ""
-    return Path(results_dir) / f"{name}-{platform.machine()}{cls}-{m['cores']}c.json"
-
-
-def save_results(res: dict, name: str, results_dir: Path) -> Path:
-    """Print each target's verdict and save the results, named by benchmark and machine."""
-    for k, v in res.get("targets_met", {}).items():
-        print(f"target {k}: {'met' if v else 'NOT met'}")
-    out = results_path(name, results_dir, res["machine"])
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"results -> {out}")
-    return out
 
 
 def switch_bench(path, budgets, *, n_gen=64, switches=20, threads=None, n_gpu_layers=0, progress=True) -> dict:

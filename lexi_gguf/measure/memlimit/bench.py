@@ -25,7 +25,7 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
     configuration labels to run (e.g. ["full", "lexi 0.75"]), default all. repack: the children's
     runtime.placement mode (auto: off when the model is larger than the group's room or prefetch is on).
     prompt: decode this prompt's continuation, sampled (seeded), instead of random token ids. pin: (file
-    offset, length) ranges each child mlocks after loading (pin.py: the hot-expert experiment)."""
+    offset, length) ranges each child mlocks after loading (bench/pin.py: the hot-expert experiment)."""
     from ..bench import backend_name
     from ..configs import run_configs
     from ...runtime.cpu import machine

@@ -35,8 +35,8 @@ def decode(spec: dict) -> dict:
                n_threads=spec["threads"], n_gpu_layers=0, use_mmap=True, use_mlock=False,
                prefetch=spec.get("prefetch", "off"), repack=spec.get("repack", "auto"))
     pinned = 0
-    if spec.get("pin"):          # hot experts locked in memory (pin.py), read as part of the load
-        from .pin import mlock_ranges
+    if spec.get("pin"):          # hot experts locked in memory, read as part of the load: the pin experiment
+        from bench.pin import mlock_ranges    # lives in the checkout's bench/ (on PYTHONPATH: procs.package_env)
         pinned = mlock_ranges(path, [tuple(x) for x in spec["pin"]])
     c1 = counters(group)
     rng = np.random.default_rng(spec.get("seed", 0))

@@ -3,6 +3,10 @@ fixed number of completions within a time limit; requests/s, tokens/s, latency p
 lost requests, and the memory the server's process tree holds (PSS after the load: the mmapped
 weights that router children share count once; the peak RSS of each process). Misbehaving clients (a body that is not JSON, a
 prompt far over the context, a client that sends half a request and stalls) can run beside the load.
+
+Bench and test helpers (bench_serve_load.py, bench_rpc.py; tests/test_serve.py, test_llama_server.py,
+test_rpc.py start servers with free_port and wait_until_serving): not part of the package since issue 34
+(it was lexi_gguf.measure.load).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """A bench model with trained routing and experts as large as needed: every expert of a trained
-built-in model widened with zeros (issue 19).
+built-in model widened with zeros (issue 19). Bench-only (bench_memlimit.py --widen-testbed): it was
+lexi_gguf.testbeds.widen until issue 34 moved what only the benches use out of the package.
 
 gate and up get zero rows and down gets zero columns, so the extra hidden units compute
 silu(0) * 0 = 0 and add nothing: the outputs, and so the routing, are those of the trained model
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import LexiError
-from ..gguf.reader import field_value, open_one
+from lexi_gguf import LexiError
+from lexi_gguf.gguf.reader import field_value, open_one
 
 EXPERT_IN = ("ffn_gate_exps", "ffn_up_exps")      # [n_embd, n_ff, n_expert]: rows are hidden units
 EXPERT_OUT = ("ffn_down_exps",)                    # [n_ff, n_embd, n_expert]: columns are hidden units
@@ -26,7 +27,7 @@ def widen_experts(src: str | Path, out: str | Path, factor: int, *, force: bool 
     """Write `out`: src with every routed expert's hidden width times `factor` (zeros)."""
     import gguf
 
-    from ..gguf.writer import copy_with_metadata
+    from lexi_gguf.gguf.writer import copy_with_metadata
     if factor < 1:
         raise LexiError(f"widen factor {factor}: give an integer >= 1")
     r = open_one(src)

@@ -2,8 +2,11 @@
 uses most, within a byte budget, locked in memory (mlock on the mapping llama.cpp made) so the
 kernel never evicts them; the rest of the limit is left to the page cache.
 
-An experiment of the memory-limited bench (`bench_memlimit.py --pin`), not a runtime option: it is
-kept only if it beats the page cache, which keeps hot pages by itself (docs/memory.md has the result).
+An experiment of the memory-limited bench (`bench_memlimit.py --pin`), not a runtime option. It did
+not beat the page cache, which keeps hot pages by itself (docs/memory.md has the result), so it is not
+kept in the package: it was lexi_gguf.measure.memlimit.pin until issue 34 moved it here. The memory-
+limited child (lexi_gguf.measure.memlimit.child) imports mlock_ranges from here only when a bench
+passes it ranges to pin (the checkout's root is on the child's PYTHONPATH).
 """
 from __future__ import annotations
 
@@ -13,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ... import LexiError
-from ...gguf.reader import EXPERT_TENSORS, open_one
-from .pagecache import PAGE, libc
+from lexi_gguf import LexiError
+from lexi_gguf.gguf.reader import EXPERT_TENSORS, open_one
+from lexi_gguf.measure.memlimit.pagecache import PAGE, libc
 
 
 def expert_ranges(path: str | Path) -> dict[tuple[int, int], list[tuple[int, int]]]:
