@@ -2,13 +2,15 @@
 sensitivity table) into a GGUF, as a streamed, atomic copy."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .. import LexiError, read_json
 from ..method.allocate import TABLE_FIX, allocate
+from ..gguf import keys
 from ..gguf.split import output_names
 from ..gguf.writer import copy_space, copy_with_metadata, lexi_metadata, require_free
-from ..gguf.reader import model_info, sensitivity_from_gguf, validate_counts
+from ..gguf.reader import lexi_problem, model_info, sensitivity_from_gguf, validate_counts
 
 
 def check_weight_norm(sens: dict, weight_norm: str) -> None:
@@ -89,7 +91,8 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
           weight_norm: str = "renorm", calib_text: str | None = None, calib_tokens: int | None = None,
           calib_metric: str = "kld") -> Path:
     src, out = Path(src), Path(out)
-    info = model_info(src)              # a split set: every shard is opened and checked here
+    info = model_info(src, check_lexi=False)     # a split set: every shard is opened and checked here
+    damaged = lexi_problem(info)
     outs = output_names(out, len(info.shards))
     if {p.resolve() for p in outs} & {p.resolve() for p in info.shards}:
         raise LexiError("the output must be a new file, not the input")
@@ -105,7 +108,14 @@ def apply(src: str | Path, out: str | Path, *, k: list[int] | None = None, plan:
         raise LexiError("give exactly one of --k LIST, --plan plan.json, --budget FRACTION, --total N or --avg-k K")
     if calib_text is not None and sensitivity:
         raise LexiError("give --calib or --sensitivity, not both: a given table is used as it is")
-    stored = sensitivity_from_gguf(info)
+    if damaged and damaged.startswith(keys.EXPERT_ORDER):     # apply keeps the expert order: it cannot mend it
+        raise LexiError(f"{src.name}: {damaged}; the stored expert order is damaged: relayout the original model again")
+    if damaged and k is None and plan is None:
+        raise LexiError(f"{src.name}: {damaged}; the file's lexi keys are damaged and cannot be reused: give the "
+                        "counts (--k LIST or --plan plan.json) to replace them, or apply to the original model file")
+    if damaged:     # --k / --plan replace every lexi key: the damaged ones are dropped, said once
+        print(f"lexi-gguf: {src.name}: {damaged}; the damaged lexi keys are replaced", file=sys.stderr)
+    stored = None if damaged else sensitivity_from_gguf(info)
     sens = None
     if k is not None:
         counts, method = list(k), "manual"

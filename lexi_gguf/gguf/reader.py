@@ -71,11 +71,15 @@ def open_one(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise LexiError(f"{path} does not exist")
+    if path.is_dir():
+        raise LexiError(f"{path} is a folder; give a .gguf file (a Hugging Face folder goes to `lexi-gguf convert`)")
+    from .check import check
+    check(path)      # a malformed file: MalformedGGUF, naming the byte offset and the field
     try:
         return _reader_class()(path, "r")
-    except Exception as e:
-        raise LexiError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
-                        "it is truncated or corrupt, re-download or re-convert it") from None
+    except Exception as e:    # the structure is valid, yet gguf-py (or our fast path) fails: not the user's file
+        raise LexiError(f"lexi-gguf could not read {path}, although its GGUF structure is valid ({type(e).__name__}: "
+                        f"{e}): this is a lexi-gguf bug, please report it with the file's origin") from e
 
 
 def open_reader(path: str | Path):
@@ -110,6 +114,7 @@ class GGUFModelInfo:
     lexi: dict = field(default_factory=dict)
     nextn_blocks: int = 0    # NextN/MTP blocks after the main layers (GLM-4.5, Qwen3.5): never in the main graph
     shards: list[Path] = field(default_factory=list)   # a split set's files, first shard first; [path] if not split
+    lexi_types: dict = field(default_factory=dict)     # lexi key -> its GGUF value type names, e.g. ("ARRAY", "UINT32")
 
     @property
     def n_main(self) -> int:
@@ -126,24 +131,113 @@ class GGUFModelInfo:
         return self.expert_count > 0 and bool(self.moe_layers)
 
 
-def model_info(path: str | Path, reader=None) -> GGUFModelInfo:
+def model_info(path: str | Path, reader=None, check_lexi: bool = True) -> GGUFModelInfo:
+    """The model facts of a GGUF (or split set). check_lexi: refuse a file whose lexi keys break the
+    contract (lexi_problem), as the patched loader would; apply, which replaces them, reads it anyway."""
     r = reader or open_reader(path)
     arch = field_value(r, "general.architecture")
     if arch is None:
         raise LexiError(f"{path} has no general.architecture; it is not a llama.cpp model GGUF")
+    if not isinstance(arch, str):
+        raise LexiError(f"{path}: general.architecture is {arch!r:.40}, not a string; the file's metadata is damaged: "
+                        "re-download or re-convert it")
+    for name in (keys.arch_block_count(arch), keys.arch_expert_count(arch)):
+        v = field_value(r, name)
+        if v is not None and (isinstance(v, (list, str, bool, float, np.floating)) or not 0 <= int(v) < 1 << 16):
+            raise LexiError(f"{path}: {name} = {v!r:.40} is not a count of sane size; the file's metadata is damaged: "
+                            "re-download or re-convert it")
     blocks = field_value(r, keys.arch_block_count(arch))
     if blocks is None:
         raise LexiError(f"{path} has no {keys.arch_block_count(arch)}; it is not a llama.cpp model GGUF")
     n_exp = field_value(r, keys.arch_expert_count(arch)) or 0
     k = field_value(r, keys.arch_expert_used_count(arch)) or 0
     if isinstance(k, list):  # a per-layer standard key: take the largest as the model's own k
-        k = max(k)
+        k = max(k, default=0)
+    if isinstance(k, (str, float, np.floating)) or not 0 <= int(k) <= max(int(n_exp), 0):
+        raise LexiError(f"{path}: {keys.arch_expert_used_count(arch)} = {k!r:.40} is not a count within "
+                        f"{keys.arch_expert_count(arch)} = {n_exp}; the file's metadata is damaged: re-download or re-convert it")
     names = {t.name: t.tensor_type.name for t in r.tensors}
     moe = [i for i in range(blocks) if f"blk.{i}.ffn_gate_inp.weight" in names]
     lexi = {f.name: f.contents() for f in r.fields.values() if f.name.startswith("lexi.")}
     nextn = int(field_value(r, f"{arch}.nextn_predict_layers") or 0)
-    return GGUFModelInfo(Path(path), arch, int(blocks), int(n_exp), int(k), moe, names, lexi, nextn,
-                         shard_paths(r, path))
+    types = {f.name: tuple(T.name for T in f.types) for f in r.fields.values() if f.name.startswith("lexi.")}
+    info = GGUFModelInfo(Path(path), arch, int(blocks), int(n_exp), int(k), moe, names, lexi, nextn,
+                         shard_paths(r, path), types)
+    if check_lexi and (problem := lexi_problem(info)):
+        raise LexiError(f"{Path(path).name}: {problem}; the file's lexi keys are damaged: write new ones with "
+                        f"`lexi-gguf apply {Path(path).name} -o NEW.gguf --budget 0.75` (or --k)")
+    return info
+
+
+def lexi_problem(info: GGUFModelInfo) -> str | None:
+    """What breaks the lexi contract (docs/gguf-contract.md) in a file's lexi keys, or None: the checks
+    the patched loader makes, and those of the keys only lexi-gguf reads (ladder, sensitivity table,
+    expert order), so no command reads a damaged key as if it were sound."""
+    lx, t, n = info.lexi, info.lexi_types, info.block_count
+    U32 = ("UINT32",)
+    counts = ("ARRAY", "UINT32"), ("ARRAY", "INT32")
+
+    def typed(key, *want) -> str | None:
+        if key in lx and t.get(key) not in want:
+            return f"{key} is {'/'.join(t.get(key, ('?',)))}, must be {' or '.join('/'.join(w) for w in want)}"
+        return None
+
+    def row_problem(key, row: list[int]) -> str | None:
+        for i, k in enumerate(row):
+            moe, nextn = i in info.moe_layers, i >= info.n_main
+            if not 0 <= k <= info.expert_count:
+                return f"{key}[{i}] = {k} is out of range 0..{info.expert_count} (expert_count)"
+            if moe and k == 0:
+                return f"{key}[{i}] = 0 but block {i} is an MoE layer (use 1..{info.expert_count})"
+            if not moe and k and not nextn:
+                return f"{key}[{i}] = {k} but block {i} is dense (use 0)"
+        return None
+    for key, want in ((keys.ENABLE, [("BOOL",)]), (keys.BUDGET_INDEX, [U32]), (keys.BASE_EXPERT_USED_COUNT, [U32]),
+                      (keys.WEIGHT_NORM, [("STRING",)]), (keys.EXPERT_USED_COUNT, counts),
+                      (keys.LADDER_EXPERT_USED_COUNT, counts), (keys.LADDER_BUDGETS, [("ARRAY", "FLOAT32")]),
+                      (keys.LADDER_TOTALS, [("ARRAY", "UINT32")]), (keys.SENS_DEVIATION, [("ARRAY", "FLOAT32")]),
+                      (keys.SENS_STDERR, [("ARRAY", "FLOAT32")]), (keys.EXPERT_ORDER, [("ARRAY", "UINT32")])):
+        if problem := typed(key, *want):
+            return problem
+    if lx and not info.is_moe:
+        return f"the file has lexi keys but {info.arch} here has no MoE layers"
+    if keys.WEIGHT_NORM in lx and lx[keys.WEIGHT_NORM] not in keys.WEIGHT_NORMS:
+        return f"{keys.WEIGHT_NORM} = {lx[keys.WEIGHT_NORM]!r:.40} is not {' or '.join(keys.WEIGHT_NORMS)}"
+    kb = int(lx.get(keys.BASE_EXPERT_USED_COUNT, info.expert_used_count))
+    if keys.BASE_EXPERT_USED_COUNT in lx and kb != info.expert_used_count:
+        return f"{keys.BASE_EXPERT_USED_COUNT} = {kb}, but the model's own k is {info.expert_used_count}"
+    if keys.EXPERT_USED_COUNT in lx:
+        row = [int(x) for x in lx[keys.EXPERT_USED_COUNT]]
+        if len(row) != n:
+            return f"{keys.EXPERT_USED_COUNT} has {len(row)} entries, expected {n} (block_count)"
+        if problem := row_problem(keys.EXPERT_USED_COUNT, row):
+            return problem
+    rows = 0
+    if keys.LADDER_EXPERT_USED_COUNT in lx:
+        flat = [int(x) for x in lx[keys.LADDER_EXPERT_USED_COUNT]]
+        if not flat or len(flat) % n:
+            return f"{keys.LADDER_EXPERT_USED_COUNT} has {len(flat)} entries, expected a multiple of {n} (block_count)"
+        rows = len(flat) // n
+        for j in range(rows):
+            if problem := row_problem(f"{keys.LADDER_EXPERT_USED_COUNT} row {j}:", flat[j * n:(j + 1) * n]):
+                return problem
+    for key in (keys.LADDER_BUDGETS, keys.LADDER_TOTALS):
+        if key in lx and len(lx[key]) != rows:
+            return f"{key} has {len(lx[key])} entries, but the ladder has {rows} rows"
+    if keys.BUDGET_INDEX in lx and int(lx[keys.BUDGET_INDEX]) >= rows:
+        return f"{keys.BUDGET_INDEX} = {lx[keys.BUDGET_INDEX]} is out of range: the file stores {rows} budgets"
+    for key in (keys.SENS_DEVIATION, keys.SENS_STDERR):
+        if key in lx and len(lx[key]) != n * kb:
+            return f"{key} has {len(lx[key])} entries, expected {n * kb} (block_count x base k)"
+    if keys.EXPERT_ORDER in lx:
+        order = np.asarray(lx[keys.EXPERT_ORDER], dtype=np.int64)
+        e = info.expert_count
+        if order.size != n * e:
+            return f"{keys.EXPERT_ORDER} has {order.size} entries, expected {n * e} (block_count x expert_count)"
+        bad = [i for i, r in enumerate(order.reshape(n, e)) if sorted(r.tolist()) != list(range(e))]
+        if bad:
+            return f"{keys.EXPERT_ORDER} row {bad[0]} is not a permutation of 0..{e - 1}"
+    return None
 
 
 def validate_counts(info: GGUFModelInfo, counts: list[int], what: str = "--k") -> None:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zlib
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from .. import LexiError, __version__
 from . import keys
+from .check import WriteCheckError, Written, crc32, scan, verify_written
 from .reader import GGUFModelInfo, field_value, gguf_py, open_reader, validate_counts
 from .split import link_or_copy, output_names
 
@@ -133,33 +137,53 @@ def copy_with_metadata(src: str | Path, out: str | Path, new: dict, *, force: bo
             tmp = stack.enter_context(atomic_output(o, force))
             if tensor_data is None:
                 tmp.unlink()
-                link_or_copy(p, tmp)
+                if link_or_copy(p, tmp) == "copied":     # a copy across file systems: read it back too
+                    check_copy(p, tmp, o.name)
             else:                    # the shard's own metadata (split.no, ...) as it is, its tensors transformed
                 _write_gguf(r, tmp, {}, "\0", progress, tensor_data, same_shapes,
-                            arch=field_value(shards[0][1], "general.architecture"))
+                            arch=field_value(shards[0][1], "general.architecture"), shown=o.name)
         _write_gguf(shards[0][1], tmp_first, new, drop_prefix, progress, tensor_data or (lambda t: t.data),
-                    same_shapes or tensor_data is None)
+                    same_shapes or tensor_data is None, shown=outs[0].name)
     del reader, shards
     return outs[0]
 
 
+def check_copy(src: Path, copy: Path, shown: str) -> None:
+    """A shard copied as it is: same size, the same bytes (CRC-32, streamed), a GGUF llama.cpp can load."""
+    def crc(p):
+        c = 0
+        with open(p, "rb") as f:
+            while chunk := f.read(16 << 20):
+                c = zlib.crc32(chunk, c)
+        return c
+    if copy.stat().st_size != src.stat().st_size or crc(copy) != crc(src):
+        raise WriteCheckError(f"the copied shard {shown} differs from {src.name}; it was not kept (a failing disk?)")
+    scan(copy)
+
+
 def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, tensor_data, same_shapes: bool,
-                arch: str | None = None) -> None:
+                arch: str | None = None, shown: str | None = None) -> None:
     """One GGUF file: reader's fields (less drop_prefix keys and those in `new`) + `new`, then its
-    tensors (tensor_data(t) of each), streamed. The header needs every tensor's shape before any data:
-    from the source's (memory-mapped, nothing read) when same_shapes, else from tensor_data."""
+    tensors (tensor_data(t) of each), streamed, at the source's data alignment. The header needs every
+    tensor's shape before any data: from the source's (memory-mapped, nothing read) when same_shapes,
+    else from tensor_data. The file is then read back and checked (check.verify_written) before the
+    caller renames it."""
     gguf = gguf_py()
     arch = arch or field_value(reader, "general.architecture")    # a later shard may not state it
     writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
+    writer.data_alignment = reader.alignment     # general.alignment is copied below: the data must follow it
+    meant = {gguf.Keys.General.ARCHITECTURE: arch}
     for f in reader.fields.values():
         if (f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or f.name in new
                 or (f.name.startswith(drop_prefix) and f.name not in keys.TENSOR_KEYS)):
             continue
         vt = f.types[0]
         sub = f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(f.name, f.contents(), vt, sub_type=sub)
+        meant[f.name] = f.contents()
+        writer.add_key_value(f.name, meant[f.name], vt, sub_type=sub)
     for name, (val, vt, sub) in new.items():
         writer.add_key_value(name, val, vt, sub_type=sub)
+        meant[name] = val
     total = 0
     for t in reader.tensors:
         d = t.data if same_shapes else tensor_data(t)
@@ -172,11 +196,26 @@ def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, 
     if progress:
         from tqdm import tqdm
         bar = tqdm(desc="write", total=total, unit="B", unit_scale=True)
+    written = []
     for t in reader.tensors:
         d = tensor_data(t)
         writer.write_tensor_data(d, tensor_endianess=reader.endianess)
+        written.append(Written(t.name, _ne(gguf, t, d, same_shapes), int(t.tensor_type), int(d.nbytes), crc32(d)))
         if bar:
             bar.update(int(d.nbytes))
     writer.close()
     if bar:
         bar.close()
+    verify_written(tmp, written, meant, reader.alignment, shown)
+
+
+def _ne(gguf, t, d, same_shapes: bool) -> tuple[int, ...]:
+    """The ggml shape (ne[0] first) a tensor is meant to have: the source's, or that of the data given
+    (a quantized tensor's data is bytes: its element shape comes from the type's block size)."""
+    if same_shapes:
+        return tuple(int(n) for n in t.shape)
+    shape = d.shape
+    if d.dtype == np.uint8 and t.tensor_type not in (gguf.GGMLQuantizationType.I8,):
+        from gguf.quants import quant_shape_from_byte_shape
+        shape = quant_shape_from_byte_shape(shape, t.tensor_type)
+    return tuple(int(n) for n in reversed(shape))

@@ -82,7 +82,7 @@ def available_bytes() -> int | None:
 
 def model_bytes(path: Path) -> int:
     """Bytes of a GGUF, every shard of a split set included (by llama.cpp's shard names: no file is
-    parsed, this runs on every load; runtime.llama.check_split_set has checked the set)."""
+    parsed, this runs on every load; runtime.llama.check_file has checked the set)."""
     from ..gguf.split import shard_name, split_prefix
     split = split_prefix(path)
     if split is None:

@@ -18,7 +18,7 @@ from .. import LexiError
 from ..gguf.reader import model_info
 from ..runtime import placement, rpc
 from ..runtime.budgets import DEFAULT, budget_kv, resolve
-from ..runtime.llama import check_split_set, override_kv_args, tool
+from ..runtime.llama import override_kv_args, tool
 from .server import model_ids
 
 
@@ -63,8 +63,7 @@ def command(path, *, budget: str | None = None, host: str = "127.0.0.1", port: i
     """The llama-server command line and the ids it serves ({id: Budget}); the router's preset file is
     written to workdir."""
     path = Path(path)
-    check_split_set(path)
-    info = model_info(path)
+    info = model_info(path)      # structure, split set and lexi keys checked (runtime.llama.check_file)
     name = path.stem
     exe = str(tool("llama-server"))
     common = ["--host", host, "--port", str(port), *(["--api-key", api_key] if api_key else [])]
