@@ -118,6 +118,14 @@ def test_bad_requests_get_json_errors_and_the_server_goes_on(server, client, ref
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
     status, body = _post(base, "/v1/chat/completions", json.dumps({"model": "m@0.3", "messages": MESSAGES}).encode())
     assert status == 404 and "m@0.625" in json.dumps(body)
+    # what the OpenAI API refuses is refused here too, naming the field (llama-cpp-python takes all three)
+    for field, value in (("temperature", -5), ("max_tokens", -3), ("n", 5), ("top_p", 1.5)):
+        status, body = _post(base, "/v1/chat/completions",
+                             json.dumps({"model": "m", "messages": MESSAGES, field: value}).encode())
+        assert status == 400 and body["error"]["param"] == field, (field, body)
+        assert f"{field} is {value}" in body["error"]["message"]
+    status, body = _post(base, "/v1/completions", json.dumps({"model": "m", "prompt": "x", "max_tokens": 0}).encode())
+    assert status == 400 and body["error"]["param"] == "max_tokens"
     status, _ = _post(base, "/v1/chat/completions", json.dumps({"model": "m", "messages": MESSAGES}).encode(), key=None)
     assert status == 401
     assert _chat(client, "m@0.5") == reference["m@0.5"][0]

@@ -40,7 +40,7 @@ def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_
 
     def sync():
         # an asynchronous backend (RPC, GPUs) may return from llama_decode before the work is done
-        llama_cpp.llama_synchronize(llm._ctx.ctx)
+        llama_cpp.llama_synchronize(llm.ctx)
     llm.reset()
     llm.eval(prompt[:16])                                   # warm-up
     pp, tg = [], []

@@ -1,9 +1,8 @@
 """llama.cpp's compute graph seen from Python, as the eval callback sees it: the leading fields of
 ggml_tensor (its layout in the pinned ggml.h; tests/test_layout.py compiles that header and checks every
-offset), reading a tensor's data from any backend, and the eval callback handed to a new context."""
+offset), and reading a tensor's data from any backend."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
 
 import numpy as np
@@ -25,8 +24,8 @@ DTYPES = {GGML_F32: np.float32, GGML_F16: np.float16, GGML_I32: np.int32}
 
 
 def ggml_lib():
-    import llama_cpp._ggml as g
-    lib = g.libggml
+    from .binding import libggml
+    lib = libggml()
     lib.ggml_get_name.restype, lib.ggml_get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
     lib.ggml_nbytes.restype, lib.ggml_nbytes.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
     lib.ggml_backend_tensor_get.restype = None
@@ -50,33 +49,3 @@ def read_tensor(lib, ptr) -> np.ndarray:
 def tensor_src(ptr, i: int) -> int:
     """The address of a graph tensor's i-th source."""
     return GGMLTensor.from_address(ptr).src[i]
-
-
-@contextlib.contextmanager
-def llama_params_with(eval_callback=None, model_fields: dict | None = None):
-    """The one place lexi-gguf patches llama-cpp-python, and only while a Llama is being constructed:
-    its Llama takes no eval callback (cb_eval) and no use_extra_bufts (llama.cpp's --no-repack), and it
-    builds its params from llama_context_default_params() / llama_model_default_params(), so for that
-    moment the defaults carry ours. Restored on exit, whatever happens, so other Llama objects in the
-    process are untouched."""
-    import llama_cpp
-    mod = llama_cpp.llama_cpp
-    ctx_default, model_default = mod.llama_context_default_params, mod.llama_model_default_params
-
-    def ctx_params():
-        params = ctx_default()
-        if eval_callback is not None:
-            params.cb_eval = eval_callback
-            params.cb_eval_user_data = None
-        return params
-
-    def model_params():
-        params = model_default()
-        for k, v in (model_fields or {}).items():
-            setattr(params, k, v)
-        return params
-    mod.llama_context_default_params, mod.llama_model_default_params = ctx_params, model_params
-    try:
-        yield
-    finally:
-        mod.llama_context_default_params, mod.llama_model_default_params = ctx_default, model_default

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import LexiError
 from ..gguf import keys
-from .graph import llama_params_with
+from .binding import import_llama_cpp, libllama, llama_params_with
 
 PATCH_MARKER = b"lexi.expert_used_count"   # string compiled into the patched libllama
 
@@ -23,15 +23,6 @@ class ModelLoadError(LexiError):
         self.loader_messages = messages
         detail = "; ".join(m for m in messages if m) or "no message from llama.cpp"
         super().__init__(f"llama.cpp could not load {path}: {detail}")
-
-
-def import_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise LexiError("llama_cpp is not installed in this environment; run `make setup` "
-                        "(or `lexi-gguf build-runtime`) to build the patched runtime") from None
-    return llama_cpp
 
 
 _log_lock = threading.Lock()
@@ -103,14 +94,13 @@ def override_kv_args(kv: dict) -> list[str]:
     return out
 
 
-def check_split_set(path: Path) -> None:
-    """A split GGUF given by one shard: every shard present, readable and of this set, before llama.cpp's
-    loader (which names neither a missing shard nor the first one) gets it. Single files pass untouched."""
-    from ..gguf.reader import open_one
-    from ..gguf.split import open_set
-    first = open_one(path)
-    if keys.SPLIT_COUNT in first.fields:
-        open_set(path, first, open_one)
+def check_file(path: Path) -> None:
+    """Before llama.cpp's loader gets a file: its structure (gguf.check: a malformed file is named by byte
+    offset and field), a split set's shards (every one present, readable and of this set: the loader
+    names neither a missing shard nor the first one) and the lexi keys (the contract, whole: also the
+    keys the loader does not read). Each problem is one LexiError."""
+    from ..gguf.reader import model_info
+    model_info(path)
 
 
 def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512, n_threads: int | None = None,
@@ -127,7 +117,7 @@ def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512
     path = Path(path)
     if not path.exists():
         raise LexiError(f"{path} does not exist")
-    check_split_set(path)
+    check_file(path)
     install_log_hook()
     with _log_lock:
         _log_lines.clear()
@@ -175,8 +165,7 @@ ROW_LOADED = -2   # the counts chosen at load (lexi.expert_used_count or the ove
 
 def _lexi_fn(name: str, restype, argtypes):
     """A function of the lexi patch, from the same library handle llama-cpp-python uses."""
-    lib = import_llama_cpp().llama_cpp._lib
-    fn = getattr(lib, name, None)
+    fn = getattr(libllama(), name, None)
     if fn is None:
         raise LexiError(f"the llama_cpp in use has no {name}: it is not the lexi-patched build; run `make setup`")
     fn.restype, fn.argtypes = restype, argtypes
@@ -184,11 +173,11 @@ def _lexi_fn(name: str, restype, argtypes):
 
 
 def lexi_n_rows(llm) -> int:
-    return _lexi_fn("llama_lexi_n_rows", ctypes.c_int32, [ctypes.c_void_p])(llm._model.model)
+    return _lexi_fn("llama_lexi_n_rows", ctypes.c_int32, [ctypes.c_void_p])(llm.model)
 
 
 def lexi_row(llm) -> int:
-    return _lexi_fn("llama_lexi_get_row", ctypes.c_int32, [ctypes.c_void_p])(llm._ctx.ctx)
+    return _lexi_fn("llama_lexi_get_row", ctypes.c_int32, [ctypes.c_void_p])(llm.ctx)
 
 
 def set_lexi_row(llm, row: int, *, keep_cache: bool = False) -> None:
@@ -199,7 +188,7 @@ def set_lexi_row(llm, row: int, *, keep_cache: bool = False) -> None:
     keep_cache=True keeps it: faster, an approximation (earlier tokens keep their old-k K/V)."""
     if lexi_row(llm) == row:
         return
-    if _lexi_fn("llama_lexi_set_row", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])(llm._ctx.ctx, row) != 0:
+    if _lexi_fn("llama_lexi_set_row", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])(llm.ctx, row) != 0:
         raise LexiError(f"ladder row {row} does not exist: the model stores {lexi_n_rows(llm)} rows "
                         f"({ROW_MODEL}: the model's own k, {ROW_LOADED}: as loaded)")
     if not keep_cache:
@@ -219,11 +208,11 @@ def set_prefetch(llm, mode: str | int) -> None:
     value = PREFETCH_MODES.get(mode, mode) if isinstance(mode, str) else mode
     if value not in PREFETCH_MODES.values():
         raise LexiError(f"unknown prefetch mode {mode!r}: use {', '.join(PREFETCH_MODES)}")
-    _lexi_fn("llama_lexi_set_prefetch", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])(llm._ctx.ctx, value)
+    _lexi_fn("llama_lexi_set_prefetch", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])(llm.ctx, value)
 
 
 def prefetch_mode(llm) -> str:
-    value = _lexi_fn("llama_lexi_get_prefetch", ctypes.c_int32, [ctypes.c_void_p])(llm._ctx.ctx)
+    value = _lexi_fn("llama_lexi_get_prefetch", ctypes.c_int32, [ctypes.c_void_p])(llm.ctx)
     return next(k for k, v in PREFETCH_MODES.items() if v == value)
 
 

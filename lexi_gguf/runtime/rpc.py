@@ -16,7 +16,6 @@ import ctypes
 import os
 import socket
 import sys
-from pathlib import Path
 
 from .. import LexiError
 
@@ -63,26 +62,9 @@ def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> None:
                         "build), or drop it from --rpc") from None
 
 
-def _ggml():
-    """The libggml libllama is linked to. The wheel ships libggml.so, .so.0 and .so.0.x as copies, not
-    links: opening one by path could load a second ggml with its own, empty, backend registry. So the
-    loaded one is taken by its soname (RTLD_NOLOAD: never a new load)."""
-    from .llama import import_llama_cpp
-    libdir = Path(import_llama_cpp().__file__).parent / "lib"
-    for soname in ("libggml.so.0", "libggml.0.dylib"):
-        try:
-            return ctypes.CDLL(soname, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
-        except OSError:
-            continue
-    for name in ("libggml.dylib", "ggml.dll"):
-        if (libdir / name).exists():
-            return ctypes.CDLL(str(libdir / name))
-    raise LexiError(f"the libggml that libllama uses is not loaded (looked in {libdir}); rebuild with `make setup`")
-
-
 def supported() -> bool:
     """Whether the runtime was built with ggml's RPC backend (GGML_RPC=ON)."""
-    from .llama import import_llama_cpp
+    from .binding import import_llama_cpp
     return bool(import_llama_cpp().llama_supports_rpc())
 
 
@@ -113,7 +95,8 @@ def connect(spec: str | list[str], tensor_split: list[float] | None = None) -> l
     endpoints = parse_endpoints(spec)
     if not supported():
         raise LexiError("this runtime was built without ggml's RPC backend; rebuild it with `make setup`")
-    lib = _ggml()
+    from .binding import libggml
+    lib = libggml()
     lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
     lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
     lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p

@@ -13,7 +13,8 @@ def text_chunks(llm, text: str, ctx: int) -> list[list[int]]:
     n = len(toks) // ctx
     if n < 1:
         raise LexiError(f"the text has {len(toks)} tokens, fewer than one --ctx {ctx} chunk; give more text or a smaller --ctx")
-    bos = llm.token_bos() if llm._model.add_bos_token() else None
+    import llama_cpp
+    bos = llm.token_bos() if llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model)) else None
     out = []
     for i in range(n):
         c = toks[i * ctx:(i + 1) * ctx]

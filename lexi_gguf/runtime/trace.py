@@ -140,7 +140,7 @@ class TraceRecorder:
 def last_logits(llm) -> np.ndarray:
     """The logits of the last evaluated token (float64 copy), whether or not the model keeps all logits."""
     import llama_cpp
-    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float64)
 
 

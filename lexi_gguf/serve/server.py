@@ -17,6 +17,7 @@ from pathlib import Path
 from .. import LexiError
 from ..runtime.budgets import DEFAULT, FULL, Budget, budgets, resolve
 from ..gguf.reader import model_info
+from ..runtime.binding import create_server_app
 from ..runtime.llama import load, set_lexi_row
 
 SERVER_DEPS = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
@@ -77,10 +78,36 @@ def _error(status: int, message: str, param: str | None = None):
                                                                "param": param, "code": None}})
 
 
+# what the OpenAI API refuses (its documented ranges) and llama-cpp-python takes: `max_tokens` -3 as "no
+# limit", `temperature` -5 as greedy, `n` 5 as one choice. field -> (lowest, highest, what is allowed)
+RANGES = {
+    "temperature": (0.0, 2.0, "between 0 and 2"),
+    "top_p": (0.0, 1.0, "between 0 and 1"),
+    "presence_penalty": (-2.0, 2.0, "between -2 and 2"),
+    "frequency_penalty": (-2.0, 2.0, "between -2 and 2"),
+    "max_tokens": (1, None, "at least 1 (or null for no limit)"),
+    "max_completion_tokens": (1, None, "at least 1 (or null for no limit)"),
+    "top_logprobs": (0, 20, "between 0 and 20"),
+    "n": (1, 1, "1: this server returns one choice per request; send n requests for n answers"),
+    "best_of": (1, 1, "1: this server returns one choice per request"),
+}
+
+
+def out_of_range(data: dict) -> tuple[str, str] | None:
+    """(field, message) for the first field outside the range the OpenAI API allows, else None."""
+    for name, (lo, hi, allowed) in RANGES.items():
+        v = data.get(name)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue        # absent, null, or of the wrong type (the schema check names those)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            return name, f"{name} is {v}; it must be {allowed}"
+    return None
+
+
 def add_request_checks(app) -> None:
     """Malformed requests get a 4xx JSON error in OpenAI's shape. llama-cpp-python's server answers a
     body that is not JSON, or of the wrong shape, with a 500 (its error handler re-reads the body),
-    and runs a chat with no messages at all."""
+    runs a chat with no messages at all, and takes values the OpenAI API refuses (RANGES)."""
     import json
 
     from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
@@ -105,6 +132,9 @@ def add_request_checks(app) -> None:
                 return _error(422, f"{where}: {first['msg']} ({e.error_count()} problem(s) in the request)", where)
             if schema is CreateChatCompletionRequest and not data.get("messages"):
                 return _error(400, "messages must be a non-empty list of {role, content}", "messages")
+            bad = out_of_range(data)
+            if bad:
+                return _error(400, bad[1], bad[0])
         return await call_next(request)
 
 
@@ -124,12 +154,7 @@ def build_app(path, *, budget: str | None = None, n_ctx: int = 2048, threads: in
     server_settings = ServerSettings(api_key=api_key, interrupt_requests=False)
     settings = ModelSettings(model=str(path), model_alias=name, n_ctx=n_ctx)
 
-    original = app_mod.set_llama_proxy
-    app_mod.set_llama_proxy = lambda model_settings: setattr(app_mod, "_llama_proxy", proxy)
-    try:
-        app = app_mod.create_app(server_settings=server_settings, model_settings=[settings])
-    finally:
-        app_mod.set_llama_proxy = original
+    app = create_server_app(proxy, server_settings, [settings])
     add_request_checks(app)
     return app, ids
 
