@@ -160,8 +160,8 @@ def test_trace_over_rpc_records_the_local_experts(laddered_gguf, servers, tmp_pa
     prompts = tmp_path / "p.txt"
     prompts.write_text("The river flows\nA second prompt\n")
     for name, extra in (("local", []), ("rpc", ["--rpc", servers[1]])):
-        r = subprocess.run([sys.executable, "-m", "lexi_gguf.cli", "trace", str(laddered_gguf), "--prompts", str(prompts),
-                            "--max-new-tokens", "4", "--threads", "1", "-o", str(tmp_path / f"{name}.npz"), *extra],
+        r = subprocess.run([sys.executable, "-m", "lexi_gguf.cli", "trace", "run", str(laddered_gguf), "--prompts",
+                            str(prompts), "--max-tokens", "4", "--threads", "1", "-o", str(tmp_path / f"{name}.npz"), *extra],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
     a, b = np.load(tmp_path / "local.npz"), np.load(tmp_path / "rpc.npz")

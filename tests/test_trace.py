@@ -78,7 +78,7 @@ def test_cli_trace_predict_simulate(tiny_gguf, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The river runs\nA small house\n\nOnce upon a time\n")
     trace = tmp_path / "t.npz"
-    assert cli.main(["trace", str(gguf), "--prompts", str(prompts), "--max-new-tokens", "8", "--hidden",
+    assert cli.main(["trace", "run", str(gguf), "--prompts", str(prompts), "--max-tokens", "8", "--hidden",
                      "--uniform-k", "2", "-o", str(trace)]) == 0
     assert "x 4 MoE layers at budget uniform-k2 (k per MoE layer [2, 2, 2, 2])" in capsys.readouterr().out
     tr = Trace.load(trace)
@@ -104,6 +104,6 @@ def test_cli_trace_predict_simulate(tiny_gguf, tmp_path, capsys):
         (c, p) for c in (0.25, 0.5) for p in ("lru", "belady", "prefetch:router", "prefetch:learned")]
     assert (tmp_path / "c.png").exists()
     with pytest.raises(SystemExit):
-        cli.main(["trace", str(gguf), "--budget", "0.5", "--no-lexi", "-o", str(trace)])
+        cli.main(["trace", "run", str(gguf), "--budget", "0.5", "--no-lexi", "-o", str(trace)])
     assert cli.main(["cache-sim", str(trace), "--policy", "router"]) == 2     # router needs --model
     assert "needs --model" in capsys.readouterr().err

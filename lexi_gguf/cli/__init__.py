@@ -24,8 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["trace", "import"]:    # `trace` takes a model path: its import is its own parser
-        argv = ["trace-import", *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -1,10 +1,13 @@
-"""`trace`, `predictor` and `cache-sim`: which experts run, predicting them, caching them."""
+"""`trace` (`trace run`, `trace import`), `predictor` and `cache-sim`: which experts run, predicting them,
+caching them."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from .. import LexiError
-from .common import add_device_opts, floats, lines, setup_devices, write_json
+from .common import (add_device_opts, add_json_opt, budget, budget_name, floats, human, lines, names, path,
+                     setup_devices, write_json)
 
 
 def cmd_trace(args) -> None:
@@ -13,8 +16,8 @@ def cmd_trace(args) -> None:
         raise LexiError("give exactly one of --text FILE (read, no generation) or --prompts FILE (one prompt a line)")
     kw = {"texts": ["\n".join(lines(args.text, "--text"))]} if args.text else \
          {"prompts": [x for x in lines(args.prompts, "--prompts") if x.strip()]}
-    tr = record(args.model, **kw, budget=args.budget, no_lexi=args.no_lexi, uniform_k=args.uniform_k,
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+    tr = record(args.model, **kw, budget=budget_name(args.budget), no_lexi=args.no_lexi, uniform_k=args.uniform_k,
+                max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                 hidden=args.hidden, n_ctx=args.ctx, threads=args.threads,
                 n_gpu_layers=setup_devices(args))
     out = tr.save(args.output)
@@ -79,13 +82,14 @@ def cmd_predictor(args) -> None:
         for d, p in preds.items():
             rows.append({"predictor": f"{name} d={d}", **predict.score(tr, p)})
     rows.append({"predictor": "random", **predict.score(tr, predict.random_predictions(tr)[1])})
-    print("| predictor | recall@k | precision | F1 | accuracy | all-zeros accuracy |\n|---|---|---|---|---|---|")
+    out = human(args)
+    print("| predictor | recall@k | precision | F1 | accuracy | all-zeros accuracy |\n|---|---|---|---|---|---|", file=out)
     for r in rows:
         print(f"| {r['predictor']} | {r['recall']:.3f} | {r['precision']:.3f} | {r['f1']:.3f} | {r['accuracy']:.3f} | "
-              f"{r['all_zeros_accuracy']:.3f} |")
+              f"{r['all_zeros_accuracy']:.3f} |", file=out)
     if args.json:
         write_json({"trace": tr.meta, "rows": rows}, args.json)
-        print(f"json -> {args.json}")
+        print(f"json -> {args.json}", file=out)
 
 
 def cmd_cache_sim(args) -> None:
@@ -114,9 +118,10 @@ def cmd_cache_sim(args) -> None:
         predictors = {n: predict.sure_guesses(p, args.prefetch_top) for n, p in predictors.items()}
     res = simulate.run(tr, args.capacity, args.policy, predictors=predictors, depth=args.depth, phase=args.phase,
                        slot_mode=args.slots)
+    out = human(args)
     print("Free-transfer model (an upper bound: a prefetch is resident the moment it is issued; only demand\n"
-          "misses stall):\n")
-    print(simulate.table(res, args.link))
+          "misses stall):\n", file=out)
+    print(simulate.table(res, args.link), file=out)
     if args.clock:
         from ..caching import clock
         comp = args.compute_ms
@@ -136,35 +141,38 @@ def cmd_cache_sim(args) -> None:
         res["clock"] = {"compute_s_per_layer": compute_s, "rows": rows}
         order = "demand misses first" if args.demand_first else "FIFO"
         print(f"\nOn a clock (caching/clock.py: {args.queue_depth} request(s) in flight, {order}; a layer computes "
-              "once its experts are there):\n")
-        print(clock.table(rows))
-    js = Path(args.json) if args.json else Path(args.trace).with_suffix(".cache.json")
+              "once its experts are there):\n", file=out)
+        print(clock.table(rows), file=out)
+    default = Path(args.trace).with_suffix(".cache.json")
+    js = args.json if args.json == "-" else Path(args.json) if args.json else default
     write_json(res, js)
-    png = simulate.plot(res, args.plot or js.with_suffix(".png"))
-    print(f"json -> {js}\nplot -> {png}")
+    png = simulate.plot(res, args.plot or (default if js == "-" else js).with_suffix(".png"))
+    print(f"json -> {js}\nplot -> {png}", file=out)
 
 
-def register(sub) -> None:
-    p = sub.add_parser("trace", help="record the experts every token selects in every MoE layer (npz)")
-    p.add_argument("model")
-    p.add_argument("--text", help="text file read in ctx-sized chunks, no generation")
-    p.add_argument("--prompts", help="one prompt a line; each is followed by greedy generation")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--budget", help="a stored budget, 'full' or 'default'")
-    g.add_argument("--no-lexi", action="store_true", help="the model's own k in every layer")
-    g.add_argument("--uniform-k", type=int, help="this k in every MoE layer (what --override-kv does)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled with --seed")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden", action="store_true", help="also record each MoE layer's router input (large)")
-    p.add_argument("--ctx", type=int, default=1024)
-    p.add_argument("--threads", type=int)
-    add_device_opts(p)
-    p.add_argument("-o", "--output", required=True)
-    p.set_defaults(func=cmd_trace)
+class _RunByDefault(argparse._SubParsersAction):
+    """`trace`'s sub-commands, `run` and `import`; once `default` is set, a first word that is none of them
+    is the first argument of that sub-command, so `lexi-gguf trace MODEL ...` (the spelling before
+    `trace run`) is `trace run MODEL ...`."""
 
-    p = sub.add_parser("trace-import", help="a routing trace from another tool (CSV) as a lexi-gguf trace "
-                       "(also spelt `trace import`)")
+    class _Choices(dict):
+        default: str | None = None
+
+        def __contains__(self, key) -> bool:   # argparse checks the first word against the choices
+            return self.default is not None or dict.__contains__(self, key)
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.choices = self._name_parser_map = self._Choices()
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        default = self._name_parser_map.default
+        if default and values and not dict.__contains__(self._name_parser_map, values[0]):
+            values = [default, *values]
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _import_opts(p) -> None:
     p.add_argument("csv")
     p.add_argument("--n-expert", type=int, required=True, help="experts per MoE layer (ids must be below it)")
     p.add_argument("--token-col", default="token", help="token position column (default token)")
@@ -174,36 +182,68 @@ def register(sub) -> None:
     p.add_argument("--weights-col", help="routing weights, shaped as the experts (optional)")
     p.add_argument("--token-id-col", help="vocabulary id of the token (optional)")
     p.add_argument("--seq-col", help="prompt / sequence index (optional)")
-    p.add_argument("--model", help="the GGUF the routing is from: its expert sizes go into the trace")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--model", type=path, help="the GGUF the routing is from: its expert sizes go into the trace")
+    p.add_argument("-o", "--output", type=path, required=True)
     p.set_defaults(func=cmd_trace_import)
+
+
+def register(sub) -> None:
+    t = sub.add_parser("trace", help="record the experts every token selects (`trace run MODEL`, or `trace MODEL`), "
+                       "or import another tool's routing (`trace import CSV`)",
+                       description="Routing traces (npz; docs/caching.md): `trace run MODEL ...` records one from the "
+                       "runtime (`trace MODEL ...` is the same), `trace import CSV ...` converts another tool's.")
+    tsub = t.add_subparsers(dest="trace_cmd", required=True, metavar="{run,import}", action=_RunByDefault)
+    p = tsub.add_parser("run", help="record the experts every token selects in every MoE layer (npz)")
+    p.add_argument("model")
+    p.add_argument("--text", type=path, help="text file read in ctx-sized chunks, no generation")
+    p.add_argument("--prompts", type=path, help="one prompt a line; each is followed by greedy generation")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--budget", type=budget, help="a stored budget, 'full' or 'default'")
+    g.add_argument("--no-lexi", action="store_true", help="the model's own k in every layer")
+    g.add_argument("--uniform-k", type=int, help="this k in every MoE layer (what --override-kv does)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated after each prompt (default 32)")
+    p.add_argument("--max-new-tokens", dest="max_tokens", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)     # the spelling before issue 34
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled with --seed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", action="store_true", help="also record each MoE layer's router input (large)")
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--threads", type=int)
+    add_device_opts(p)
+    p.add_argument("-o", "--output", type=path, required=True)
+    p.set_defaults(func=cmd_trace)
+
+    _import_opts(tsub.add_parser("import", help="a routing trace from another tool (CSV) as a lexi-gguf trace"))
+    tsub.choices.default = "run"
+    _import_opts(sub.add_parser("trace-import"))     # the spelling before `trace import`: hidden, no help line
 
     p = sub.add_parser("predictor", help="train a learned look-ahead predictor on a trace, or score predictors")
     p.add_argument("action", choices=["train", "eval"])
     p.add_argument("trace", help="a trace recorded with --hidden (train on one prompt set, eval on another)")
-    p.add_argument("--model", help="eval: the GGUF the trace was recorded from (router look-ahead baseline)")
-    p.add_argument("--predictor", help="eval: a learned predictor (.pt) from `predictor train`")
+    p.add_argument("--model", type=path, help="eval: the GGUF the trace was recorded from (router look-ahead baseline)")
+    p.add_argument("--predictor", type=path, help="eval: a learned predictor (.pt) from `predictor train`")
     p.add_argument("--depth", type=int, default=2, help="predict layer l+d from layer l, d = 1..depth")
     p.add_argument("--epochs", type=int, default=30, help="train --kind mlp: epochs")
     p.add_argument("--kind", default="mlp", choices=["mlp", "sequence"],
                    help="train: mlp (router inputs, needs --hidden) or sequence (MoE-Beyond-style transformer "
                         "over the tokens' expert sets; ids only)")
     p.add_argument("--steps", type=int, default=400, help="train --kind sequence: optimizer steps")
-    p.add_argument("--train-trace", help="eval: a trace of other prompts to count co-activations on")
-    p.add_argument("-o", "--output", help="train: where to write the predictor (.pt)")
-    p.add_argument("--json")
+    p.add_argument("--train-trace", type=path, help="eval: a trace of other prompts to count co-activations on")
+    p.add_argument("-o", "--output", type=path, help="train: where to write the predictor (.pt)")
+    add_json_opt(p, "eval: the scores")
     p.set_defaults(func=cmd_predictor)
 
     p = sub.add_parser("cache-sim", help="replay a trace through expert caches: hit rate, bytes, stalls")
     p.add_argument("trace")
     p.add_argument("--capacity", type=floats, default=[0.05, 0.1, 0.25, 0.5], help="fractions of all routed experts")
-    p.add_argument("--policy", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+    p.add_argument("--policy", type=names,
                    default=["lru", "lfu", "eamc", "belady", "router", "oracle"],
                    help="lru, lfu, eamc (MoE-Infinity-style), belady (offline optimum); router / learned / "
                         "sequence / coactivation / previous / oracle / random (prefetch)")
-    p.add_argument("--model", help="the GGUF the trace was recorded from (for --policy router)")
-    p.add_argument("--predictor", help="a predictor .pt from `predictor train` (for --policy learned or sequence)")
-    p.add_argument("--train-trace", help="a trace of other prompts (for --policy coactivation)")
+    p.add_argument("--model", type=path, help="the GGUF the trace was recorded from (for --policy router)")
+    p.add_argument("--predictor", type=path,
+                   help="a predictor .pt from `predictor train` (for --policy learned or sequence)")
+    p.add_argument("--train-trace", type=path, help="a trace of other prompts (for --policy coactivation)")
     p.add_argument("--depth", type=int, default=1, help="prefetch layers l+1..l+depth")
     p.add_argument("--prefetch-top", type=int, help="prefetch only each layer's N most confident guesses (fewer "
                    "bytes, fewer hits; default: as many as the layer runs)")
@@ -220,6 +260,6 @@ def register(sub) -> None:
                    "overlaps, bandwidth does not; an NVMe queue is deep); default 1")
     p.add_argument("--demand-first", action="store_true",
                    help="--clock: demand misses start before queued prefetches (default FIFO)")
-    p.add_argument("--json")
-    p.add_argument("--plot")
+    add_json_opt(p, "the results", "TRACE.cache.json")
+    p.add_argument("--plot", type=path, help="PNG (default beside the JSON)")
     p.set_defaults(func=cmd_cache_sim)

@@ -1,12 +1,84 @@
-"""Helpers every command family shares: argument types, JSON output (input: lexi_gguf.read_json),
-the allocation and calibration options."""
+"""Helpers every command family shares: the option vocabulary's types, JSON output (input:
+lexi_gguf.read_json), the allocation and calibration options.
+
+One vocabulary: an option spelt the same on two commands means the same thing and takes the same type
+(CONTRIBUTING.md, "Options", lists every one; tests/test_vocabulary.py walks every sub-command and fails
+on a difference or an option missing from that table). The types are the functions below, named in
+TYPE_NAMES."""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .. import LexiError
+
+FULL, DEFAULT = "full", "default"      # runtime.budgets' names, spelt here so the parser loads nothing
+
+
+def path(s: str) -> str:
+    """A file or directory path (`-`: stdout, where an option says so)."""
+    if not s:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return s
+
+
+def budget(s: str) -> float | str:
+    """A budget: a fraction in (0, 1] of the model's base active experts (MoE layers x base k), or `full`
+    (the model's own k in every layer) or `default` (what the file stores as its default)."""
+    t = s.strip().lower()
+    if t in (FULL, DEFAULT):
+        return t
+    try:
+        x = float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], 'full' or 'default', got {s!r}") from None
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"{s} must be a fraction of the base budget in (0, 1]")
+    return x
+
+
+def budget_name(b: float | str | None) -> str | None:
+    """A parsed --budget as runtime.budgets names it ("0.75", "full", "default"), for commands that run a
+    stored budget."""
+    return None if b is None else b if isinstance(b, str) else f"{b:g}"
+
+
+def budget_fraction(b: float | str | None, what: str = "--budget") -> float | None:
+    """A parsed --budget as the fraction a command allocates at: `full` is 1; `default` names a stored
+    budget, which a command that writes the allocation has not got yet."""
+    if b is None or isinstance(b, float):
+        return b
+    if b == FULL:
+        return 1.0
+    raise LexiError(f"{what} {b}: this command allocates a new budget; give it as a fraction, e.g. 0.75")
+
+
+def names(s: str) -> list[str]:
+    """A comma-separated list of names."""
+    out = [x.strip() for x in s.split(",") if x.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {s!r}")
+    return out
+
+
+def prefetch_modes(s: str) -> list[str]:
+    """Expert prefetch modes (runtime.llama.PREFETCH_MODES), comma-separated where a command compares
+    several (`bench --mem-limit`); one elsewhere."""
+    from ..runtime.llama import PREFETCH_MODES
+    out = names(s)
+    bad = [m for m in out if m not in PREFETCH_MODES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown prefetch mode {bad[0]!r}: use {', '.join(PREFETCH_MODES)}")
+    return out
+
+
+def one_prefetch_mode(modes: list[str]) -> str:
+    if len(modes) != 1:
+        raise LexiError(f"--prefetch {','.join(modes)}: this command runs one mode (several are compared by "
+                        "`bench --mem-limit`)")
+    return modes[0]
 
 
 def ints(s: str) -> list[int]:
@@ -23,7 +95,44 @@ def floats(s: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
 
 
+TYPE_NAMES = {None: "text", str: "text", int: "int", float: "float", path: "path", budget: "budget", ints: "ints",
+              floats: "floats", names: "names", prefetch_modes: "prefetch modes"}
+
+
+def type_name(action: argparse.Action) -> str:
+    """What an option takes, in CONTRIBUTING.md's words: flag, int, path, [path] (value optional), text ...
+    (one or more), one of a, b (choices)."""
+    if action.nargs == 0:
+        return "flag"
+    if action.choices is not None:
+        base = "one of " + ", ".join(str(c) for c in action.choices)
+    else:
+        base = TYPE_NAMES.get(action.type, getattr(action.type, "__name__", str(action.type)))
+    if action.nargs == "?":
+        return f"[{base}]"
+    if action.nargs in ("+", "*"):
+        return f"{base} ..."
+    return base
+
+
+def add_json_opt(p, what: str, default: str | None = None) -> None:
+    """--json [PATH]: where the results JSON goes; `-` or no PATH: stdout (the human-readable lines then go
+    to stderr)."""
+    p.add_argument("--json", type=path, nargs="?", const="-", metavar="PATH",
+                   help=f"write {what} as JSON to PATH; '-' or no PATH: stdout" + (f" (default {default})" if default else ""))
+
+
+def human(args):
+    """Where a command's human-readable lines go: stderr when --json - puts the JSON on stdout."""
+    return sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
+
+
 def write_json(obj: dict, out: str | Path, force: bool = True) -> None:
+    """obj as JSON at out (atomic); out '-': stdout."""
+    if str(out) == "-":
+        sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+        sys.stdout.flush()
+        return
     from ..gguf.writer import atomic_output
     with atomic_output(out, force=force) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -51,7 +160,7 @@ def calib_text(args) -> str | None:
 
 
 def add_calib_opts(p) -> None:
-    p.add_argument("--calib", metavar="TEXT", help="calibrated profiling while the model reads this UTF-8 text "
+    p.add_argument("--calib", type=path, metavar="TEXT", help="calibrated profiling while the model reads this UTF-8 text "
                    "(default: data-free, N(0,1) inputs)")
     p.add_argument("--calib-metric", default="kld", choices=["kld", "deviation"],
                    help="with --calib: kld (default) measures each layer and k end to end, one pass over the text "
@@ -59,9 +168,12 @@ def add_calib_opts(p) -> None:
     p.add_argument("--calib-tokens", type=int, help="calibration tokens to use (default: 1024 for kld, 4096 for deviation)")
 
 
-def outputs(args, stem: str) -> tuple[Path, Path]:
-    js = Path(args.json) if args.json else Path(args.model).with_suffix(f".{stem}.json")
-    png = Path(args.plot) if args.plot else js.with_suffix(".png")
+def outputs(args, stem: str) -> tuple[Path | str, Path]:
+    """The results JSON (MODEL.<stem>.json unless --json; '-' is stdout) and the PNG (--plot, else beside
+    the JSON, else beside the model)."""
+    default = Path(args.model).with_suffix(f".{stem}.json")
+    js = args.json if args.json == "-" else Path(args.json) if args.json else default
+    png = Path(args.plot) if args.plot else (default if js == "-" else js).with_suffix(".png")
     return js, png
 
 
@@ -85,7 +197,7 @@ def add_solver_opts(p) -> None:
 def add_alloc_opts(p, required_budget: bool) -> None:
     """The budget, as a fraction, a total or an average k (one of them), and the solver options."""
     g = p.add_mutually_exclusive_group(required=required_budget)
-    g.add_argument("--budget", type=float, help="fraction of the base budget (layers x base k)")
+    g.add_argument("--budget", type=budget, help="fraction of the base budget (layers x base k); full = 1")
     g.add_argument("--total", type=int, help="total active experts over MoE layers")
     g.add_argument("--avg-k", type=float, help="average active experts per MoE layer")
     add_solver_opts(p)

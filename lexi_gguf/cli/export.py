@@ -1,19 +1,18 @@
 """`convert`, `apply`, `relayout` and `inspect`: the lexi GGUF, written and read back."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..gguf import keys
 from ..method.profile import DEFAULT_SAMPLES
-from .common import (WEIGHT_NORM_HELP, add_alloc_opts, add_calib_opts, add_solver_opts, allowed_k, calib_text,
-                     floats, ints)
+from .common import (WEIGHT_NORM_HELP, add_alloc_opts, add_calib_opts, add_json_opt, add_solver_opts, allowed_k,
+                     budget, budget_fraction, calib_text, floats, ints, path, write_json)
 
 
 def cmd_apply(args) -> None:
     from ..export.apply import apply
     out = apply(args.input, args.output, k=args.k, plan=args.plan, sensitivity=args.sensitivity,
-                budget=args.budget, total=args.total, avg_k=args.avg_k, budgets=args.budgets, solver=args.solver,
+                budget=budget_fraction(args.budget), total=args.total, avg_k=args.avg_k, budgets=args.budgets, solver=args.solver,
                 allowed_k=allowed_k(args),
                 min_k=args.min_k, samples=args.samples, seed=args.seed, threads=args.threads, force=args.force,
                 weight_norm=args.weight_norm, calib_text=calib_text(args), calib_tokens=args.calib_tokens,
@@ -23,7 +22,7 @@ def cmd_apply(args) -> None:
 
 def cmd_convert(args) -> None:
     from ..export.convert import convert
-    convert(args.model_dir, args.output, budget=args.budget, quant=args.quant, sensitivity=args.sensitivity,
+    convert(args.model_dir, args.output, budget=budget_fraction(args.budget), quant=args.quant, sensitivity=args.sensitivity,
             budgets=args.budgets, samples=args.samples, seed=args.seed, threads=args.threads,
             solver=args.solver, allowed_k=allowed_k(args), min_k=args.min_k, force=args.force,
             weight_norm=args.weight_norm, calib_text=calib_text(args), calib_tokens=args.calib_tokens,
@@ -33,7 +32,12 @@ def cmd_convert(args) -> None:
 def cmd_inspect(args) -> None:
     from ..export.inspect import inspect_gguf, render
     info = inspect_gguf(args.model)
-    print(json.dumps(info, indent=2) if args.json else render(info))
+    if args.json:
+        write_json(info, args.json)
+        if args.json != "-":
+            print(f"json -> {args.json}")
+    else:
+        print(render(info))
 
 
 def cmd_relayout(args) -> None:
@@ -45,10 +49,11 @@ def cmd_relayout(args) -> None:
 def register(sub) -> None:
     p = sub.add_parser("apply", help="write lexi keys into a GGUF (streamed copy, atomic)")
     p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", type=path, required=True)
     p.add_argument("--k", type=ints, help="k per block, comma-separated, 0 on dense blocks")
-    p.add_argument("--plan", help="a plan.json from `allocate`")
-    p.add_argument("--sensitivity", help="a sensitivity.json (else the file's stored table, else profile the GGUF)")
+    p.add_argument("--plan", type=path, help="a plan.json from `allocate`")
+    p.add_argument("--sensitivity", type=path,
+                   help="a sensitivity.json (else the file's stored table, else profile the GGUF)")
     p.add_argument("--budgets", type=floats, help="ladder of budgets stored in the file, e.g. 1,0.75,0.5")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     p.add_argument("--threads", type=int)
@@ -60,11 +65,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("convert", help="HF checkpoint -> profiled, allocated, converted, quantized GGUF")
     p.add_argument("model_dir", type=Path)
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--budget", type=float, default=0.75, help="default budget the runtime uses (fraction of base)")
+    p.add_argument("-o", "--output", type=path, required=True)
+    p.add_argument("--budget", type=budget, default=0.75, help="default budget the runtime uses (fraction of base)")
     p.add_argument("--budgets", type=floats, help="ladder stored in the file (default 1,0.875,0.75,0.625,0.5)")
     p.add_argument("--quant", default="Q8_0", help="Q4_K_M, Q5_K_M, Q8_0, F16, BF16, F32, ... (llama.cpp's names)")
-    p.add_argument("--sensitivity", help="reuse a sensitivity.json instead of profiling")
+    p.add_argument("--sensitivity", type=path, help="reuse a sensitivity.json instead of profiling")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     p.add_argument("--threads", type=int)
     p.add_argument("--force", action="store_true")
@@ -75,13 +80,13 @@ def register(sub) -> None:
 
     p = sub.add_parser("inspect", help="per-layer k, budgets and savings stored in a GGUF")
     p.add_argument("model")
-    p.add_argument("--json", action="store_true")
+    add_json_opt(p, "what is in the file")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("relayout", help="store each MoE layer's experts in co-activation order (from a trace of "
                        "this file): what a token uses together lies together on disk")
     p.add_argument("model")
-    p.add_argument("--trace", required=True, help="a routing trace of this file (`lexi-gguf trace`)")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--trace", type=path, required=True, help="a routing trace of this file (`lexi-gguf trace`)")
+    p.add_argument("-o", "--output", type=path, required=True)
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.set_defaults(func=cmd_relayout)

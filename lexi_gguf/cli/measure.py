@@ -1,11 +1,13 @@
-"""`bench` and `eval`: speed and quality of full vs uniform vs LExI."""
+"""`bench` and `eval`: speed and quality of full vs uniform vs LExI; `report`: docs/results.md from the
+benches' saved results."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from .. import LexiError, read_json
 from ..runtime.llama import PREFETCH_MODES
-from .common import add_device_opts, floats, outputs, setup_devices, write_json
+from .common import (add_device_opts, add_json_opt, floats, human, one_prefetch_mode, outputs, path, prefetch_modes,
+                     setup_devices, write_json)
 
 
 def cmd_bench(args) -> None:
@@ -18,33 +20,33 @@ def cmd_bench(args) -> None:
         # each token may read hundreds of MB from disk: fewer tokens and one repetition unless asked
         res = memlimit.bench_mem_limited(args.model, args.budgets, mem_limit=args.mem_limit, n_gen=args.n_gen or 16,
                                          warmup=args.warmup, threads=args.threads, reps=args.reps or 1,
-                                         prefetch=tuple(args.prefetch.split(",")), repack=args.repack)
+                                         prefetch=tuple(args.prefetch), repack=args.repack)
         js, png = outputs(args, "memlimit")
-        print(memlimit.table(res))
+        print(memlimit.table(res), file=human(args))
         write_json(res, js)
         memlimit.plot(res, png)
-        print(f"json -> {js}\nplot -> {png}")
+        print(f"json -> {js}\nplot -> {png}", file=human(args))
         return
     if args.n_gen is None:
         args.n_gen = 128
     if args.reps is None:
         args.reps = 3
-    if "," in args.prefetch:
-        raise LexiError("several --prefetch modes are compared with --mem-limit only; give one mode")
+    prefetch = one_prefetch_mode(args.prefetch)
     if args.switch:
         res = switch_bench(args.model, args.budgets, n_gen=args.n_gen, threads=args.threads, n_gpu_layers=setup_devices(args))
-        js = Path(args.json) if args.json else Path(args.model).with_suffix(".switch.json")
-        print(switch_table(res))
+        js = args.json if args.json == "-" else Path(args.json) if args.json else Path(args.model).with_suffix(".switch.json")
+        print(switch_table(res), file=human(args))
         write_json(res, js)
-        print(f"json -> {js}")
+        print(f"json -> {js}", file=human(args))
         return
     res = bench(args.model, args.budgets, n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.reps,
-                threads=args.threads, n_gpu_layers=setup_devices(args), prefetch=args.prefetch)
+                threads=args.threads, n_gpu_layers=setup_devices(args), prefetch=prefetch,
+                progress=args.json != "-")
     js, png = outputs(args, "bench")
-    print(table(res))
+    print(table(res), file=human(args))
     write_json(res, js)
     plot(res, png)
-    print(f"json -> {js}\nplot -> {png}")
+    print(f"json -> {js}\nplot -> {png}", file=human(args))
 
 
 def cmd_eval(args) -> None:
@@ -54,16 +56,24 @@ def cmd_eval(args) -> None:
         raise LexiError(f"{text_path} does not exist; give a UTF-8 text file with --text")
     ngl = setup_devices(args)
     res = evaluate(args.model, text_path.read_text(errors="replace"), args.budgets, ctx=args.ctx,
-                   threads=args.threads, n_gpu_layers=ngl, max_chunks=args.chunks)
+                   threads=args.threads, n_gpu_layers=ngl, max_chunks=args.chunks, progress=args.json != "-")
     if args.cross_check:
         res["llama_perplexity"] = cross_check(args.model, text_path, args.ctx, args.threads, res["chunks"], ngl)
-        print(f"llama-perplexity (full model): PPL {res['llama_perplexity']['ppl']:.4f}  ours {res['rows'][0]['ppl']:.4f}")
+        print(f"llama-perplexity (full model): PPL {res['llama_perplexity']['ppl']:.4f}  ours {res['rows'][0]['ppl']:.4f}",
+              file=human(args))
     js, png = outputs(args, "eval")
-    print(table(res))
+    print(table(res), file=human(args))
     write_json(res, js)
     bench_res = read_json(args.bench) if args.bench else None
     pareto_plot(res, png, bench_res)
-    print(f"json -> {js}\nplot -> {png}")
+    print(f"json -> {js}\nplot -> {png}", file=human(args))
+
+
+def cmd_report(args) -> None:
+    from ..measure.report import write_report
+    out = write_report(args.results, args.output, check=args.check)
+    if out != "-":
+        print(f"{out} is current" if args.check else f"wrote {out}")
 
 
 def register(sub) -> None:
@@ -73,7 +83,7 @@ def register(sub) -> None:
     p.add_argument("--n-prompt", type=int, default=512)
     p.add_argument("--n-gen", type=int, help="decode tokens (default 128; 16 with --mem-limit)")
     p.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --mem-limit)")
-    p.add_argument("--prefetch", default="off",
+    p.add_argument("--prefetch", type=prefetch_modes, default=["off"],
                    help=f"expert prefetch mode: {', '.join(PREFETCH_MODES)} (docs/memory.md); with --mem-limit a list "
                         "to compare, e.g. off,chosen,guess")
     p.add_argument("--mem-limit", metavar="SIZE",
@@ -84,20 +94,30 @@ def register(sub) -> None:
     add_device_opts(p)
     p.add_argument("--switch", action="store_true",
                    help="one loaded model: decode tok/s per budget and the latency of switching budgets in place")
-    p.add_argument("--json", help="results JSON (default MODEL.bench.json)")
-    p.add_argument("--plot", help="PNG (default beside the JSON)")
+    add_json_opt(p, "the results", "MODEL.bench.json")
+    p.add_argument("--plot", type=path, help="PNG (default beside the JSON)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="perplexity and KL divergence vs the full model")
     p.add_argument("model")
-    p.add_argument("--text", required=True, help="evaluation text file")
+    p.add_argument("--text", type=path, required=True, help="evaluation text file")
     p.add_argument("--budgets", type=floats, default=[0.75, 0.5])
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, help="at most this many chunks")
     p.add_argument("--threads", type=int)
     add_device_opts(p)
     p.add_argument("--cross-check", action="store_true", help="also run llama-perplexity on the full model")
-    p.add_argument("--bench", help="a bench JSON: plot KLD against measured decode speed")
-    p.add_argument("--json", help="results JSON (default MODEL.eval.json)")
-    p.add_argument("--plot", help="PNG (default beside the JSON)")
+    p.add_argument("--bench", type=path, help="a bench JSON: plot KLD against measured decode speed")
+    add_json_opt(p, "the results", "MODEL.eval.json")
+    p.add_argument("--plot", type=path, help="PNG (default beside the JSON)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="docs/results.md from the benches' results (bench/results/*.json)",
+                       description="Render every results file of the benches (one section per family, each stamped "
+                       "with the machine, date, commit, patch hash and llama.cpp commit it ran on) as markdown.")
+    p.add_argument("--results", type=path, metavar="DIR",
+                   help="the results directory (default: the checkout's bench/results)")
+    p.add_argument("-o", "--output", type=path,
+                   help="where the markdown goes (default: docs/results.md beside the results' checkout; - for stdout)")
+    p.add_argument("--check", action="store_true", help="write nothing; fail if the output is not what it would write")
+    p.set_defaults(func=cmd_report)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .. import read_json
 from ..method.profile import DEFAULT_DRAW_TOKENS, DEFAULT_SAMPLES
-from .common import add_alloc_opts, add_calib_opts, allowed_k, calib_text, write_json
+from .common import add_alloc_opts, add_calib_opts, allowed_k, budget_fraction, calib_text, path, write_json
 
 
 def _calibrated(args, src, **profile_kw) -> dict | None:
@@ -51,7 +51,7 @@ def cmd_profile(args) -> None:
 def cmd_allocate(args) -> None:
     from ..method.allocate import TABLE_FIX, allocate
     sens = read_json(args.sensitivity, TABLE_FIX)
-    plan = allocate(sens, budget=args.budget, total=args.total, avg_k=args.avg_k, solver=args.solver,
+    plan = allocate(sens, budget=budget_fraction(args.budget), total=args.total, avg_k=args.avg_k, solver=args.solver,
                     allowed_k=allowed_k(args), min_k=args.min_k, seed=args.seed, compare=args.compare)
     write_json(plan, args.output)
     print(f"k per layer: {plan['expert_used_count']}  total {plan['total']} (avg k {plan['avg_k']:.2f}, "
@@ -70,7 +70,7 @@ def cmd_allocate(args) -> None:
 def register(sub) -> None:
     p = sub.add_parser("profile", help="Stage 1: data-free per-layer sensitivity of a HF checkpoint")
     p.add_argument("model_dir", type=Path)
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", type=path, required=True)
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="random token vectors per layer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
@@ -81,15 +81,15 @@ def register(sub) -> None:
     p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="matmul dtype; auto measures bf16 vs f32 on this device for bf16/f16 weights")
     add_calib_opts(p)
-    p.add_argument("--calib-model", metavar="GGUF", help="with --calib: a GGUF of the same model to read the text with "
+    p.add_argument("--calib-model", type=path, metavar="GGUF", help="with --calib: a GGUF of the same model to read the text with "
                    "(default: a temporary conversion of MODEL_DIR)")
-    p.add_argument("--plot", help="also write a PNG heatmap here")
+    p.add_argument("--plot", type=path, help="also write a PNG heatmap here")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("allocate", help="Stage 2: per-layer k under a total budget")
     p.add_argument("sensitivity")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", type=path, required=True)
     add_alloc_opts(p, True)
     p.add_argument("--compare", action="store_true", help="also run the other solver and report both objectives")
-    p.add_argument("--plot", help="heatmap PNG with the chosen k marked")
+    p.add_argument("--plot", type=path, help="heatmap PNG with the chosen k marked")
     p.set_defaults(func=cmd_allocate)

@@ -1,8 +1,7 @@
 """`chat`, `serve` and `rpc-server`: a lexi GGUF in use, on one machine or several."""
 from __future__ import annotations
 
-from ..runtime.llama import PREFETCH_MODES
-from .common import add_device_opts, setup_devices
+from .common import FULL, add_device_opts, budget, budget_name, one_prefetch_mode, prefetch_modes, setup_devices
 
 PREFETCH_HELP = ("expert prefetch from the mmapped file (docs/memory.md): off, chosen experts, + guesses for the "
                  "next MoE layer (guess) or two (guess2)")
@@ -10,19 +9,21 @@ PREFETCH_HELP = ("expert prefetch from the mmapped file (docs/memory.md): off, c
 
 def cmd_chat(args) -> None:
     from ..serve.chat import chat
-    chat(args.model, budget=args.budget, no_lexi=args.no_lexi, n_gpu_layers=setup_devices(args),
-         threads=args.threads, max_tokens=args.max_tokens, n_ctx=args.ctx, temperature=args.temperature,
-         seed=args.seed, prefetch=args.prefetch)
+    b = args.budget           # chat takes a stored fraction, or no_lexi for the model's own k
+    chat(args.model, budget=b if isinstance(b, float) else None, no_lexi=args.no_lexi or b == FULL,
+         n_gpu_layers=setup_devices(args), threads=args.threads, max_tokens=args.max_tokens, n_ctx=args.ctx,
+         temperature=args.temperature, seed=args.seed, prefetch=one_prefetch_mode(args.prefetch))
 
 
 def cmd_serve(args) -> None:
     from .. import LexiError
+    prefetch = one_prefetch_mode(args.prefetch)
     if args.engine == "llama-server":
         from ..serve import llama_server
-        if args.prefetch != "off":
+        if prefetch != "off":
             raise LexiError("--prefetch is set through the lexi C API, which llama-server does not call: "
                             "use the python engine for prefetch")
-        llama_server.serve(args.model, budget=args.budget, host=args.host, port=args.port, n_ctx=args.ctx,
+        llama_server.serve(args.model, budget=budget_name(args.budget), host=args.host, port=args.port, n_ctx=args.ctx,
                            parallel=args.parallel or 4, threads=args.threads, n_gpu_layers=setup_devices(args),
                            api_key=args.api_key)
         return
@@ -30,8 +31,8 @@ def cmd_serve(args) -> None:
         raise LexiError("the python engine answers one request at a time (queued); for parallel slots and "
                         "continuous batching use --engine llama-server")
     from ..serve import serve
-    serve(args.model, budget=args.budget, host=args.host, port=args.port, n_ctx=args.ctx, threads=args.threads,
-          n_gpu_layers=setup_devices(args), api_key=args.api_key, prefetch=args.prefetch)
+    serve(args.model, budget=budget_name(args.budget), host=args.host, port=args.port, n_ctx=args.ctx,
+          threads=args.threads, n_gpu_layers=setup_devices(args), api_key=args.api_key, prefetch=prefetch)
 
 
 def cmd_rpc_server(args) -> None:
@@ -51,7 +52,7 @@ def register(sub) -> None:
     p = sub.add_parser("chat", help="streaming local chat (stdin may be piped; /budget X switches in place)")
     p.add_argument("model")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--budget", type=float, help="run a budget stored in the file's ladder")
+    g.add_argument("--budget", type=budget, help="run a budget stored in the file's ladder, 'full' or 'default'")
     g.add_argument("--no-lexi", action="store_true", help="ignore the per-layer counts (model's own k)")
     add_device_opts(p)
     p.add_argument("--threads", type=int)
@@ -59,12 +60,12 @@ def register(sub) -> None:
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefetch", default="off", choices=list(PREFETCH_MODES), help=PREFETCH_HELP)
+    p.add_argument("--prefetch", type=prefetch_modes, default=["off"], help=PREFETCH_HELP)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible local server; every stored budget is a model id")
     p.add_argument("model")
-    p.add_argument("--budget", help="the budget of the plain model id: a stored fraction, 'full' or 'default'")
+    p.add_argument("--budget", type=budget, help="the budget of the plain model id: a stored fraction, 'full' or 'default'")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default loopback; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", help="require this bearer token")
@@ -73,7 +74,7 @@ def register(sub) -> None:
                    "time; llama-server: llama.cpp's server, parallel slots and continuous batching, one process "
                    "per budget (docs/serving.md)")
     p.add_argument("--parallel", type=int, help="llama-server: slots per budget (default 4)")
-    p.add_argument("--prefetch", default="off", choices=list(PREFETCH_MODES), help=PREFETCH_HELP)
+    p.add_argument("--prefetch", type=prefetch_modes, default=["off"], help=PREFETCH_HELP)
     add_device_opts(p)
     p.add_argument("--threads", type=int)
     p.add_argument("--ctx", type=int, default=2048, help="context per request (per slot with llama-server)")
