@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.lexi-setup-$(BACKEND)
 # compiles the few modules it imports on first use
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup runtime demo test docs bench clean distclean
+.PHONY: setup runtime demo test docs report bench clean distclean
 
 setup: $(STAMP)
 
@@ -39,6 +39,12 @@ docs: setup
 	$(VPY) -m pytest -q tests/test_profile.py tests/test_archs.py tests/test_runtime.py -k "$(ARCH_TESTS)" \
 		--arch-results out/arch-results.json
 	$(VPY) -m lexi_gguf.testbeds.archdoc out/arch-results.json -o docs/architectures.md
+	$(LEXI) report
+
+# docs/results.md from bench/results/*.json (every measured number in the docs; tests/test_report.py
+# checks it is current). Needs only the package, not the runtime: no set-up of its own
+report:
+	$(if $(wildcard $(VPY)),$(VPY),$(PY)) -m lexi_gguf.cli report
 
 # every bench's quick mode (minutes each: small sizes, one repetition); results go to out/bench-quick/,
 # never bench/results/. A full run is `python bench/bench_NAME.py` (see its docstring); `make report`
