@@ -62,7 +62,7 @@ def main() -> int:
     model_id = f"{gguf.stem}@0.75"
     clients = [int(c) for c in args.clients.split(",")]
     rows = []
-    # the python engine also at one thread less than the cores: its event loop needs a core (see README)
+    # the python engine also at one thread less than the cores: its event loop needs a core (docs/serving.md)
     engines = [("python", args.threads), ("python", args.threads - 1), ("llama-server", args.threads)]
     if args.quick:
         engines = [("python", max(1, args.threads - 1)), ("llama-server", args.threads)]
