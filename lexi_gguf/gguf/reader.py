@@ -75,11 +75,22 @@ def open_one(path: str | Path):
         raise LexiError(f"{path} is a folder; give a .gguf file (a Hugging Face folder goes to `lexi-gguf convert`)")
     from .check import check
     check(path)      # a malformed file: MalformedGGUF, naming the byte offset and the field
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, _reader_class())
+    if key in _opened:       # a command opens its file several times (info, footprint, load): parse it once
+        return _opened[key]
     try:
-        return _reader_class()(path, "r")
+        r = _reader_class()(path, "r")
     except Exception as e:    # the structure is valid, yet gguf-py (or our fast path) fails: not the user's file
         raise LexiError(f"lexi-gguf could not read {path}, although its GGUF structure is valid ({type(e).__name__}: "
                         f"{e}): this is a lexi-gguf bug, please report it with the file's origin") from e
+    if len(_opened) >= 8:       # the shards of a set, a source and its output: a few at a time
+        _opened.pop(next(iter(_opened)))
+    _opened[key] = r
+    return r
+
+
+_opened: dict[tuple, object] = {}
 
 
 def open_reader(path: str | Path):

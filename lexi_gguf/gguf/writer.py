@@ -13,7 +13,8 @@ import numpy as np
 
 from .. import LexiError, __version__
 from . import keys
-from .check import WriteCheckError, Written, crc32, scan, verify_written
+from .check import scan
+from .verify import WriteCheckError, Written, crc32, verify_written
 from .reader import GGUFModelInfo, field_value, gguf_py, open_reader, validate_counts
 from .split import link_or_copy, output_names
 
@@ -166,7 +167,7 @@ def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, 
     """One GGUF file: reader's fields (less drop_prefix keys and those in `new`) + `new`, then its
     tensors (tensor_data(t) of each), streamed, at the source's data alignment. The header needs every
     tensor's shape before any data: from the source's (memory-mapped, nothing read) when same_shapes,
-    else from tensor_data. The file is then read back and checked (check.verify_written) before the
+    else from tensor_data. The file is then read back and checked (verify.verify_written) before the
     caller renames it."""
     gguf = gguf_py()
     arch = arch or field_value(reader, "general.architecture")    # a later shard may not state it
