@@ -13,7 +13,13 @@ from .. import LexiError
 from ..gguf import keys
 from .binding import import_llama_cpp, libllama, llama_params_with
 
-PATCH_MARKER = b"lexi.expert_used_count"   # string compiled into the patched libllama
+# the function of llama.h each patch (patches/pin.toml) exports: the runtime has a patch iff it has its symbol
+PATCH_SYMBOLS = {
+    "llama.cpp-per-layer-experts.patch": "llama_model_n_expert_active",
+    "llama.cpp-lexi-budget-switch.patch": "llama_lexi_set_row",
+    "llama.cpp-lexi-weight-norm.patch": "llama_model_lexi_weight_norm",
+    "llama.cpp-lexi-expert-prefetch.patch": "llama_lexi_set_prefetch",
+}
 
 
 class ModelLoadError(LexiError):
@@ -228,9 +234,29 @@ def library_path() -> Path | None:
     return None
 
 
+def patches_built_in() -> dict[str, bool]:
+    """Each lexi patch -> whether the libllama in use exports its symbol (all False without a runtime)."""
+    try:
+        lib = libllama()
+    except LexiError:
+        return {p: False for p in PATCH_SYMBOLS}
+    return {p: hasattr(lib, sym) for p, sym in PATCH_SYMBOLS.items()}
+
+
 def is_patched() -> bool:
-    lib = library_path()
-    return lib is not None and PATCH_MARKER in lib.read_bytes()
+    return all(patches_built_in().values())
+
+
+def n_expert_active(llm) -> list[int]:
+    """The experts each layer of a loaded model runs per token (llama_model_n_expert_active)."""
+    fn = _lexi_fn("llama_model_n_expert_active", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])
+    n = import_llama_cpp().llama_model_n_layer(llm.model)
+    return [fn(llm.model, i) for i in range(n)]
+
+
+def weight_norm(llm) -> str:
+    """How a loaded model weights fewer experts than trained: renorm | base (llama_model_lexi_weight_norm)."""
+    return _lexi_fn("llama_model_lexi_weight_norm", ctypes.c_char_p, [ctypes.c_void_p])(llm.model).decode()
 
 
 def runtime_record() -> dict | None:
@@ -276,7 +302,8 @@ def doctor() -> dict:
         return out
     lib = library_path()
     out["library"] = str(lib) if lib else None
-    out["patched"] = is_patched()
+    out["patches"] = patches_built_in()
+    out["patched"] = all(out["patches"].values())
     info = cpu.ggml_system_info()
     out["ggml_cpu_paths"] = info
     out["amx_matmul_compiled"] = cpu.amx_matmul_compiled(info)
