@@ -91,7 +91,7 @@ class _Cursor:
         self.pos += n
         return v
 
-    def string(self, what: str, *, decode: bool = True, limit: int | None = None) -> str | bytes:
+    def string(self, what: str, *, limit: int | None = None) -> str:
         at = self.pos
         n = self.take("Q", f"{what}: length", "strlen")
         if limit is not None and n > limit:
@@ -102,8 +102,6 @@ class _Cursor:
         if self.layout is not None and n:
             self.layout.regions.append(Region(self.pos, n, what, "text"))
         self.pos += n
-        if not decode:
-            return raw
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as e:
