@@ -171,8 +171,9 @@ def _kv(c: _Cursor, i: int, n_kv: int):
     return key, vtype, _value(c, vtype, f"key {key!r}: value")
 
 
-def scan(path: str | Path, *, regions: bool = False) -> Layout:
-    """Check a GGUF's structure as llama.cpp's loader does; MalformedGGUF at the first problem."""
+def scan(path: str | Path, *, regions: bool = False, header_only: bool = False) -> Layout:
+    """Check a GGUF's structure as llama.cpp's loader does; MalformedGGUF at the first problem.
+    header_only: a file whose tensor data is still being written (no check that the data fits)."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -182,13 +183,13 @@ def scan(path: str | Path, *, regions: bool = False) -> Layout:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     mv = memoryview(buf)
     try:
-        return _scan(path, mv, size, regions)
+        return _scan(path, mv, size, regions, header_only)
     finally:
         mv.release()
         buf.close()
 
 
-def _scan(path: Path, buf, size: int, regions: bool) -> Layout:
+def _scan(path: Path, buf, size: int, regions: bool, header_only: bool = False) -> Layout:
     layout = Layout(0, DEFAULT_ALIGNMENT, 0, size)
     c = _Cursor(path, buf, layout if regions else None)
     if bytes(buf[:4]) != GGUF_MAGIC:
@@ -253,7 +254,7 @@ def _scan(path: Path, buf, size: int, regions: bool) -> Layout:
         if rel != expect:     # gguf.cpp: tensors in order, each at the previous one's padded end
             c.fail(oat, f"tensor {name!r}: data offset", f"{rel:,}, where llama.cpp expects {expect:,} (tensor data "
                    f"in header order, each padded to {layout.alignment} bytes)")
-        if layout.data_start + rel + nbytes > size:
+        if not header_only and layout.data_start + rel + nbytes > size:
             c.fail(oat, f"tensor {name!r}: data", f"{nbytes:,} bytes at {layout.data_start + rel:,} run past the "
                    f"end of the file ({size:,} bytes): the file is truncated")
         layout.tensors.append(TensorEntry(name, ne, gtype, layout.data_start + rel, nbytes))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import zlib
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 from .. import LexiError, __version__
 from . import keys
 from .check import scan
-from .verify import WriteCheckError, Written, crc32, verify_written
+from .verify import ReadBack, WriteCheckError, Written
 from .reader import GGUFModelInfo, field_value, gguf_py, open_reader, validate_counts
 from .split import link_or_copy, output_names
 
@@ -111,7 +110,7 @@ def lexi_metadata(info: GGUFModelInfo, counts: list[int], method: str, *, sensit
 
 def copy_with_metadata(src: str | Path, out: str | Path, new: dict, *, force: bool = False,
                        drop_prefix: str = "lexi.", progress: bool = True, tensor_data=None,
-                       same_shapes: bool = False) -> Path:
+                       same_shapes: bool = False, read_back: bool = True) -> Path:
     """Stream src to out with `new` metadata (old lexi.* keys dropped). Tensors are copied one at a time
     from the reader's memory map, never the whole file in memory; the output appears atomically.
 
@@ -120,7 +119,8 @@ def copy_with_metadata(src: str | Path, out: str | Path, new: dict, *, force: bo
     are, or rewritten through `tensor_data` too when one is given (a transform of tensors applies to
     every shard). The other shards appear first, the first shard last, so a visible first shard means a
     whole set. same_shapes: tensor_data keeps every tensor's shape and type, so the header is written from
-    the source's (an extra pass over all the data saved). Returns the (first) output path."""
+    the source's (an extra pass over all the data saved). read_back=False skips the read-back check: only
+    bench/bench_readback.py, to measure what it costs. Returns the (first) output path."""
     reader = open_reader(src)
     shards = getattr(reader, "shards", [(Path(src), reader)])
     outs = output_names(out, len(shards))
@@ -142,33 +142,33 @@ def copy_with_metadata(src: str | Path, out: str | Path, new: dict, *, force: bo
                     check_copy(p, tmp, o.name)
             else:                    # the shard's own metadata (split.no, ...) as it is, its tensors transformed
                 _write_gguf(r, tmp, {}, "\0", progress, tensor_data, same_shapes,
-                            arch=field_value(shards[0][1], "general.architecture"), shown=o.name)
+                            arch=field_value(shards[0][1], "general.architecture"), shown=o.name, read_back=read_back)
         _write_gguf(shards[0][1], tmp_first, new, drop_prefix, progress, tensor_data or (lambda t: t.data),
-                    same_shapes or tensor_data is None, shown=outs[0].name)
+                    same_shapes or tensor_data is None, shown=outs[0].name, read_back=read_back)
     del reader, shards
     return outs[0]
 
 
 def check_copy(src: Path, copy: Path, shown: str) -> None:
-    """A shard copied as it is: same size, the same bytes (CRC-32, streamed), a GGUF llama.cpp can load."""
-    def crc(p):
-        c = 0
-        with open(p, "rb") as f:
-            while chunk := f.read(16 << 20):
-                c = zlib.crc32(chunk, c)
-        return c
-    if copy.stat().st_size != src.stat().st_size or crc(copy) != crc(src):
-        raise WriteCheckError(f"the copied shard {shown} differs from {src.name}; it was not kept (a failing disk?)")
+    """A shard copied as it is: the same bytes (compared streamed), a GGUF llama.cpp can load."""
+    with open(src, "rb") as a, open(copy, "rb") as b:
+        while True:
+            x, y = a.read(16 << 20), b.read(16 << 20)
+            if x != y:
+                raise WriteCheckError(f"the copied shard {shown} differs from {src.name} at byte {a.tell() - len(x):,}.. "
+                                      "; it was not kept (a failing disk?)")
+            if not x:
+                break
     scan(copy)
 
 
 def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, tensor_data, same_shapes: bool,
-                arch: str | None = None, shown: str | None = None) -> None:
+                arch: str | None = None, shown: str | None = None, read_back: bool = True) -> None:
     """One GGUF file: reader's fields (less drop_prefix keys and those in `new`) + `new`, then its
     tensors (tensor_data(t) of each), streamed, at the source's data alignment. The header needs every
     tensor's shape before any data: from the source's (memory-mapped, nothing read) when same_shapes,
-    else from tensor_data. The file is then read back and checked (verify.verify_written) before the
-    caller renames it."""
+    else from tensor_data. The file is read back and checked as it is written (verify.ReadBack) before
+    the caller renames it."""
     gguf = gguf_py()
     arch = arch or field_value(reader, "general.architecture")    # a later shard may not state it
     writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
@@ -186,28 +186,38 @@ def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, 
         writer.add_key_value(name, val, vt, sub_type=sub)
         meant[name] = val
     total = 0
+    meant_tensors = []
     for t in reader.tensors:
         d = t.data if same_shapes else tensor_data(t)
         total += int(d.nbytes)
         writer.add_tensor_info(t.name, d.shape, d.dtype, d.nbytes, t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
+        meant_tensors.append(Written(t.name, _ne(gguf, t, d, same_shapes), int(t.tensor_type), int(d.nbytes)))
+    check = ReadBack(tmp, meant_tensors, meant, reader.alignment, shown) if read_back else None
     bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(desc="write", total=total, unit="B", unit_scale=True)
-    written = []
-    for t in reader.tensors:
-        d = tensor_data(t)
-        writer.write_tensor_data(d, tensor_endianess=reader.endianess)
-        written.append(Written(t.name, _ne(gguf, t, d, same_shapes), int(t.tensor_type), int(d.nbytes), crc32(d)))
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.flush()
+        if check:
+            check.header()
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(desc="write + read back" if check else "write", total=total, unit="B", unit_scale=True)
+        for i, t in enumerate(reader.tensors):
+            d = tensor_data(t)
+            writer.write_tensor_data(d, tensor_endianess=reader.endianess)
+            if check:
+                writer.flush()
+                check.data(i, d)
+            if bar:
+                bar.update(int(d.nbytes))
+    finally:
+        writer.close()
         if bar:
-            bar.update(int(d.nbytes))
-    writer.close()
-    if bar:
-        bar.close()
-    verify_written(tmp, written, meant, reader.alignment, shown)
+            bar.close()
+    if check:
+        check.close()
 
 
 def _ne(gguf, t, d, same_shapes: bool) -> tuple[int, ...]:
