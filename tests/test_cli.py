@@ -209,3 +209,23 @@ def test_profile_allocate_cli_with_plots_and_infeasible_budget(hf_olmoe, tmp_pat
     assert cli.main(["allocate", str(sens), "--total", "9", "--backend-safe", "metal", "--allowed-k", "2,4",
                      "-o", str(bad)]) == 2
     assert "sums exactly to 9" in capsys.readouterr().err and not bad.exists()
+
+
+def test_device_options_become_one_load_options_object():
+    """Every command that loads a model turns its device options into one LoadOptions (runtime.options)
+    and hands it down; building it connects and sets nothing process-wide (the load registers the RPC
+    servers its options name), so two commands' options in one process do not leak into each other."""
+    from lexi_gguf.cli.common import load_options
+    from lexi_gguf.runtime import rpc
+    from lexi_gguf.runtime.options import LoadOptions
+    ap = cli.build_parser()
+    remote = ap.parse_args(["chat", "m.gguf", "--rpc", "127.0.0.1:9,box", "--tensor-split", "2,1", "--repack", "off",
+                            "--threads", "3"])
+    assert load_options(remote, "guess") == LoadOptions(n_gpu_layers=-1, rpc=("127.0.0.1:9", "box:50052"),
+                                                        tensor_split=(2.0, 1.0), repack="off", prefetch="guess",
+                                                        threads=3)
+    assert rpc.servers() == []                  # nothing probed or registered (port 9 answers nobody)
+    for argv in (["serve", "m.gguf"], ["bench", "m.gguf"], ["eval", "m.gguf", "--text", "t"],
+                 ["trace", "run", "m.gguf", "--text", "t", "-o", "t.npz"]):
+        assert load_options(ap.parse_args(argv)) == LoadOptions(), argv      # the defaults: all here
+    assert load_options(ap.parse_args(["bench", "m.gguf", "--rpc", "h:1", "-ngl", "2"])).n_gpu_layers == 2

@@ -136,3 +136,19 @@ def test_engine_options_that_do_not_apply_are_refused(laddered_gguf, extra, erro
     r = subprocess.run([sys.executable, "-m", "lexi_gguf.cli", "serve", str(laddered_gguf), *extra],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and error in r.stderr, r.stderr
+
+
+def test_slot_args_follow_the_options_they_are_given(tmp_path):
+    """Devices, split, threads and repacking come from the LoadOptions handed in, nothing process-wide:
+    two option sets in one process give two command lines."""
+    from lexi_gguf import LexiError
+    from lexi_gguf.runtime.options import LoadOptions
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"\0" * 64)
+    remote = llama_server.slot_args(f, 64, 2, LoadOptions(n_gpu_layers=-1, rpc="10.0.0.2:50052,box",
+                                                          tensor_split=[2, 1], repack="off", threads=3))
+    assert " ".join(remote) == ("-np 2 -c 128 -t 3 --no-repack -ngl 999 -ts 2,1 "
+                                "--rpc 10.0.0.2:50052,box:50052")
+    assert llama_server.slot_args(f, 64, 1, LoadOptions(repack="on")) == ["-np", "1", "-c", "64", "-ngl", "0"]
+    with pytest.raises(LexiError, match="use the python engine"):
+        llama_server.slot_args(f, 64, 1, LoadOptions(prefetch="chosen"))

@@ -65,9 +65,9 @@ def test_auto_turns_repack_off_for_prefetch_and_for_a_model_larger_than_memory(q
     said = [x for x in capsys.readouterr().err.splitlines() if "larger than the memory available" in x]
     assert len(said) == 1 and "(0.00 GiB)" in said[0]                # said once, with both sizes
     assert placement.decide(q4_0_gguf, "on", "chosen") is True         # asked for: kept
+    from lexi_gguf.runtime.options import LoadOptions
     from lexi_gguf.serve import llama_server
-    cmd, _ = llama_server.command(q4_0_gguf, budget="full")
-    assert "--no-repack" in cmd
+    assert "--no-repack" in llama_server.slot_args(q4_0_gguf, 64, 1, LoadOptions())
     with pytest.raises(LexiError, match="unknown repack mode"):
         placement.decide(q4_0_gguf, "sometimes", "off")
 
@@ -97,3 +97,20 @@ def test_model_bytes_counts_every_shard_by_name(tmp_path):
     (tmp_path / "single.gguf").write_bytes(b"\0" * 7)
     assert placement.model_bytes(tmp_path / "m-00001-of-00003.gguf") == 400
     assert placement.model_bytes(tmp_path / "single.gguf") == 7
+
+
+def test_each_load_has_its_own_repack_mode(tmp_path, monkeypatch):
+    """No process-wide default that a command sets and later loads read back: the mode is the one in the
+    options a load (or llama-server's command line) is given, and two option sets in one process differ."""
+    from lexi_gguf.runtime.options import LoadOptions
+    from lexi_gguf.serve.llama_server import slot_args
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"\0" * 4096)
+    monkeypatch.setattr(placement, "available_bytes", lambda: 1024)      # the file is larger than memory
+    monkeypatch.setattr(placement, "_said", set())
+    assert "--no-repack" in slot_args(f, 64, 1, LoadOptions())                  # auto: off
+    assert "--no-repack" not in slot_args(f, 64, 1, LoadOptions(repack="on"))   # asked for: kept
+    assert "--no-repack" in slot_args(f, 64, 1, LoadOptions())                  # and auto again after it
+    assert not hasattr(placement, "set_default")
+    with pytest.raises(LexiError, match="unknown repack mode"):
+        LoadOptions(repack="sometimes")

@@ -2,7 +2,9 @@
 layers; the logits equal a local run at every budget (switched in place across RPC), prefetch on a
 model half on RPC skips the remote layers with one line and changes nothing, and a server that is
 down, or dies mid-run, is a clear error with a non-zero exit, not an abort or a hang; a trace over RPC
-records the local run's experts.
+records the local run's experts. Which servers a load uses is its own options': in a process that has
+registered two servers, a load naming one puts layers on that one only, and a load naming none stays
+local.
 
 Each client runs in a child process: registering RPC servers is process-wide in llama.cpp."""
 from __future__ import annotations
@@ -28,40 +30,49 @@ from conftest import TOKENS
 # weights; the tolerance leaves room for a server machine whose CPU picks other kernels
 TOL = 1e-4
 CLIENT = r"""
-import json, sys
+import json, re, sys
 import numpy as np
-from lexi_gguf.runtime import llama as rt, rpc
+from lexi_gguf.runtime import llama as rt
+from lexi_gguf.runtime.options import LoadOptions
 a = json.loads(sys.argv[1])
+
+def buffers():
+    return sorted(set(re.findall(r"load_tensors:\s+(\S+) model buffer size", rt.captured_log())))
 
 def logits(llm):
     llm.reset()
     llm.eval(a["tokens"])
     return np.array(llm.scores[:len(a["tokens"])], dtype=np.float32)
 
-def open_model(ngl, prefetch="off"):
-    return rt.load(a["model"], n_ctx=64, logits_all=True, n_threads=1, type_k=0, type_v=0, n_gpu_layers=ngl,
-                   prefetch=prefetch)
+def open_model(options):
+    return rt.load(a["model"], options=options, n_ctx=64, logits_all=True, n_threads=1, type_k=0, type_v=0)
 
 ref = {}
-llm = open_model(0)
+llm = open_model(LoadOptions())
 for row in a["rows"]:
     rt.set_lexi_row(llm, row)
     ref[row] = logits(llm)
 llm.close()
-rpc.connect(a["rpc"], a.get("split"))
-llm = open_model(a["ngl"], a.get("prefetch", "off"))
-out = {"diff": {}, "log": rt.captured_log(),
+llm = open_model(LoadOptions(rpc=a["rpc"], tensor_split=a.get("split"), n_gpu_layers=a["ngl"],
+                             prefetch=a.get("prefetch", "off")))
+out = {"diff": {}, "log": rt.captured_log(), "buffers": buffers(), "then": [],
        "ref_spread": float(np.abs(ref[a["rows"][0]] - ref[a["rows"][1]]).max())}
 for row in a["rows"]:
     rt.set_lexi_row(llm, row)
     out["diff"][str(row)] = float(np.abs(logits(llm) - ref[row]).max())
+llm.close()
+for spec in a.get("then", []):     # later loads in the same process, every server still registered
+    llm = open_model(LoadOptions(rpc=spec, n_gpu_layers=-1))
+    rt.set_lexi_row(llm, a["rows"][0])
+    out["then"].append({"buffers": buffers(), "diff": float(np.abs(logits(llm) - ref[a["rows"][0]]).max())})
+    llm.close()
 print("RESULT " + json.dumps(out))
 """
 LOSE = r"""
 import sys
-from lexi_gguf.runtime import llama as rt, rpc
-rpc.connect(sys.argv[2])
-llm = rt.load(sys.argv[1], n_ctx=512, n_threads=1, n_gpu_layers=-1)
+from lexi_gguf.runtime import llama as rt
+from lexi_gguf.runtime.options import LoadOptions
+llm = rt.load(sys.argv[1], options=LoadOptions(rpc=sys.argv[2], n_gpu_layers=-1), n_ctx=512, n_threads=1)
 print("ready", flush=True)
 for _ in range(1000):
     llm.reset()
@@ -94,13 +105,21 @@ def _client(model, **args) -> tuple[dict, str]:
 
 
 def test_layers_split_over_two_servers_match_local_at_every_budget(laddered_gguf, servers):
-    out, _ = _client(laddered_gguf, rpc=",".join(servers), split=[1, 1], ngl=-1, rows=[2, ROW_MODEL, 1])
-    # both servers hold model weights (llama.cpp's loader names each device's buffer)
-    for i in range(2):
-        assert f"RPC{i}" in out["log"] and "model buffer size" in out["log"], out["log"][-3000:]
+    out, _ = _client(laddered_gguf, rpc=",".join(servers), split=[1, 1], ngl=-1, rows=[2, ROW_MODEL, 1],
+                     then=[servers[1], ""])
+    # both servers hold model weights (llama.cpp's loader names each device's buffer: RPC<i>[HOST:PORT])
+    def on(buffers):
+        return {ep for ep in servers if any(b.startswith("RPC") and b.endswith(f"[{ep}]") for b in buffers)}
+    assert on(out["buffers"]) == set(servers), out["log"][-3000:]
     assert out["ref_spread"] > 1e-2            # the budgets really differ, so a wrong row would show
     for row, d in out["diff"].items():
         assert d <= TOL, f"row {row}: max |logit diff| {d} over RPC"
+    # the same process, both servers still registered: a load naming the second server uses only it,
+    # a load naming none stays here, even with every layer asked to go to a device
+    one, none = out["then"]
+    assert on(one["buffers"]) == {servers[1]}, one
+    assert not [b for b in none["buffers"] if b.startswith("RPC")], none
+    assert one["diff"] <= TOL and none["diff"] <= TOL, out["then"]
 
 
 def test_prefetch_skips_remote_layers_with_one_line(laddered_gguf, servers):

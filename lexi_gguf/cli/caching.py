@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from .. import LexiError
-from .common import (add_device_opts, add_json_opt, budget, budget_name, floats, human, lines, names, path,
-                     setup_devices, write_json)
+from .common import (add_device_opts, add_json_opt, budget, budget_name, floats, human, lines, load_options, names,
+                     path, write_json)
 
 
 def cmd_trace(args) -> None:
@@ -18,8 +18,7 @@ def cmd_trace(args) -> None:
          {"prompts": [x for x in lines(args.prompts, "--prompts") if x.strip()]}
     tr = record(args.model, **kw, budget=budget_name(args.budget), no_lexi=args.no_lexi, uniform_k=args.uniform_k,
                 max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                hidden=args.hidden, n_ctx=args.ctx, threads=args.threads,
-                n_gpu_layers=setup_devices(args))
+                hidden=args.hidden, n_ctx=args.ctx, options=load_options(args))
     out = tr.save(args.output)
     m = tr.meta
     print(f"traced {len(tr.tokens)} tokens ({int(tr.generated.sum())} generated) x {len(tr.moe_layers)} MoE layers "

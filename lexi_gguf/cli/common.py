@@ -64,9 +64,9 @@ def names(s: str) -> list[str]:
 
 
 def prefetch_modes(s: str) -> list[str]:
-    """Expert prefetch modes (runtime.llama.PREFETCH_MODES), comma-separated where a command compares
+    """Expert prefetch modes (runtime.options.PREFETCH_MODES), comma-separated where a command compares
     several (`bench --mem-limit`); one elsewhere."""
-    from ..runtime.llama import PREFETCH_MODES
+    from ..runtime.options import PREFETCH_MODES
     out = names(s)
     bad = [m for m in out if m not in PREFETCH_MODES]
     if bad:
@@ -217,15 +217,11 @@ def add_device_opts(p) -> None:
                    "file (pages, prefetch); auto (default) = off with --prefetch or a model larger than memory")
 
 
-def setup_devices(args) -> int:
-    """Connect --rpc servers (process-wide, as llama.cpp does), set the repack mode and tensor split for
-    every load; returns the offload count the command loads with."""
-    from ..runtime import placement, rpc
-    placement.set_default(args.repack)
-    if args.rpc:
-        rpc.connect(args.rpc, args.tensor_split)
-    elif args.tensor_split:
-        rpc.set_tensor_split(args.tensor_split)
-    if args.n_gpu_layers is not None:
-        return args.n_gpu_layers
-    return -1 if args.rpc else 0
+def load_options(args, prefetch: str = "off"):
+    """The runtime.options.LoadOptions a command hands to every load it makes (and to llama.cpp's tools it
+    runs): the device options above, --threads, and the one prefetch mode. Nothing is connected or set
+    here: the load registers the RPC servers its options name."""
+    from ..runtime.options import LoadOptions
+    ngl = args.n_gpu_layers if args.n_gpu_layers is not None else -1 if args.rpc else 0
+    return LoadOptions(n_gpu_layers=ngl, rpc=args.rpc or (), tensor_split=args.tensor_split, repack=args.repack,
+                       prefetch=prefetch, threads=getattr(args, "threads", None))

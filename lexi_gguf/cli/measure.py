@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import LexiError, read_json
-from ..runtime.llama import PREFETCH_MODES
-from .common import (add_device_opts, add_json_opt, floats, human, one_prefetch_mode, outputs, path, prefetch_modes,
-                     setup_devices, write_json)
+from ..runtime.options import PREFETCH_MODES
+from .common import (add_device_opts, add_json_opt, floats, human, load_options, one_prefetch_mode, outputs, path,
+                     prefetch_modes, write_json)
 
 
 def cmd_bench(args) -> None:
@@ -31,16 +31,15 @@ def cmd_bench(args) -> None:
         args.n_gen = 128
     if args.reps is None:
         args.reps = 3
-    prefetch = one_prefetch_mode(args.prefetch)
+    options = load_options(args, one_prefetch_mode(args.prefetch))
     if args.switch:
-        res = switch_bench(args.model, args.budgets, n_gen=args.n_gen, threads=args.threads, n_gpu_layers=setup_devices(args))
+        res = switch_bench(args.model, args.budgets, n_gen=args.n_gen, options=options)
         js = args.json if args.json == "-" else Path(args.json) if args.json else Path(args.model).with_suffix(".switch.json")
         print(switch_table(res), file=human(args))
         write_json(res, js)
         print(f"json -> {js}", file=human(args))
         return
-    res = bench(args.model, args.budgets, n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.reps,
-                threads=args.threads, n_gpu_layers=setup_devices(args), prefetch=prefetch,
+    res = bench(args.model, args.budgets, n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.reps, options=options,
                 progress=args.json != "-")
     js, png = outputs(args, "bench")
     print(table(res), file=human(args))
@@ -54,11 +53,11 @@ def cmd_eval(args) -> None:
     text_path = Path(args.text)
     if not text_path.exists():
         raise LexiError(f"{text_path} does not exist; give a UTF-8 text file with --text")
-    ngl = setup_devices(args)
-    res = evaluate(args.model, text_path.read_text(errors="replace"), args.budgets, ctx=args.ctx,
-                   threads=args.threads, n_gpu_layers=ngl, max_chunks=args.chunks, progress=args.json != "-")
+    options = load_options(args)
+    res = evaluate(args.model, text_path.read_text(errors="replace"), args.budgets, ctx=args.ctx, options=options,
+                   max_chunks=args.chunks, progress=args.json != "-")
     if args.cross_check:
-        res["llama_perplexity"] = cross_check(args.model, text_path, args.ctx, args.threads, res["chunks"], ngl)
+        res["llama_perplexity"] = cross_check(args.model, text_path, args.ctx, chunks=res["chunks"], options=options)
         print(f"llama-perplexity (full model): PPL {res['llama_perplexity']['ppl']:.4f}  ours {res['rows'][0]['ppl']:.4f}",
               file=human(args))
     js, png = outputs(args, "eval")

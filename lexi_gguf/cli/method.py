@@ -22,7 +22,7 @@ def _calibrated(args, src, **profile_kw) -> dict | None:
                                       threads=args.threads, samples=args.samples, seed=args.seed, **profile_kw)
     if args.calib_model:
         return run(args.calib_model)
-    from ..runtime.llama import llama_cpp_dir
+    from ..runtime.build import llama_cpp_dir
     from ..export.hf_to_gguf import convert_to_gguf
     out_dir = Path(args.output).resolve().parent
     with tempfile.TemporaryDirectory(prefix=".calib.", dir=out_dir) as tmp:

@@ -1,7 +1,7 @@
 """`chat`, `serve` and `rpc-server`: a lexi GGUF in use, on one machine or several."""
 from __future__ import annotations
 
-from .common import FULL, add_device_opts, budget, budget_name, one_prefetch_mode, prefetch_modes, setup_devices
+from .common import FULL, add_device_opts, budget, budget_name, load_options, one_prefetch_mode, prefetch_modes
 
 PREFETCH_HELP = ("expert prefetch from the mmapped file (docs/memory.md): off, chosen experts, + guesses for the "
                  "next MoE layer (guess) or two (guess2)")
@@ -11,28 +11,24 @@ def cmd_chat(args) -> None:
     from ..serve.chat import chat
     b = args.budget           # chat takes a stored fraction, or no_lexi for the model's own k
     chat(args.model, budget=b if isinstance(b, float) else None, no_lexi=args.no_lexi or b == FULL,
-         n_gpu_layers=setup_devices(args), threads=args.threads, max_tokens=args.max_tokens, n_ctx=args.ctx,
-         temperature=args.temperature, seed=args.seed, prefetch=one_prefetch_mode(args.prefetch))
+         options=load_options(args, one_prefetch_mode(args.prefetch)), max_tokens=args.max_tokens, n_ctx=args.ctx,
+         temperature=args.temperature, seed=args.seed)
 
 
 def cmd_serve(args) -> None:
     from .. import LexiError
-    prefetch = one_prefetch_mode(args.prefetch)
+    options = load_options(args, one_prefetch_mode(args.prefetch))
     if args.engine == "llama-server":
         from ..serve import llama_server
-        if prefetch != "off":
-            raise LexiError("--prefetch is set through the lexi C API, which llama-server does not call: "
-                            "use the python engine for prefetch")
         llama_server.serve(args.model, budget=budget_name(args.budget), host=args.host, port=args.port, n_ctx=args.ctx,
-                           parallel=args.parallel or 4, threads=args.threads, n_gpu_layers=setup_devices(args),
-                           api_key=args.api_key)
+                           parallel=args.parallel or 4, options=options, api_key=args.api_key)
         return
     if args.parallel not in (None, 1):
         raise LexiError("the python engine answers one request at a time (queued); for parallel slots and "
                         "continuous batching use --engine llama-server")
     from ..serve import serve
     serve(args.model, budget=budget_name(args.budget), host=args.host, port=args.port, n_ctx=args.ctx,
-          threads=args.threads, n_gpu_layers=setup_devices(args), api_key=args.api_key, prefetch=prefetch)
+          options=options, api_key=args.api_key)
 
 
 def cmd_rpc_server(args) -> None:

@@ -12,10 +12,11 @@ from .configs import run_configs
 from ..runtime.cpu import machine
 from ..gguf.reader import active, footprint
 from ..runtime.llama import load
+from ..runtime.options import merged
 
 
 def backend_name(n_gpu_layers: int) -> str:
-    from ..runtime.llama import runtime_record
+    from ..runtime.build import runtime_record
     rec = runtime_record() or {}
     b = rec.get("backend", "cpu")
     return "CPU" if n_gpu_layers == 0 or b == "cpu" else b.upper()
@@ -27,10 +28,12 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=0, prefetch="off",
-            repack: str | None = None) -> dict:
+def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=None, prefetch=None,
+            repack: str | None = None, options=None) -> dict:
+    """options: how the model is loaded (runtime.options.LoadOptions); threads, n_gpu_layers, prefetch,
+    repack: its fields one by one (a value given wins)."""
     import numpy as np
-    llm = load(path, kv_overrides=kv, n_ctx=n_prompt + n_gen + 16, n_batch=min(512, n_prompt),
+    llm = load(path, options=options, kv_overrides=kv, n_ctx=n_prompt + n_gen + 16, n_batch=min(512, n_prompt),
                n_threads=threads, n_gpu_layers=n_gpu_layers, prefetch=prefetch, repack=repack)
     rng = np.random.default_rng(0)
     vocab = llm.n_vocab()
@@ -59,8 +62,9 @@ def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_
             "tg_tps": statistics.median(tg), "tg_min": min(tg), "tg_max": max(tg)}
 
 
-def bench(path, budgets, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=0, progress=True,
-          prefetch="off") -> dict:
+def bench(path, budgets, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=None, progress=True,
+          prefetch=None, options=None) -> dict:
+    opts = merged(options, threads=threads, n_gpu_layers=n_gpu_layers, prefetch=prefetch)
     fp = footprint(path)
     configs = run_configs(path, budgets)
     full_bytes = active(fp, configs[0].counts)[0]
@@ -68,8 +72,7 @@ def bench(path, budgets, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu
     for c in configs:
         if progress:
             print(f"  bench {c.label:<14} k={c.counts}", flush=True)
-        m = measure(path, c.kv, n_prompt=n_prompt, n_gen=n_gen, reps=reps, threads=threads, n_gpu_layers=n_gpu_layers,
-                    prefetch=prefetch)
+        m = measure(path, c.kv, n_prompt=n_prompt, n_gen=n_gen, reps=reps, options=opts)
         b = active(fp, c.counts)[0]
         rows.append({"config": c.config, "budget": c.budget, "avg_k": c.avg_k, "expert_used_count": c.counts,
                      "active_bytes": b, "ideal_speedup": full_bytes / b, **m})
@@ -77,8 +80,8 @@ def bench(path, budgets, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu
     for r in rows:
         r["tg_speedup"] = r["tg_tps"] / full["tg_tps"]
         r["pp_speedup"] = r["pp_tps"] / full["pp_tps"]
-    return {"model": str(path), "backend": backend_name(n_gpu_layers), "threads": threads or os.cpu_count(),
-            "n_gpu_layers": n_gpu_layers, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps,
+    return {"model": str(path), "backend": backend_name(opts.n_gpu_layers), "threads": opts.threads or os.cpu_count(),
+            "n_gpu_layers": opts.n_gpu_layers, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps,
             "machine": machine(), "rows": rows}
 
 
@@ -116,7 +119,8 @@ def plot(res: dict, out) -> Path:
     return Path(out)
 
 
-def switch_bench(path, budgets, *, n_gen=64, switches=20, threads=None, n_gpu_layers=0, progress=True) -> dict:
+def switch_bench(path, budgets, *, n_gen=64, switches=20, threads=None, n_gpu_layers=None, progress=True,
+                 options=None) -> dict:
     """`bench --switch`: one loaded model, budgets switched in place (llama_lexi_set_row).
 
     Decode tok/s at each budget on that one context, and the switch's latency: the call itself and
@@ -129,7 +133,8 @@ def switch_bench(path, budgets, *, n_gen=64, switches=20, threads=None, n_gpu_la
     from ..runtime.llama import set_lexi_row
     info = model_info(path)
     choices = [resolve(info, b, Path(path).name) for b in [FULL, *(f"{b:g}" for b in budgets)]]
-    llm = load(path, n_ctx=n_gen + 16, n_threads=threads, n_gpu_layers=n_gpu_layers)
+    opts = merged(options, threads=threads, n_gpu_layers=n_gpu_layers)
+    llm = load(path, options=opts, n_ctx=n_gen + 16)
     toks = np.random.default_rng(0).integers(100, llm.n_vocab(), n_gen + 2).tolist()
     rows = []
     for c in choices:
@@ -159,7 +164,7 @@ def switch_bench(path, budgets, *, n_gen=64, switches=20, threads=None, n_gpu_la
         steady.append(t3 - t2)
     llm.close()
     med = statistics.median
-    return {"model": str(path), "backend": backend_name(n_gpu_layers), "threads": threads or os.cpu_count(),
+    return {"model": str(path), "backend": backend_name(opts.n_gpu_layers), "threads": opts.threads or os.cpu_count(),
             "n_gen": n_gen, "switches": switches, "switched": [a.name, b.name], "machine": machine(), "rows": rows,
             "switch_call_us": med(call) * 1e6, "first_decode_after_switch_ms": med(first) * 1e3,
             "steady_decode_ms": med(steady) * 1e3, "switch_overhead_ms": med([f - s for f, s in zip(first, steady)]) * 1e3}

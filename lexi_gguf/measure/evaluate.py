@@ -13,11 +13,14 @@ from .. import LexiError
 from .configs import run_configs
 from ..runtime.procs import run_child
 from ..runtime.llama import load
+from ..runtime.options import merged
 from ..runtime.scoring import chunk_logprobs, text_chunks, token_kld
 
 
-def evaluate(path, text: str, budgets: list[float], *, ctx=512, threads=None, n_gpu_layers=0, max_chunks=None,
-             progress=True) -> dict:
+def evaluate(path, text: str, budgets: list[float], *, ctx=512, threads=None, n_gpu_layers=None, max_chunks=None,
+             progress=True, options=None) -> dict:
+    """options: how the model is loaded (runtime.options.LoadOptions); threads, n_gpu_layers: its fields."""
+    opts = merged(options, threads=threads, n_gpu_layers=n_gpu_layers)
     configs = run_configs(path, budgets)
     rows = []
     with tempfile.TemporaryDirectory() as td:
@@ -26,8 +29,7 @@ def evaluate(path, text: str, budgets: list[float], *, ctx=512, threads=None, n_
         for c in configs:
             if progress:
                 print(f"  eval  {c.label:<14} k={c.counts}", flush=True)
-            llm = load(path, kv_overrides=c.kv, n_ctx=ctx, n_batch=min(ctx, 512), logits_all=True,
-                       n_threads=threads, n_gpu_layers=n_gpu_layers)
+            llm = load(path, options=opts, kv_overrides=c.kv, n_ctx=ctx, n_batch=min(ctx, 512), logits_all=True)
             if chunks is None:
                 chunks = text_chunks(llm, text, ctx)[:max_chunks]
                 per = ctx - 1 - ctx // 2
@@ -54,15 +56,15 @@ def evaluate(path, text: str, budgets: list[float], *, ctx=512, threads=None, n_
     return {"model": str(path), "ctx": ctx, "chunks": len(chunks), "rows": rows}
 
 
-def cross_check(path, text_file, ctx: int, threads=None, chunks: int | None = None, n_gpu_layers: int = 0) -> dict:
-    """Run the patched tree's llama-perplexity on the full model (same devices, same RPC servers);
-    its PPL should equal ours."""
-    from ..runtime import rpc
-    from ..runtime.llama import tool
+def cross_check(path, text_file, ctx: int, threads=None, chunks: int | None = None, n_gpu_layers: int | None = None,
+                options=None) -> dict:
+    """Run the patched tree's llama-perplexity on the full model (the same devices, RPC servers and split
+    as `options`); its PPL should equal ours."""
+    from ..runtime.build import tool
+    opts = merged(options, threads=threads, n_gpu_layers=n_gpu_layers)
     exe = tool("llama-perplexity")
     cmd = [str(exe), "-m", str(path), "-f", str(text_file), "-c", str(ctx), "-b", str(min(ctx, 512)),
-           "--override-kv", "lexi.enable=bool:false", "-t", str(threads or 2),
-           "-ngl", str(999 if n_gpu_layers < 0 else n_gpu_layers), *rpc.tool_args()]
+           "--override-kv", "lexi.enable=bool:false", "-t", str(opts.threads or 2), *opts.tool_args()]
     if chunks:
         cmd += ["--chunks", str(chunks)]
     r = run_child(cmd, "llama-perplexity")

@@ -217,6 +217,32 @@ def build_on_demand(name: str, bindir: Path, jobs: int | None = None) -> Path:
     return bindir / name
 
 
+def runtime_record() -> dict | None:
+    """What build_runtime recorded about the runtime this environment uses; None before a set-up."""
+    return json.loads(RUNTIME_RECORD.read_text()) if RUNTIME_RECORD.exists() else None
+
+
+def llama_cpp_dir() -> Path:
+    """The patched llama.cpp source tree (converter, gguf-py, vocab files) of the installed runtime."""
+    if os.environ.get("LEXI_GGUF_LLAMA_CPP_DIR"):
+        return Path(os.environ["LEXI_GGUF_LLAMA_CPP_DIR"])
+    rec = runtime_record()
+    if not rec or not Path(rec["llama_cpp_dir"]).exists():
+        raise LexiError("the patched llama.cpp tree is not set up; run `make setup` or `lexi-gguf build-runtime`")
+    return Path(rec["llama_cpp_dir"])
+
+
+def tool(name: str) -> Path:
+    """Path of llama-bench / llama-perplexity / llama-quantize / ggml-rpc-server ... built from the patched
+    tree (an ON_DEMAND_TOOLS one is built here the first time it is asked for)."""
+    rec = runtime_record()
+    if rec and rec.get("bin_dir") and name in ON_DEMAND_TOOLS and not (Path(rec["bin_dir"]) / name).exists():
+        return build_on_demand(name, Path(rec["bin_dir"]))
+    if not rec or not rec.get("bin_dir") or not (Path(rec["bin_dir"]) / name).exists():
+        raise LexiError(f"{name} is not built; run `make setup` or `lexi-gguf build-runtime`")
+    return Path(rec["bin_dir"]) / name
+
+
 def build_runtime(backend: str = "cpu", jobs: int | None = None, tools: bool = True) -> dict:
     """Build (or take from cache) the patched runtime and install it into this Python environment."""
     if backend not in BACKEND_CMAKE:

@@ -4,7 +4,6 @@ turn loader failures into errors that carry llama.cpp's own message, and say whe
 from __future__ import annotations
 
 import ctypes
-import json
 import sys
 import threading
 from pathlib import Path
@@ -12,6 +11,10 @@ from pathlib import Path
 from .. import LexiError
 from ..gguf import keys
 from .binding import import_llama_cpp, libllama, llama_params_with
+# the runtime's record, llama.cpp tree and tools live in build (rpc needs them too); many callers
+# import them from here
+from .build import llama_cpp_dir, runtime_record, tool  # noqa: F401
+from .options import PREFETCH_MODES, LoadOptions, merged
 
 # the function of llama.h each patch (patches/pin.toml) exports: the runtime has a patch iff it has its symbol
 PATCH_SYMBOLS = {
@@ -109,42 +112,54 @@ def check_file(path: Path) -> None:
     model_info(path)
 
 
-def load(path: str | Path, *, kv_overrides: dict | None = None, n_ctx: int = 512, n_threads: int | None = None,
-         n_gpu_layers: int = 0, logits_all: bool = False, verbose: bool = False, seed: int = 0, n_batch: int = 512,
-         eval_callback=None, prefetch: str = "off", repack: str | None = None, **kw):
+def load(path: str | Path, *, options: LoadOptions | None = None, kv_overrides: dict | None = None, n_ctx: int = 512,
+         n_threads: int | None = None, n_gpu_layers: int | None = None, logits_all: bool = False, verbose: bool = False,
+         seed: int = 0, n_batch: int = 512, eval_callback=None, prefetch: str | None = None, repack: str | None = None,
+         **kw):
     """Open a GGUF with the patched llama-cpp-python; loader errors become ModelLoadError.
-    prefetch: expert prefetch mode (set_prefetch). repack: auto | on | off, whether ggml may copy weights
-    into its repacked CPU layouts (runtime.placement; default: placement.default()).
+
+    options: where layers and weights go and how (runtime.options.LoadOptions: offloaded layers, RPC
+    servers and their split, repacking, expert prefetch, threads); default: all here, on the CPU.
+    n_threads, n_gpu_layers, prefetch, repack: the same fields of options, given one by one (a value
+    given here wins over options). The RPC servers the options name are registered with ggml on the
+    first load that names them and only their devices get layers, whatever else this process registered.
 
     eval_callback: a llama_cpp.ggml_backend_sched_eval_callback that sees the graph's tensors as they
     are computed (kept alive on the returned Llama)."""
     global _log_echo
+    opts = merged(options, threads=n_threads, n_gpu_layers=n_gpu_layers, prefetch=prefetch, repack=repack)
     llama_cpp = import_llama_cpp()
     path = Path(path)
     if not path.exists():
         raise LexiError(f"{path} does not exist")
     check_file(path)
     install_log_hook()
+    from . import placement, rpc
+    if opts.rpc:
+        rpc.connect(list(opts.rpc))                     # process-wide, once per server
+    devices = rpc.devices_for(opts.rpc) if rpc.servers() else None
+    if opts.tensor_split:
+        kw.setdefault("tensor_split", list(opts.tensor_split))
     with _log_lock:
         _log_lines.clear()
     _log_echo = verbose
-    if prefetch not in PREFETCH_MODES:
-        raise LexiError(f"unknown prefetch mode {prefetch!r}: use {', '.join(PREFETCH_MODES)}")
-    from . import placement, rpc
-    if rpc.servers() or rpc.tensor_split():
-        kw.setdefault("tensor_split", rpc.tensor_split())
-    if prefetch != "off" and rpc.servers() and n_gpu_layers != 0:
-        _say_prefetch_skips(path, n_gpu_layers)
-    repack_on = placement.decide(path, repack, prefetch)
+    if opts.prefetch != "off" and opts.rpc and opts.n_gpu_layers != 0:
+        _say_prefetch_skips(path, opts.n_gpu_layers)
+    repack_on = placement.decide(path, opts.repack, opts.prefetch)
+    model_fields = {} if repack_on else {"use_extra_bufts": False}
+    if devices is not None:
+        model_fields["devices"] = ctypes.addressof(devices)
     try:
-        with llama_params_with(eval_callback, None if repack_on else {"use_extra_bufts": False}):
-            llm = llama_cpp.Llama(str(path), kv_overrides=kv_overrides or None, n_ctx=n_ctx, n_threads=n_threads,
-                                  n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, logits_all=logits_all,
+        with llama_params_with(eval_callback, model_fields or None):
+            llm = llama_cpp.Llama(str(path), kv_overrides=kv_overrides or None, n_ctx=n_ctx, n_threads=opts.threads,
+                                  n_threads_batch=opts.threads, n_gpu_layers=opts.n_gpu_layers, logits_all=logits_all,
                                   verbose=verbose, seed=seed, n_batch=n_batch, n_ubatch=n_batch, **kw)
         llm._lexi_eval_callback = eval_callback     # ctypes callbacks must outlive the context
+        llm._lexi_devices = devices
         llm._lexi_repack = repack_on
-        if prefetch != "off":
-            set_prefetch(llm, prefetch)
+        llm._lexi_options = opts
+        if opts.prefetch != "off":
+            set_prefetch(llm, opts.prefetch)
         return llm
     except ValueError:
         with _log_lock:
@@ -201,11 +216,6 @@ def set_lexi_row(llm, row: int, *, keep_cache: bool = False) -> None:
         llm.reset()
 
 
-# guess / guess2: also the experts the next one / two MoE layers' routers pick from this layer's input,
-# asked for before this layer's experts run (a slower disk needs its reads started earlier)
-PREFETCH_MODES = {"off": -1, "chosen": 0, "guess": 1, "guess2": 2}
-
-
 def set_prefetch(llm, mode: str | int) -> None:
     """Expert prefetch for experts read from the mmapped file (docs/memory.md): "off", "chosen" (as soon
     as a layer's router has chosen, ask the OS for exactly those experts' bytes), "guess" (also, before
@@ -257,33 +267,6 @@ def n_expert_active(llm) -> list[int]:
 def weight_norm(llm) -> str:
     """How a loaded model weights fewer experts than trained: renorm | base (llama_model_lexi_weight_norm)."""
     return _lexi_fn("llama_model_lexi_weight_norm", ctypes.c_char_p, [ctypes.c_void_p])(llm.model).decode()
-
-
-def runtime_record() -> dict | None:
-    from .build import RUNTIME_RECORD
-    return json.loads(RUNTIME_RECORD.read_text()) if RUNTIME_RECORD.exists() else None
-
-
-def llama_cpp_dir() -> Path:
-    """The patched llama.cpp source tree (converter, gguf-py, vocab files) of the installed runtime."""
-    import os
-    if os.environ.get("LEXI_GGUF_LLAMA_CPP_DIR"):
-        return Path(os.environ["LEXI_GGUF_LLAMA_CPP_DIR"])
-    rec = runtime_record()
-    if not rec or not Path(rec["llama_cpp_dir"]).exists():
-        raise LexiError("the patched llama.cpp tree is not set up; run `make setup` or `lexi-gguf build-runtime`")
-    return Path(rec["llama_cpp_dir"])
-
-
-def tool(name: str) -> Path:
-    """Path of llama-bench / llama-perplexity / llama-quantize built from the patched tree."""
-    from .build import ON_DEMAND_TOOLS, build_on_demand
-    rec = runtime_record()
-    if rec and rec.get("bin_dir") and name in ON_DEMAND_TOOLS and not (Path(rec["bin_dir"]) / name).exists():
-        return build_on_demand(name, Path(rec["bin_dir"]))
-    if not rec or not rec.get("bin_dir") or not (Path(rec["bin_dir"]) / name).exists():
-        raise LexiError(f"{name} is not built; run `make setup` or `lexi-gguf build-runtime`")
-    return Path(rec["bin_dir"]) / name
 
 
 def doctor() -> dict:

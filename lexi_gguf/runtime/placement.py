@@ -17,21 +17,9 @@ import sys
 from pathlib import Path
 
 from .. import LexiError
+from .options import REPACK_MODES
 
-REPACK_MODES = ("auto", "on", "off")
-_default = "auto"
-_said: set[tuple[str, str]] = set()
-
-
-def set_default(mode: str) -> None:
-    """The repack mode of every later load that does not name one (the CLI's --repack)."""
-    global _default
-    check(mode)
-    _default = mode
-
-
-def default() -> str:
-    return _default
+_said: set[tuple[str, str]] = set()     # (file, reason) already said: once per process
 
 
 def check(mode: str) -> None:
@@ -92,8 +80,9 @@ def model_bytes(path: Path) -> int:
 
 
 def decide(path: Path, mode: str | None, prefetch: str) -> bool:
-    """Whether llama.cpp may repack; an auto decision to turn it off is said once (stderr)."""
-    mode = mode or _default
+    """Whether llama.cpp may repack (mode: a load's LoadOptions.repack; None is auto); an auto decision
+    to turn it off is said once (stderr)."""
+    mode = mode or "auto"
     check(mode)
     if mode != "auto":
         return mode == "on"

@@ -3,7 +3,9 @@ registers them as devices and llama.cpp puts the offloaded layers on them (docs/
 
 What llama.cpp's `--rpc` does (common/arg.cpp add_rpc_devices), from Python: the RPC backend's
 `ggml_backend_rpc_add_server`, then `ggml_backend_register`. Registration is process-wide, as in
-llama.cpp: every model loaded afterwards sees the servers' devices (layers go there with n_gpu_layers).
+llama.cpp (ggml's registry has no way back), and happens once per server; which registered servers a
+load puts layers on is its own (runtime.options.LoadOptions.rpc): runtime.llama.load registers the
+servers its options name and hands llama.cpp exactly their devices (`devices_for`).
 
 ggml's RPC client aborts the process when a server cannot be reached or stops answering mid-run
 (GGML_ABORT, with a backtrace). So servers are probed before they are registered (a clear error naming
@@ -23,8 +25,7 @@ EXIT_RPC_LOST = 3
 DEFAULT_PORT = 50052          # ggml-rpc-server's default
 PROBE_TIMEOUT_S = 3.0
 
-_servers: list[str] = []      # registered endpoints, in order
-_tensor_split: list[float] | None = None
+_servers: list[str] = []      # endpoints registered with ggml in this process, in order
 _abort_cb = None              # keep the ctypes callback alive while ggml holds it
 
 
@@ -88,10 +89,9 @@ def _install_abort_hook(lib) -> None:
     lib.ggml_set_abort_callback(_abort_cb)
 
 
-def connect(spec: str | list[str], tensor_split: list[float] | None = None) -> list[str]:
-    """Probe and register RPC servers (once per endpoint); returns all registered endpoints.
-    tensor_split: share of the offloaded layers per device, in llama.cpp's device order (RPC servers
-    first, in the order given), for every later load."""
+def connect(spec: str | list[str]) -> list[str]:
+    """Probe and register RPC servers with ggml (once per endpoint and process); returns the endpoints
+    asked for. Registration alone puts no layer anywhere: a load names the servers it uses."""
     endpoints = parse_endpoints(spec)
     if not supported():
         raise LexiError("this runtime was built without ggml's RPC backend; rebuild it with `make setup`")
@@ -119,33 +119,59 @@ def connect(spec: str | list[str], tensor_split: list[float] | None = None) -> l
             _servers.remove(ep)
             raise LexiError(f"the RPC server at {ep} offers no device")
         lib.ggml_backend_register(server_reg)
-    if tensor_split is not None:
-        set_tensor_split(tensor_split)
-    return list(_servers)
-
-
-def set_tensor_split(split: list[float] | None) -> None:
-    global _tensor_split
-    _tensor_split = [float(x) for x in split] if split else None
+    return endpoints
 
 
 def servers() -> list[str]:
+    """Every endpoint registered in this process (not: the ones a load uses)."""
     return list(_servers)
 
 
-def tensor_split() -> list[float] | None:
-    return list(_tensor_split) if _tensor_split else None
+# ggml_backend_dev_type
+_DEV_GPU, _DEV_IGPU = 1, 2
 
 
-def tool_args() -> list[str]:
-    """The same servers for a llama.cpp tool run as a child (llama-perplexity, llama-bench)."""
-    return ["--rpc", ",".join(_servers)] if _servers else []
+def _device_api(lib):
+    vp, cp = ctypes.c_void_p, ctypes.c_char_p
+    for name, res, args in (("ggml_backend_dev_count", ctypes.c_size_t, []), ("ggml_backend_dev_get", vp, [ctypes.c_size_t]),
+                            ("ggml_backend_dev_type", ctypes.c_int, [vp]), ("ggml_backend_dev_backend_reg", vp, [vp]),
+                            ("ggml_backend_reg_name", cp, [vp]), ("ggml_backend_dev_description", cp, [vp])):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
+def devices_for(endpoints: tuple[str, ...] | list[str]):
+    """The device list (llama_model_params.devices: a NULL-terminated array) that offloads to exactly
+    these RPC servers, in this order, then the local GPUs (integrated ones only without a discrete one),
+    as llama.cpp's own default selection orders them; None where that default is already this list
+    (the servers registered in this process are exactly these, in this order)."""
+    if list(endpoints) == _servers:
+        return None
+    from .binding import libggml
+    lib = _device_api(libggml())
+    rpc_devs: dict[str, list[int]] = {}
+    gpus, igpus = [], []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        kind = lib.ggml_backend_dev_type(dev)
+        if kind not in (_DEV_GPU, _DEV_IGPU):
+            continue
+        if lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(dev)) == b"RPC":
+            rpc_devs.setdefault(lib.ggml_backend_dev_description(dev).decode(), []).append(dev)
+        else:
+            (gpus if kind == _DEV_GPU else igpus).append(dev)
+    missing = [ep for ep in endpoints if ep not in rpc_devs]
+    if missing:
+        raise LexiError(f"RPC server {missing[0]} is not registered in this process (runtime.rpc.connect)")
+    chosen = [d for ep in endpoints for d in rpc_devs[ep]] + (gpus or igpus)
+    return (ctypes.c_void_p * (len(chosen) + 1))(*chosen, None)
 
 
 def server_command(host: str = "127.0.0.1", port: int = DEFAULT_PORT, threads: int | None = None,
                    cache: bool = False) -> list[str]:
     """llama.cpp's ggml-rpc-server from the patched tree: this machine's backend for a client's --rpc."""
-    from .llama import tool
+    from .build import tool
     cmd = [str(tool("ggml-rpc-server")), "-H", host, "-p", str(port)]
     if threads:
         cmd += ["-t", str(threads)]

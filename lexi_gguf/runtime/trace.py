@@ -156,10 +156,12 @@ def _next_token(llm, temperature: float, rng) -> int:
 def record(path, *, prompts: list[str] | None = None, texts: list[str] | None = None, tokens: list[list[int]] | None = None,
            budget: str | None = None, no_lexi: bool = False, uniform_k: int | None = None,
            max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, hidden: bool = False,
-           n_ctx: int = 1024, threads: int | None = None, n_gpu_layers: int = 0, progress: bool = True) -> Trace:
+           n_ctx: int = 1024, threads: int | None = None, n_gpu_layers: int | None = None, progress: bool = True,
+           options=None) -> Trace:
     """Run the model on prompts (prompt, then generation: greedy, or sampled at `temperature` with a
     fixed seed) or on texts / token lists (no generation), at a budget or a uniform k in every layer
-    (as --override-kv does), recording every MoE layer's experts for every evaluated token."""
+    (as --override-kv does), recording every MoE layer's experts for every evaluated token.
+    options: how the model is loaded (runtime.options.LoadOptions; threads, n_gpu_layers: its fields)."""
     from ..runtime.budgets import DEFAULT, FULL, Budget, resolve
     from ..gguf.reader import model_info
     from ..runtime.llama import ROW_LOADED, lexi_overrides, load, set_lexi_row
@@ -182,7 +184,7 @@ def record(path, *, prompts: list[str] | None = None, texts: list[str] | None = 
     moe_layers = list(info.moe_layers)
     rec = TraceRecorder(moe_layers, hidden=hidden)
     # logits_all: llama.cpp runs the last layer only for tokens that output logits; all of them must
-    llm = load(path, kv_overrides=kv, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
+    llm = load(path, options=options, kv_overrides=kv, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
                eval_callback=rec.callback, logits_all=True)
     set_lexi_row(llm, chosen.row)
     eos = llm.token_eos()

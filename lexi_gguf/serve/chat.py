@@ -29,15 +29,18 @@ def switch_budget(llm, info, args: list[str], current, name: str, stdout):
     return current
 
 
-def chat(path, *, budget=None, no_lexi=False, n_gpu_layers=0, threads=None, max_tokens=256, n_ctx=2048,
-         temperature=0.7, seed=0, stdin=None, stdout=None, prefetch: str = "off") -> list[dict]:
+def chat(path, *, budget=None, no_lexi=False, options=None, n_gpu_layers=None, threads=None, max_tokens=256,
+         n_ctx=2048, temperature=0.7, seed=0, stdin=None, stdout=None, prefetch: str | None = None) -> list[dict]:
+    """options: how the model is loaded (runtime.options.LoadOptions); n_gpu_layers, threads, prefetch:
+    its fields one by one (a value given wins)."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     if budget is not None and no_lexi:
         raise LexiError("--budget and --no-lexi exclude each other")
     info = model_info(path)
     current = resolve(info, FULL if no_lexi else f"{budget:g}" if budget is not None else DEFAULT, Path(path).name)
-    llm = load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, seed=seed, prefetch=prefetch)
+    llm = load(path, options=options, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, seed=seed,
+               prefetch=prefetch)
     set_lexi_row(llm, current.row)   # the file's counts stay loaded; the context runs the chosen row
     interactive = stdin.isatty()
     messages: list[dict] = []

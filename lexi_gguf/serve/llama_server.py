@@ -18,24 +18,27 @@ from .. import LexiError
 from ..gguf.reader import model_info
 from ..runtime import placement, rpc
 from ..runtime.budgets import DEFAULT, budget_kv, resolve
-from ..runtime.llama import override_kv_args, tool
+from ..runtime.build import tool
+from ..runtime.llama import override_kv_args
+from ..runtime.options import LoadOptions
 from .server import model_ids
 
 
-def _slot_args(path: Path, n_ctx: int, parallel: int, threads: int | None, n_gpu_layers: int) -> list[str]:
-    """Options every instance gets: slots, context (each slot gets n_ctx), threads, devices, repacking
-    (runtime.placement: llama.cpp's --no-repack where lexi-gguf's own load would turn it off)."""
+def slot_args(path: Path, n_ctx: int, parallel: int, options: LoadOptions) -> list[str]:
+    """Options every instance gets: slots, context (each slot gets n_ctx), threads, devices (the RPC
+    servers and split of `options`), repacking (runtime.placement: llama.cpp's --no-repack where
+    lexi-gguf's own load would turn it off)."""
     if parallel < 1:
         raise LexiError(f"--parallel {parallel}: give at least 1 slot")
-    args = ["-np", str(parallel), "-c", str(n_ctx * parallel), "-ngl", str(999 if n_gpu_layers < 0 else n_gpu_layers)]
-    if threads:
-        args += ["-t", str(threads)]
-    split = rpc.tensor_split()
-    if split:
-        args += ["-ts", ",".join(f"{x:g}" for x in split)]
-    if not placement.decide(path, None, "off"):
+    if options.prefetch != "off":
+        raise LexiError("--prefetch is set through the lexi C API, which llama-server does not call: "
+                        "use the python engine for prefetch")
+    args = ["-np", str(parallel), "-c", str(n_ctx * parallel)]
+    if options.threads:
+        args += ["-t", str(options.threads)]
+    if not placement.decide(path, options.repack, "off"):
         args.append("--no-repack")
-    return [*args, *rpc.tool_args()]
+    return [*args, *options.tool_args()]
 
 
 def preset_ini(path: Path, ids: dict, slot_args: list[str]) -> str:
@@ -58,16 +61,20 @@ def preset_ini(path: Path, ids: dict, slot_args: list[str]) -> str:
 
 
 def command(path, *, budget: str | None = None, host: str = "127.0.0.1", port: int = 8080, n_ctx: int = 2048,
-            parallel: int = 4, threads: int | None = None, n_gpu_layers: int = 0, api_key: str | None = None,
-            workdir: Path | None = None) -> tuple[list[str], dict]:
+            parallel: int = 4, threads: int | None = None, n_gpu_layers: int | None = None, api_key: str | None = None,
+            workdir: Path | None = None, options: LoadOptions | None = None) -> tuple[list[str], dict]:
     """The llama-server command line and the ids it serves ({id: Budget}); the router's preset file is
-    written to workdir."""
+    written to workdir. options: devices, repacking and threads as for runtime.llama.load (threads,
+    n_gpu_layers: its fields); its RPC servers are probed here, llama-server registers them itself."""
     path = Path(path)
+    opts = (options or LoadOptions()).updated(threads=threads, n_gpu_layers=n_gpu_layers)
     info = model_info(path)      # structure, split set and lexi keys checked (runtime.llama.check_file)
+    slots = slot_args(path, n_ctx, parallel, opts)
+    for ep in opts.rpc:          # a server that is down: our one-line error, not llama-server's abort
+        rpc.probe(ep)
     name = path.stem
     exe = str(tool("llama-server"))
     common = ["--host", host, "--port", str(port), *(["--api-key", api_key] if api_key else [])]
-    slots = _slot_args(path, n_ctx, parallel, threads, n_gpu_layers)
     if budget is not None:
         b = resolve(info, budget, path.name)
         mid = name if b.name == DEFAULT else f"{name}@{b.name}"

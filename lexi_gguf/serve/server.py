@@ -139,15 +139,17 @@ def add_request_checks(app) -> None:
 
 
 def build_app(path, *, budget: str | None = None, n_ctx: int = 2048, threads: int | None = None,
-              n_gpu_layers: int = 0, api_key: str | None = None, name: str | None = None, prefetch: str = "off"):
-    """llama-cpp-python's FastAPI app, serving the one model at every stored budget."""
+              n_gpu_layers: int | None = None, api_key: str | None = None, name: str | None = None,
+              prefetch: str | None = None, options=None):
+    """llama-cpp-python's FastAPI app, serving the one model at every stored budget. options: how the
+    model is loaded (runtime.options.LoadOptions); threads, n_gpu_layers, prefetch: its fields."""
     app_mod, ModelSettings, ServerSettings = _server_modules()
     path = Path(path)
     info = model_info(path)
     name = name or path.stem
     default = resolve(info, budget or DEFAULT, path.name)
     ids = model_ids(name, info, default)
-    llm = load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, prefetch=prefetch)
+    llm = load(path, options=options, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, prefetch=prefetch)
     set_lexi_row(llm, default.row)
     proxy = LexiProxy(llm, ids, name)
     # requests queue (interrupt_requests would cut a streaming answer when the next request arrives)
@@ -168,10 +170,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(path, *, budget: str | None = None, host: str = "127.0.0.1", port: int = 8080, n_ctx: int = 2048,
-          threads: int | None = None, n_gpu_layers: int = 0, api_key: str | None = None, prefetch: str = "off") -> None:
+          threads: int | None = None, n_gpu_layers: int | None = None, api_key: str | None = None,
+          prefetch: str | None = None, options=None) -> None:
     import uvicorn
     app, ids = build_app(path, budget=budget, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers, api_key=api_key,
-                         prefetch=prefetch)
+                         prefetch=prefetch, options=options)
     if not _is_loopback(host) and not api_key:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model",
               file=sys.stderr)

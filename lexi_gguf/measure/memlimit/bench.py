@@ -40,7 +40,7 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
     path = Path(path)
     model_bytes = path.stat().st_size
     fp = footprint(path)
-    from ...runtime.llama import PREFETCH_MODES
+    from ...runtime.options import PREFETCH_MODES
     bad = [m for m in prefetch if m not in PREFETCH_MODES]
     if bad:
         raise LexiError(f"unknown prefetch mode {bad[0]!r}: use {', '.join(PREFETCH_MODES)}")
@@ -125,7 +125,7 @@ def table(res: dict) -> str:
 
 
 def plot(res: dict, out) -> Path:
-    from ...runtime.llama import PREFETCH_MODES
+    from ...runtime.options import PREFETCH_MODES
     from ..plots import pyplot
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
