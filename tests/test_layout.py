@@ -1,5 +1,5 @@
-"""The package's shape, checked: stages import only stages below them, no module borrows another's
-private names, modules stay small, and the ggml struct layout copied into Python matches the pinned
+"""The package's shape, checked: stages import only stages below them, no two modules import each
+other (directly or round a longer circle), no module borrows another's private names, modules stay small, and the ggml struct layout copied into Python matches the pinned
 ggml.h (compiled here, so a pin that moves a field fails this test instead of misreading memory)."""
 from __future__ import annotations
 
@@ -58,6 +58,86 @@ def test_stages_import_only_stages_below_them():
             if dst is not None and dst != src and LAYERS.index(dst) > LAYERS.index(src):
                 back.append(f"{path.relative_to(PKG.parent)}:{line} ({src}) imports {target} ({dst})")
     assert not back, "lower stages import higher ones:\n" + "\n".join(back)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the package's modules it imports, lazy imports too. `from P import n` is an edge to the
+    module P.n where there is one, else to P; a package counts as its __init__ only where a name defined
+    there is imported (Python imports the parent package first either way, but that alone is no circle)."""
+    modules = {module: (path, is_pkg) for path, module, is_pkg in _modules()}
+    graph = {}
+    for module, (path, is_pkg) in modules.items():
+        deps = set()
+        for _, target, names in _imports(path, module, is_pkg):
+            if not target.startswith("lexi_gguf"):
+                continue
+            subs = {f"{target}.{n}" for n in names if f"{target}.{n}" in modules}
+            deps |= subs
+            if (len(subs) < len(names) or not names) and target in modules:
+                deps.add(target)
+        graph[module] = deps - {module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every circle of imports: the strongly connected components with more than one module (Tarjan),
+    each as one path round it."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(_circle(graph, sorted(comp)))
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _circle(graph: dict[str, set[str]], comp: list[str]) -> list[str]:
+    """One path from comp[0] back to itself inside the component (breadth first: the shortest)."""
+    inside, start = set(comp), comp[0]
+    prev, todo = {start: None}, [start]
+    while todo:
+        v = todo.pop(0)
+        for w in sorted(graph[v] & inside):
+            if w == start:
+                path = [v]
+                while prev[path[-1]] is not None:
+                    path.append(prev[path[-1]])
+                return [start, *reversed(path[:-1]), start] if len(path) > 1 else [start, v, start]
+            if w not in prev:
+                prev[w] = v
+                todo.append(w)
+    return comp
+
+
+def test_cycle_finder_finds_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert _cycles(graph) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    circles = _cycles(_import_graph())
+    assert not circles, "modules that import each other (lazy imports count: break the circle by moving " \
+        "what both need into a module both can import):\n" + "\n".join(" -> ".join(c) for c in circles)
 
 
 def test_no_module_imports_another_modules_private_names():
