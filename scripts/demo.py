@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """`make demo`: the main job on the built-in default model.
 
-train (or load cached) -> profile + allocate + convert + quantize (Q8_0) -> chat one prompt ->
-bench and eval full / uniform / lexi -> one summary table, with the paths of the JSON and PNG files;
+train (or load cached) -> profile + allocate + convert + quantize (Q8_0) -> the model continues a
+held-out passage of its docs (sampled) -> bench and eval full / uniform / lexi -> one summary table, with the paths of the JSON and PNG files;
 then expert caching on the same model: trace, predict, simulate (free transfers and on a clock). The
 64-expert caching study is `bench/bench_caching.py` on its own testbed (a second trained model: ~5 min
 of training a cold `make demo` does not pay).
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import json
 import os
 import signal
@@ -66,13 +65,58 @@ def stage_convert() -> dict:
     return {"gguf": str(GGUF), "heatmap": str(heat), **plan}
 
 
+# The built-in model is a base model of a few M parameters trained for minutes on docs text: asked a
+# question through a chat template ("Question: ...\nAnswer:", a format and a newline token it never saw:
+# SentencePiece's normalisation made every newline of its corpus a space) and decoded greedily, it
+# loops on a token or three ("| | | ...", "_ If the_ If the ..."). What it can show is its training
+# distribution: the start of a held-out passage, in the form it read text, continued with seeded sampling.
+SAMPLING = {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "repeat_penalty": 1.1, "seed": 0}
+PROMPT_WORDS = 16
+
+
+def held_out_prompt(text: str, words: int = PROMPT_WORDS) -> tuple[str, str]:
+    """The first `words` words of the first prose paragraph (a letter first, at least twice as many words)
+    of the held-out text, whitespace collapsed as the tokenizer's normalisation did to the training text;
+    and the `words` words that follow them there."""
+    for para in text.split("\n\n"):
+        w = para.split()
+        if para[:1].isalpha() and len(w) >= 2 * words:
+            return " ".join(w[:words]), " ".join(w[words:2 * words])
+    raise LexiError("the held-out text has no paragraph of prose to start a continuation from")
+
+
+def model_line(gguf: Path, recipe: dict) -> str:
+    """What the model is, in one line: its parameter count (from the file's tensors), shape and training."""
+    from lexi_gguf.gguf.reader import open_reader
+    n_params = sum(int(t.n_elements) for t in open_reader(gguf).tensors)
+    trained = f"{recipe['seconds'] / 60:.0f} min" if recipe.get("seconds", 0) >= 90 else f"{recipe.get('seconds', '?')} s"
+    return (f"the model: a {n_params / 1e6:.1f} M-parameter {recipe['arch']} MoE testbed ({recipe['layers']} layers x "
+            f"{recipe['experts']} experts, top-{recipe['k']}, {recipe['vocab']}-token vocabulary), trained here for "
+            f"{trained} ({recipe['steps']} steps) on Python's own docs: it continues such text, it does not answer "
+            "questions")
+
+
+def chat_demo(gguf: Path, prompt: str, original: str, recipe: dict, budget: float = 0.75) -> dict:
+    """The model continues `prompt` at a lexi budget, sampled (SAMPLING); a continuation that is one
+    token repeated (or a loop of a few) is an error, not a demo."""
+    from lexi_gguf.runtime.options import LoadOptions
+    from lexi_gguf.serve.chat import continue_text, degenerate
+    print(model_line(gguf, recipe))
+    print(f"prompt (the start of a held-out passage): {prompt}")
+    print("continuation (" + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in SAMPLING.items()) + "):")
+    out = continue_text(gguf, prompt, budget=budget, options=LoadOptions(threads=THREADS), max_tokens=48,
+                        n_ctx=512, **SAMPLING)
+    print(f"\n[{len(out['tokens'])} tokens, {out['tok_per_s']:.0f} tok/s at budget {out['budget']}]")
+    print(f"the held-out passage goes on: {original} ...")
+    if degenerate(out["tokens"]):
+        raise LexiError(f"the continuation repeats itself ({out['text'][:80]!r}): sampling or prompt broken")
+    return {**out, "original": original, "sampling": SAMPLING, "recipe": recipe}
+
+
 def stage_chat() -> dict:
-    from lexi_gguf.serve.chat import chat
-    prompt = "What does the len() function return?"
-    print(f"> {prompt}")
-    stats = chat(GGUF, budget=0.75, threads=THREADS, max_tokens=48, temperature=0.0, n_ctx=512,
-                 stdin=io.StringIO(prompt + "\n"))
-    return {"prompt": prompt, "budget": 0.75, "stats": stats}
+    model_dir = _model_dir()
+    prompt, original = held_out_prompt((model_dir / "eval.txt").read_text())
+    return chat_demo(GGUF, prompt, original, json.loads((model_dir / "recipe.json").read_text()))
 
 
 def stage_bench() -> dict:
@@ -109,7 +153,8 @@ def stage_caching() -> dict:
 STAGES = [
     ("model", "1. default model (trained here on Python's own docs; a testbed, not a product claim)", stage_model, []),
     ("convert", "2. profile, allocate, convert and quantize (llama.cpp's converter and quantizer)", stage_convert, ["model"]),
-    ("chat", "3. chat (one prompt, lexi budget 0.75)", stage_chat, ["convert"]),
+    ("chat", "3. chat: the model continues a held-out passage of its docs (lexi budget 0.75, sampled)", stage_chat,
+     ["model", "convert"]),
     ("bench", f"4. bench: full vs uniform (--override-kv) vs lexi, {THREADS} threads", stage_bench, ["convert"]),
     ("eval", "5. eval: perplexity and KL divergence vs the full model on held-out text", stage_eval, ["model", "convert"]),
     ("caching", "6. expert caching: trace -> look-ahead predictors -> cache simulation (free and on a clock)",

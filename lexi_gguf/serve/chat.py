@@ -1,6 +1,7 @@
 """`lexi-gguf chat`: streaming local chat through llama-cpp-python with the GGUF's chat template,
 at a stored budget, the file's default, or with lexi switched off; `/budget X` switches in place
-(one model load). Works with piped stdin."""
+(one model load). Works with piped stdin. `continue_text`: what a base model (no chat training, such as
+the built-in testbed) can show, a text of the kind it was trained on continued, sampled."""
 from __future__ import annotations
 
 import sys
@@ -83,3 +84,50 @@ def chat(path, *, budget=None, no_lexi=False, options=None, n_gpu_layers=None, t
         stdout.write(f"\n[{n_tok} tokens, {tps:.1f} tok/s, first token {(first or t1) - t0:.2f} s]\n")
         stdout.flush()
     return stats
+
+
+def degenerate(ids: list[int]) -> bool:
+    """Whether a continuation only repeats itself: one token is half of it or more (`| | | ...`), or it is
+    a loop of a few (`_ If the_ If the ...`: under one distinct token in four)."""
+    if len(ids) < 8:
+        return False
+    top = max(ids.count(t) for t in set(ids))
+    return top * 2 >= len(ids) or len(set(ids)) * 4 < len(ids)
+
+
+def continue_text(path, prompt: str, *, budget=None, options=None, max_tokens=64, n_ctx=512, temperature=0.8,
+                  top_k=40, top_p=0.95, repeat_penalty=1.1, seed=0, stdout=None) -> dict:
+    """Continue `prompt` as plain text (no chat template: a base model was never trained on one), streamed
+    to stdout, at a stored budget (or the file's default). Sampled at `temperature` from the `top_k` /
+    `top_p` most likely tokens with a repeat penalty, by llama.cpp's sampler seeded with `seed`: the same
+    text on every run. Greedy decoding of a small model falls into a loop of one token.
+
+    Returns the prompt, the text, its token ids, speed and the model's parameter count
+    (llama_model_n_params of the loaded model)."""
+    import llama_cpp
+    stdout = stdout or sys.stdout
+    info = model_info(path)
+    current = resolve(info, f"{budget:g}" if budget is not None else DEFAULT, Path(path).name)
+    llm = load(path, options=options, n_ctx=n_ctx, seed=seed)
+    set_lexi_row(llm, current.row)
+    t0 = time.perf_counter()
+    first, pieces = None, []
+    for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, repeat_penalty=repeat_penalty, seed=seed, stream=True):
+        piece = chunk["choices"][0]["text"]
+        if piece:
+            first = first or time.perf_counter()
+            pieces.append(piece)
+            stdout.write(piece)
+            stdout.flush()
+    t1 = time.perf_counter()
+    text = "".join(pieces)
+    # the continuation's own tokens: the prompt and the prompt with it, tokenized, differ by them
+    whole = llm.tokenize((prompt + text).encode(), add_bos=False)
+    ids = whole[len(llm.tokenize(prompt.encode(), add_bos=False)):]
+    n_params = int(llama_cpp.llama_model_n_params(llm.model))
+    llm.close()
+    gen_s = t1 - (first or t1)
+    return {"prompt": prompt, "text": text, "tokens": ids, "budget": current.name, "n_params": n_params,
+            "tok_per_s": (len(ids) - 1) / gen_s if len(ids) > 1 and gen_s > 0 else float("nan"),
+            "first_token_s": (first or t1) - t0}
