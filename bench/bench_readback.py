@@ -6,13 +6,14 @@ written with gguf-py: experts as Q4_K bytes (the right size for Q4_K_M's expert 
 weights: apply copies them, it never computes with them), ~17 GB. Then the copy `apply --k` makes (the
 lexi keys written into a streamed copy) is timed with the read-back check and without it (the writer's
 read_back=False, which only this bench uses), alternating, each run after the source has been read once
-(`cat`), and a plain `cp` for the disk's copy rate. Results: bench/results/readback-<machine>.json.
+(`cat`) and timed until the output is on the disk (`sync`), and a plain `cp` for the disk's copy rate. Results: bench/results/readback-<machine>.json.
 --quick: 4 blocks (~1.4 GB), one run each.
 
-    .venv/bin/python bench/bench_readback.py [--blocks 48] [--reps 2]
+    .venv/bin/python bench/bench_readback.py [--blocks 48] [--reps 3]
 """
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def synth(path: Path, blocks: int) -> Path:
 def main() -> int:
     ap = C.parser(__doc__)
     ap.add_argument("--blocks", type=int, default=48)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--work", default=str(C.WORK / "readback"))
     args = ap.parse_args()
     if args.quick:
@@ -98,14 +99,18 @@ def main() -> int:
     info = model_info(src)
     md = lexi_metadata(info, [6 if i in info.moe_layers else 0 for i in range(info.block_count)], "manual")
     times: dict[str, list[float]] = {"with read-back": [], "without": [], "cp": []}
+    copy_with_metadata(src, out, md, force=True, progress=False)     # a first, untimed run (it was 2x slower)
+    out.unlink()
     for rep in range(args.reps):
         for name in ("without", "with read-back", "cp"):
+            os.sync()                  # no write-back of the last run left to collide with this one
             subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)   # the same start each time
             t0 = time.perf_counter()
             if name == "cp":
                 subprocess.run(["cp", str(src), str(out)], check=True)
             else:
                 copy_with_metadata(src, out, md, force=True, progress=False, read_back=name != "without")
+            os.sync()                  # timed until the output is on the disk
             times[name].append(time.perf_counter() - t0)
             out.unlink()
             print(f"run {rep + 1}/{args.reps} {name}: {times[name][-1]:.1f} s", flush=True)

@@ -212,6 +212,10 @@ def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, 
                 check.data(i, d)
             if bar:
                 bar.update(int(d.nbytes))
+    except BaseException:
+        if check:
+            check.discard()
+        raise
     finally:
         writer.close()
         if bar:
