@@ -119,11 +119,14 @@ def test_bad_requests_get_json_errors_and_the_server_goes_on(server, client, ref
     status, body = _post(base, "/v1/chat/completions", json.dumps({"model": "m@0.3", "messages": MESSAGES}).encode())
     assert status == 404 and "m@0.625" in json.dumps(body)
     # what the OpenAI API refuses is refused here too, naming the field (llama-cpp-python takes all three)
-    for field, value in (("temperature", -5), ("max_tokens", -3), ("n", 5), ("top_p", 1.5)):
+    for field, value in (("temperature", -5), ("max_tokens", -3), ("n", 5), ("top_logprobs", 99)):
         status, body = _post(base, "/v1/chat/completions",
                              json.dumps({"model": "m", "messages": MESSAGES, field: value}).encode())
         assert status == 400 and body["error"]["param"] == field, (field, body)
         assert f"{field} is {value}" in body["error"]["message"]
+    # top_p above 1: llama-cpp-python's own schema refuses it first (422), naming the field too
+    status, body = _post(base, "/v1/chat/completions", json.dumps({"model": "m", "messages": MESSAGES, "top_p": 1.5}).encode())
+    assert status == 422 and body["error"]["param"] == "top_p", body
     status, body = _post(base, "/v1/completions", json.dumps({"model": "m", "prompt": "x", "max_tokens": 0}).encode())
     assert status == 400 and body["error"]["param"] == "max_tokens"
     status, _ = _post(base, "/v1/chat/completions", json.dumps({"model": "m", "messages": MESSAGES}).encode(), key=None)

@@ -67,9 +67,16 @@ class Layout:
     regions: list[Region] = field(default_factory=list)
 
 
+def gguf_py():
+    try:
+        import gguf
+    except ImportError:
+        raise LexiError("gguf-py is not installed; run `make setup` (it installs the pinned llama.cpp's gguf-py)") from None
+    return gguf
+
+
 def _ggml_sizes() -> dict[int, tuple[int, int]]:
     """ggml type id -> (block size, bytes per block), from gguf-py's table of the pinned llama.cpp."""
-    from .reader import gguf_py
     gguf = gguf_py()
     return {int(t): v for t, v in gguf.GGML_QUANT_SIZES.items()}
 

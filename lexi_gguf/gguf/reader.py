@@ -11,14 +11,7 @@ import numpy as np
 
 from .. import LexiError
 from . import keys
-
-
-def gguf_py():
-    try:
-        import gguf
-    except ImportError:
-        raise LexiError("gguf-py is not installed; run `make setup` (it installs the pinned llama.cpp's gguf-py)") from None
-    return gguf
+from .check import check, gguf_py  # noqa: F401  (gguf_py: imported from here by the other stages)
 
 
 _READER = None
@@ -73,7 +66,6 @@ def open_one(path: str | Path):
         raise LexiError(f"{path} does not exist")
     if path.is_dir():
         raise LexiError(f"{path} is a folder; give a .gguf file (a Hugging Face folder goes to `lexi-gguf convert`)")
-    from .check import check
     check(path)      # a malformed file: MalformedGGUF, naming the byte offset and the field
     st = path.stat()
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, _reader_class())

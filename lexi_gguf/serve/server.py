@@ -78,15 +78,13 @@ def _error(status: int, message: str, param: str | None = None):
                                                                "param": param, "code": None}})
 
 
-# what the OpenAI API refuses (its documented ranges) and llama-cpp-python takes: `max_tokens` -3 as "no
-# limit", `temperature` -5 as greedy, `n` 5 as one choice. field -> (lowest, highest, what is allowed)
+# what the OpenAI API refuses (its documented ranges) and llama-cpp-python's schema lets through (top_p and
+# the penalties it bounds itself: a 422 naming the field): `max_tokens` -3 taken as "no limit", 0 as a
+# completion of nothing, `temperature` -5 as greedy, `top_logprobs` 99, `n` 5 answered with one choice.
+# field -> (lowest, highest, what is allowed)
 RANGES = {
     "temperature": (0.0, 2.0, "between 0 and 2"),
-    "top_p": (0.0, 1.0, "between 0 and 1"),
-    "presence_penalty": (-2.0, 2.0, "between -2 and 2"),
-    "frequency_penalty": (-2.0, 2.0, "between -2 and 2"),
     "max_tokens": (1, None, "at least 1 (or null for no limit)"),
-    "max_completion_tokens": (1, None, "at least 1 (or null for no limit)"),
     "top_logprobs": (0, 20, "between 0 and 20"),
     "n": (1, 1, "1: this server returns one choice per request; send n requests for n answers"),
     "best_of": (1, 1, "1: this server returns one choice per request"),
