@@ -155,8 +155,8 @@ def check_copy(src: Path, copy: Path, shown: str) -> None:
         while True:
             x, y = a.read(16 << 20), b.read(16 << 20)
             if x != y:
-                raise WriteCheckError(f"the copied shard {shown} differs from {src.name} at byte {a.tell() - len(x):,}.. "
-                                      "; it was not kept (a failing disk?)")
+                raise WriteCheckError(f"the copied shard {shown} differs from {src.name} near byte {a.tell() - len(x):,}; "
+                                      "it was not kept (a failing disk?)")
             if not x:
                 break
     scan(copy)
@@ -191,7 +191,7 @@ def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, 
         d = t.data if same_shapes else tensor_data(t)
         total += int(d.nbytes)
         writer.add_tensor_info(t.name, d.shape, d.dtype, d.nbytes, t.tensor_type)
-        meant_tensors.append(Written(t.name, _ne(gguf, t, d, same_shapes), int(t.tensor_type), int(d.nbytes)))
+        meant_tensors.append(Written(t.name, _ne(t, d, same_shapes), int(t.tensor_type), int(d.nbytes)))
     check = ReadBack(tmp, meant_tensors, meant, reader.alignment, shown) if read_back else None
     bar = None
     try:
@@ -224,13 +224,13 @@ def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, 
         check.close()
 
 
-def _ne(gguf, t, d, same_shapes: bool) -> tuple[int, ...]:
+def _ne(t, d, same_shapes: bool) -> tuple[int, ...]:
     """The ggml shape (ne[0] first) a tensor is meant to have: the source's, or that of the data given
     (a quantized tensor's data is bytes: its element shape comes from the type's block size)."""
     if same_shapes:
         return tuple(int(n) for n in t.shape)
     shape = d.shape
-    if d.dtype == np.uint8 and t.tensor_type not in (gguf.GGMLQuantizationType.I8,):
+    if d.dtype == np.uint8:       # quantized types travel as bytes (I8 as int8)
         from gguf.quants import quant_shape_from_byte_shape
         shape = quant_shape_from_byte_shape(shape, t.tensor_type)
     return tuple(int(n) for n in reversed(shape))
