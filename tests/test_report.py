@@ -21,7 +21,7 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))    # the checkout root: bench/ helpers
 from bench import _common as C  # noqa: E402
 
-MUTATION = {"kind": "mutation-campaign", "machine": {"cpu": "Test CPU", "cpu_class": "avx2", "cores": 4,
+MUTATION = {"kind": "mutation", "machine": {"cpu": "Test CPU", "cpu_class": "avx2", "cores": 4,
                                                      "id": "test-cpu-avx2-4c-abcdef"},
             "date": "2026-01-02T03:04:05+00:00", "commit": "0123456789ab", "cases": 120, "runs": 360,
             "commands": ["inspect", "apply", "chat"],
@@ -73,7 +73,7 @@ def test_a_family_without_a_renderer_still_shows_up(tmp_path, monkeypatch):
     assert "CPU `Test CPU` · class `avx2` · 4 cores · date `2026-01-02T03:04:05+00:00` · commit `0123456789ab`" in text
     assert f"patch hash {NR}" in text
     assert "| 2 | y |" in text and "`score` | 0.5" in text and "`nested` (1 entries)" in text
-    monkeypatch.delitem(report.RENDERERS, "mutation-campaign")  # the generic view of the same file
+    monkeypatch.delitem(report.RENDERERS, "mutation")  # the generic view of the same file
     text = report.render(tmp_path, tmp_path)
     assert "No renderer for this family yet" in text
     assert "| `inspect` | 100 | 2 | 0 | 102 |" in text and "| `bitflip` | 38 | 2 | 40 |" in text

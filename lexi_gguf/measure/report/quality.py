@@ -145,8 +145,8 @@ def _idpredict(d: dict) -> list[str]:
     return out + targets(d)
 
 
-@family("mutation-campaign", "Mutation campaign", None, None,
-        "malformed inputs fed to every command: what each command did with each kind of mutation")
+@family("mutation", "Mutation campaign", "bench/bench_mutations.py", "docs/gguf-contract.md",
+        "damaged GGUF files fed to every command: what each command did with each kind of damage")
 def _mutation(d: dict) -> list[str]:
     out = [f"{d.get('cases', '?')} cases, {d.get('runs', '?')} runs over {len(d.get('commands') or [])} commands"
            + (f": {', '.join(f'`{c}`' for c in d['commands'])}" if d.get("commands") else "") + "."]

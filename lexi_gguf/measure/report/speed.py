@@ -166,3 +166,16 @@ def _rpc(d: dict) -> list[str]:
     return [f"Model `{Path(str(d.get('model', ''))).name}`, link: {d.get('link', '?')}; pp{d.get('n_prompt', '')} / "
             f"tg{d.get('n_gen', '')}, {d.get('reps', '?')} repetitions.",
             table(["setup", "server threads", "config", "pp t/s", "tg t/s", "tg vs local", "pp vs local"], rows)]
+
+
+@family("readback", "The read-back of every written file: what it costs", "bench/bench_readback.py",
+        "docs/gguf-contract.md", "apply's streamed copy of a ~17 GB file with and without the read-back check, and cp")
+def _readback(d: dict) -> list[str]:
+    med, runs = d.get("median_s") or {}, d.get("seconds") or {}
+    rows = [[name, num(med.get(name), ".1f"), ", ".join(num(x, ".1f") for x in runs.get(name, []))] for name in med]
+    return [f"A {num((d.get('file_bytes') or 0) / 2**30, '.1f')} GiB file ({d.get('blocks', '?')} MoE blocks, qwen3-30b-a3b "
+            f"shape), each run timed until `sync`, median of {d.get('reps', '?')}.",
+            table(["copy", "median s", "runs s"], rows),
+            f"The read-back costs {num(d.get('read_back_s'), '.1f')} s, {num(d.get('read_back_share'), '.0%')} of the copy.",
+            *targets(d)]
+
