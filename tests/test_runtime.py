@@ -2,10 +2,13 @@
 architecture; files without lexi keys behave as before; bad metadata is an error, not an abort."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
+from lexi_gguf import LexiError
 from lexi_gguf.gguf import keys
 from lexi_gguf.runtime import llama as runtime
 from lexi_gguf.gguf.writer import copy_with_metadata, lexi_metadata
@@ -157,7 +160,19 @@ def test_bad_metadata_is_a_python_error_with_the_loaders_message(case, tiny_gguf
         f, msg, kv = _bad(src, tmp_path / "b.gguf", {}), "has no lexi.ladder.expert_used_count", {keys.BUDGET_INDEX: 0}
     else:
         f, msg, kv = _bad(src, tmp_path / "b.gguf", {}), "lexi.enable must be a bool", {keys.ENABLE: 1}
-    with pytest.raises(runtime.ModelLoadError, match=msg) as ei:
+    if kv is None:      # damaged keys in the file: lexi-gguf refuses before llama.cpp gets it, naming the rule
+        py = "must be ARRAY/UINT32 or ARRAY/INT32" if case in ("float_array", "scalar") else msg
+        with pytest.raises(LexiError, match=py):
+            runtime.load(f, n_ctx=32)
+        # and the patched loader itself (llama-server, llama-cli, any binding) refuses it in its own words
+        import llama_cpp
+        runtime.install_log_hook()
+        runtime.clear_log()
+        with pytest.raises(ValueError):
+            llama_cpp.Llama(str(f), n_ctx=32, verbose=False)
+        assert re.search(msg, runtime.captured_log()), runtime.captured_log()[-500:]
+        return
+    with pytest.raises(runtime.ModelLoadError, match=msg) as ei:      # a kv override only the loader sees
         runtime.load(f, kv_overrides=kv, n_ctx=32)
     assert any("lexi" in m for m in ei.value.loader_messages)
 

@@ -84,7 +84,7 @@ def test_broken_sets_are_refused_by_name(sets, tmp_path):
     refused(["chat", str(renamed)], "is not named like one")
     data = shards[2].read_bytes()
     shards[2].write_bytes(data[: len(data) // 2])
-    refused(["apply", str(shards[0]), "-o", str(out), "--k", "4,3,2,1"], f"{shards[2]} is not a readable GGUF")
+    refused(["apply", str(shards[0]), "-o", str(out), "--k", "4,3,2,1"], f"{shards[2]} is not a valid GGUF file: at byte")
     shards[2].unlink()
     refused(["apply", str(shards[0]), "-o", str(out), "--k", "4,3,2,1"], f"shard 3 of 3 is missing: {shards[2]}")
     refused(["chat", str(shards[0])], f"shard 3 of 3 is missing: {shards[2]}")

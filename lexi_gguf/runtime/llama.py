@@ -60,6 +60,12 @@ def install_log_hook():
     llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
 
 
+def clear_log() -> None:
+    """Forget what llama.cpp logged so far (captured_log then holds only what comes next)."""
+    with _log_lock:
+        _log_lines.clear()
+
+
 def captured_log() -> str:
     with _log_lock:
         return "".join(s for _, s in _log_lines)
@@ -140,8 +146,7 @@ def load(path: str | Path, *, options: LoadOptions | None = None, kv_overrides: 
     devices = rpc.devices_for(opts.rpc) if rpc.servers() else None
     if opts.tensor_split:
         kw.setdefault("tensor_split", list(opts.tensor_split))
-    with _log_lock:
-        _log_lines.clear()
+    clear_log()
     _log_echo = verbose
     if opts.prefetch != "off" and opts.rpc and opts.n_gpu_layers != 0:
         _say_prefetch_skips(path, opts.n_gpu_layers)
