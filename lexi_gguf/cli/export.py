@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import LexiError
 from ..gguf import keys
 from ..method.profile import DEFAULT_SAMPLES
 from .common import (WEIGHT_NORM_HELP, add_alloc_opts, add_calib_opts, add_json_opt, add_solver_opts, allowed_k,
@@ -44,6 +45,18 @@ def cmd_relayout(args) -> None:
     from ..export.relayout import relayout_from_trace
     out = relayout_from_trace(args.model, args.output, args.trace, force=args.force)
     print(f"wrote {out}")
+
+
+def cmd_synth(args) -> None:
+    from ..testbeds import shapes, synth
+    if bool(args.like) == bool(args.config):
+        raise LexiError("give exactly one of --like NAME (" + ", ".join(shapes.SHAPES) + ") or --config SHAPE.json")
+    full = shapes.get(args.like) if args.like else shapes.from_config(args.config)
+    s = shapes.reduced(full, args.layers, args.experts)
+    r = synth.synth(s, args.quant, args.output, full_layers=full.layers, force=args.force, seed=args.seed)
+    how = "from the cache" if r["cached"] else "written"
+    print(f"{r['path']}: {s.name} at {args.quant}, {s.layers} layers x {s.experts} experts (k {s.k}), "
+          f"{r['bytes'] / 2**30:.2f} GiB, {how} in {r['seconds']:.1f} s")
 
 
 def register(sub) -> None:
@@ -90,3 +103,17 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", type=path, required=True)
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.set_defaults(func=cmd_relayout)
+
+    p = sub.add_parser("synth", help="a GGUF at the exact shape of a released MoE (random weights in valid blocks, "
+                       "the real vocabulary, a synthetic LExI ladder), cached; docs/true-size.md")
+    p.add_argument("--like", help="a released shape: qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite, olmoe-1b-7b, "
+                   "gpt-oss-20b")
+    p.add_argument("--config", type=path, help="a shape as JSON (the fields of testbeds.shapes.Shape)")
+    p.add_argument("--quant", default="Q4_K_M", help="llama-quantize's mix: Q4_K_M, Q8_0, IQ4_XS, MXFP4 (gpt-oss)")
+    p.add_argument("-o", "--output", type=path, help="where the file goes (a link to the cached file); "
+                   "default: the cache's path")
+    p.add_argument("--layers", type=int, help="the first N layers only (same per-layer shape), for tests")
+    p.add_argument("--experts", type=int, help="N experts per MoE layer instead of the shape's, for tests")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite the output")
+    p.set_defaults(func=cmd_synth)

@@ -234,3 +234,57 @@ def _ne(t, d, same_shapes: bool) -> tuple[int, ...]:
         from gguf.quants import quant_shape_from_byte_shape
         shape = quant_shape_from_byte_shape(shape, t.tensor_type)
     return tuple(int(n) for n in reversed(shape))
+
+
+def write_new(out: str | Path, arch: str, kv: dict, tensors: list[tuple[str, tuple[int, ...], int, int]], data_of,
+              *, force: bool = False, progress: bool = True) -> Path:
+    """A new GGUF from keys (name -> (value, GGUFValueType, sub_type)) and tensors made one at a time:
+    tensors[i] = (name, ne (ggml order), ggml type, bytes), data_of(i) its data (quantized types as uint8
+    bytes, others as numpy arrays of their type). The same temp file, read-back and rename as a copy."""
+    gguf = gguf_py()
+    out = Path(out)
+    if not out.parent.exists():
+        raise LexiError(f"output folder {out.parent} does not exist")
+    require_free(out.parent, sum(t[3] for t in tensors) + (64 << 20), f"writing {out.name}")
+    with atomic_output(out, force) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch=arch)
+        meant = {gguf.Keys.General.ARCHITECTURE: arch}
+        for name, (val, vt, sub) in kv.items():
+            writer.add_key_value(name, val, vt, sub_type=sub)
+            meant[name] = val
+        written = []
+        for name, ne, ty, nb in tensors:
+            qt = gguf.GGMLQuantizationType(ty)
+            blk, size = gguf.GGML_QUANT_SIZES[qt]
+            plain = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(qt)
+            shape = tuple(reversed(ne)) if plain else tuple(reversed(ne[1:])) + (ne[0] // blk * size,)
+            writer.add_tensor_info(name, shape, plain or np.uint8, nb, raw_dtype=qt)
+            written.append(Written(name, tuple(ne), int(ty), int(nb)))
+        check = ReadBack(tmp, written, meant, writer.data_alignment, out.name)
+        bar = None
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            writer.flush()
+            check.header()
+            if progress:
+                from tqdm import tqdm
+                bar = tqdm(desc=f"write + read back {out.name}", total=sum(t[3] for t in tensors), unit="B",
+                           unit_scale=True)
+            for i in range(len(tensors)):
+                d = data_of(i)
+                writer.write_tensor_data(d)
+                writer.flush()
+                check.data(i, d)
+                if bar:
+                    bar.update(int(d.nbytes))
+        except BaseException:
+            check.discard()
+            raise
+        finally:
+            writer.close()
+            if bar:
+                bar.close()
+        check.close()
+    return out
