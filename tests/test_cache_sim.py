@@ -125,3 +125,68 @@ def test_learned_predictor_learns_a_pattern(tmp_path):
     p.save(tmp_path / "p.pt")
     again = predict.LearnedPredictor.load(tmp_path / "p.pt").predictions(test)[1]
     assert again == p.predictions(test)[1]
+
+
+# ---------------------------------------------------------------- per-layer k, the shared policies, synthetic routing
+
+def test_k_truncation_keeps_the_highest_weight_experts():
+    tr = _trace([[[0, 1, 2, 3], [4, 5, 6, 7]]] * 2, 8)
+    tr.weights = np.array([[[0.1, 0.4, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1]]] * 2, np.float32)
+    out = S.with_counts(tr, [2, 1])
+    assert out.counts.tolist() == [2, 1] and out.experts.shape == (2, 2, 2)
+    assert out.experts[0, 0].tolist() == [1, 2] and out.experts[0, 1].tolist() == [4, -1]
+    assert out.weights[0, 1].tolist() == pytest.approx([0.4, 0.0])
+    # equal weights (an imported trace without them): the selection order decides
+    tr.weights[:] = 0.25
+    assert S.with_counts(tr, [3, 4]).experts[1, 0].tolist() == [0, 1, 2, -1]
+    # k per block, 0 on a dense block: MoE layers at blocks 1 and 2
+    tr.moe_layers = np.array([1, 2], np.int32)
+    assert S.with_counts(tr, [0, 1, 1]).counts.tolist() == [1, 1]
+    with pytest.raises(LexiError, match=r"^--k asks for 5 experts in MoE layer 1 \(block 2\); the trace recorded 4"):
+        S.with_counts(tr, [4, 5])
+    with pytest.raises(LexiError, match="one per MoE layer"):
+        S.with_counts(tr, [1, 1, 1, 1])
+    # fewer experts per token, fewer misses on the same routing
+    assert S.simulate(S.with_counts(tr, [1, 1]), 0.25, "lru").accesses == 4
+
+
+def test_every_policy_evicts_what_victim_names():
+    from lexi_gguf.caching import policies as P
+    rng = np.random.default_rng(0)
+    for kind in P.EVICTION:
+        pool = P.make_pools(None, 5, kind, 2, 8, [2, 2])[0]
+        for i in range(200):
+            t, j = divmod(i, 4)
+            e = int(rng.integers(8))
+            key = (j % 2) * 8 + e
+            pool.on_layer(t, j % 2, [key])
+            if key in pool:
+                pool.touch(key, i, i + 10)
+            else:
+                v = pool.victim() if len(pool) >= 5 else None
+                assert pool.admit(key, i, i + 10) == v and key in pool and len(pool) <= 5
+
+
+def test_nextuse_keeps_the_expert_that_returns():
+    """One layer, 2 slots, expert 0 back every third token between never-seen ones: LRU evicts 0 just
+    before it returns (0 hits); the learned next-use estimate keeps it once it has seen the pattern."""
+    seq = [e for i in range(60) for e in (0, 1 + 2 * i, 2 + 2 * i)]
+    tr = _trace([[[e]] for e in seq], 128)
+    lru, nu, bel = (S.simulate(tr, 2 / 128, p) for p in ("lru", "nextuse", "belady"))
+    assert lru.hits == 0
+    assert nu.hits >= 45 and bel.hits == 59          # of 59 returns of expert 0 (it learns in ~12)
+
+
+def test_synthetic_routing_matches_the_stated_statistics():
+    from lexi_gguf.caching import synthroute as R
+    ds = R.synth_trace("deepseek-v2-lite", seqs=4, tokens=64)
+    assert ds.meta["synthetic"] and "SYNTHETIC" in ds.meta["model"]
+    assert ds.experts.shape[1:] == (26, 6) and ds.n_expert == 64 and ds.moe_layers[0] == 1
+    assert 0.25 <= R.overlap(ds) <= 0.31                 # ~28 % shared with the previous token
+    mx = R.synth_trace("mixtral-8x7b", seqs=8, tokens=64)
+    assert mx.experts.shape[1:] == (32, 2)
+    assert 0.29 <= S.simulate(mx, 0.25, "lru").hit_rate <= 0.39       # the recording: 0.34
+    assert 0.57 <= S.simulate(mx, 0.25, "belady").hit_rate <= 0.68    # the recording: 0.62
+    assert (np.diff(mx.weights, axis=2) <= 0).all()                     # highest weight first
+    with pytest.raises(LexiError, match="unknown synthetic routing preset"):
+        R.synth_trace("gpt-9")

@@ -27,7 +27,8 @@ import numpy as np
 
 from .. import LexiError
 from ..runtime.trace import Trace
-from .simulate import LINKS, lookahead_targets, replay_setup
+from .policies import PrefetchGate
+from .simulate import LINKS, lookahead_targets, parse_policy, replay_setup
 
 
 @dataclass
@@ -44,6 +45,8 @@ class ClockResult:
     wasted_bytes: float    # prefetched, evicted or left unused
     stall_s: float
     compute_s: float
+    prefetches: int = 0    # prefetch transfers issued
+    refused: int = 0       # guesses the gate did not prefetch (expected gain <= 0)
 
     def row(self) -> dict:
         n = max(self.tokens, 1)
@@ -52,7 +55,8 @@ class ClockResult:
                 "ms_per_token": (self.stall_s + self.compute_s) / n * 1e3, "stall_ms_per_token": self.stall_s / n * 1e3,
                 "compute_ms_per_token": self.compute_s / n * 1e3,
                 "mb_per_token": (self.demand_bytes + self.prefetch_bytes) / n / 1e6,
-                "wasted_mb_per_token": self.wasted_bytes / n / 1e6}
+                "wasted_mb_per_token": self.wasted_bytes / n / 1e6, "prefetches": self.prefetches,
+                "refused": self.refused}
 
 
 def parse_link(spec: str) -> tuple[str, float, float]:
@@ -77,22 +81,32 @@ class Link:
         if depth < 1:
             raise LexiError(f"queue depth {depth}: give at least 1")
         self.bw, self.lat, self.depth, self.demand_first = bw, lat, depth, demand_first
-        self.queues = (deque(), deque())        # (demand, prefetch) with demand_first; else all in [1]
+        self.queues = (deque(), deque(), deque())   # (demand, prefetch, polite prefetch); FIFO: all in [1], [2]
+        self.queued = 0.0                       # bytes issued, not started
         self.inflight: list[float] = []         # completion times of started transfers (a heap)
         self.data_free = self.last_start = 0.0
         self.done: dict[int, float] = {}        # transfer id -> when its bytes are in fast memory
         self._ids = itertools.count()
 
-    def issue(self, nbytes: float, t: float, demand: bool) -> int:
+    def issue(self, nbytes: float, t: float, demand: bool, polite: bool = False) -> int:
+        """A transfer issued at t. polite (a gated prefetch): it starts only once the data channel frees,
+        so it never holds bandwidth ahead of a later demand read: a demand read waits behind at most the
+        one polite transfer already moving."""
         tid = next(self._ids)
-        self.queues[0 if demand and self.demand_first else 1].append((tid, nbytes, t))
+        self.queues[2 if polite and not demand else 0 if demand and self.demand_first else 1].append((tid, nbytes, t))
+        self.queued += nbytes
         return tid
+
+    def backlog(self, t: float) -> float:
+        """Seconds of data already committed to the link at t (moving or queued)."""
+        return max(0.0, self.data_free - t) + self.queued / self.bw
 
     def _next(self):
         """(queue, start time) of the transfer that starts next, or None."""
         slot = self.inflight[0] if len(self.inflight) >= self.depth else 0.0
         s0 = max(slot, self.last_start)
-        cands = [(max(s0, q[0][2]), i) for i, q in enumerate(self.queues) if q]
+        cands = [(max(s0, q[0][2], self.data_free - self.lat if i == 2 else 0.0), i)
+                 for i, q in enumerate(self.queues) if q]
         if not cands:
             return None
         s, i = min(cands)                 # the earliest start; at a tie, demand (queue 0) first
@@ -100,6 +114,7 @@ class Link:
 
     def _start(self, q, s: float) -> None:
         tid, nbytes, _ = q.popleft()
+        self.queued -= nbytes
         if len(self.inflight) >= self.depth:
             heapq.heappop(self.inflight)
         end = max(s + self.lat, self.data_free) + nbytes / self.bw
@@ -125,7 +140,9 @@ class Link:
 def simulate_clocked(trace: Trace, capacity: float, policy: str, *, link: str = "nvme",
                      compute_s: list[float] | float, predictions: dict | None = None, depth: int = 1,
                      phase: str = "auto", slot_mode: str = "global", queue_depth: int = 1,
-                     demand_first: bool = False) -> ClockResult:
+                     demand_first: bool = False, gate: PrefetchGate | None = None) -> ClockResult:
+    """Replay on the clock (module docstring). A gated policy (`prefetch:PRED:gated`) decides with `gate`
+    (a fresh PrefetchGate when none is given: pass one to read its decisions afterwards)."""
     L, E = len(trace.moe_layers), trace.n_expert
     name, bw, lat = parse_link(link)
     if queue_depth > 1 or demand_first:
@@ -134,10 +151,12 @@ def simulate_clocked(trace: Trace, capacity: float, policy: str, *, link: str = 
     _, prefetch, caches, cache_of, nbytes, toks, reqs, next_use = replay_setup(trace, capacity, policy, predictions,
                                                                               phase, slot_mode)
     wire = Link(bw, lat, queue_depth, demand_first)
+    gated = parse_policy(policy)[2]
+    gate = (gate or PrefetchGate(depth, int(trace.counts.max()))) if gated else None
     pending: dict[int, int] = {}         # key -> its last transfer (absent: resident since long ago)
     unused: dict[int, float] = {}        # prefetched, not used yet -> bytes
     now = 0.0
-    hits = late = 0
+    hits = late = n_pref = 0
     demand_b = prefetch_b = wasted_b = stall = computed = 0.0
     seq_now = None
 
@@ -151,7 +170,15 @@ def simulate_clocked(trace: Trace, capacity: float, policy: str, *, link: str = 
         if j == 0 and trace.seq[toks[s]] != seq_now:
             seq_now = trace.seq[toks[s]]
             for c in caches:
-                getattr(c, "new_sequence", lambda: None)()
+                c.new_sequence()
+        idx = list(idx)
+        needed = [j * E + reqs[i][2] for i in idx]
+        for c in caches:
+            c.on_layer(s, j, needed)
+        if gate:             # layer j ran: score the guesses made for it
+            for d in range(1, depth + 1):
+                if (g := predictions.get(d, {}).get((int(toks[s]), j))) is not None:
+                    gate.learn(d, g, [reqs[i][2] for i in idx])
         c, start = cache_of(j), now
         wire.advance(start)
         waits: list[int] = []            # transfers this layer waits for
@@ -168,28 +195,46 @@ def simulate_clocked(trace: Trace, capacity: float, policy: str, *, link: str = 
                 unused.pop(key, None)
             else:
                 demand_b += nbytes[j]
-                evicted(c.insert(key, i, next_use[i]))
+                evicted(c.admit(key, i, next_use[i]))
                 pending[key] = wire.issue(nbytes[j], start, demand=True)
                 waits.append(pending[key])
         if prefetch:
             for d, tt, jj in lookahead_targets(trace, toks, s, j, depth):
                 cj = cache_of(jj)
-                for e in predictions.get(d, {}).get((tt, jj), ()):
+                lead = float(sum(comp[(j + x) % L] for x in range(d)))     # compute before layer jj starts
+                for rank, e in enumerate(predictions.get(d, {}).get((tt, jj), ())):
                     key = jj * E + int(e)
-                    if key in cj:
-                        cj.touch(key, i)
+                    conf = gate.confidence(d, rank) if gate else 1.0
+                    if key in cj:       # gated over LRU: only a likely guess moves up (it displaces reuse)
+                        if not gate or conf >= 0.5 or cj.reuse(key) is not None:
+                            cj.promote(key, i, conf)
                         continue
-                    evicted(cj.insert(key, i))
-                    pending[key] = wire.issue(nbytes[jj], start, demand=False)
+                    if gate and not gate.decide(conf, lead, wire.backlog(start), lat + nbytes[jj] / bw,
+                                                nbytes[jj] / bw, _displaced(cj, trace, lat, bw, nbytes)):
+                        continue
+                    evicted(cj.prefetched(key, i, conf))
+                    pending[key] = wire.issue(nbytes[jj], start, demand=False, polite=gated)
                     unused[key] = nbytes[jj]
                     prefetch_b += nbytes[jj]
+                    n_pref += 1
         ready = max([start, *(wire.arrival(t) for t in waits)])
         stall += ready - start
         computed += comp[j]
         now = ready + comp[j]
     wasted_b += sum(unused.values())
     return ClockResult(policy, capacity, name, len(toks), len(reqs), hits, late, demand_b, prefetch_b, wasted_b,
-                       stall, computed)
+                       stall, computed, n_pref, gate.refused if gate else 0)
+
+
+def _displaced(cache, trace: Trace, lat: float, bw: float, nbytes) -> float:
+    """Expected transfer time lost if a prefetch into `cache` evicts its victim: P(victim used at its
+    layer's next run) (the policy's estimate, else its layer's k / E) x the victim's transfer."""
+    v = cache.victim() if len(cache) >= cache.cap else None
+    if v is None:
+        return 0.0
+    jv = v // trace.n_expert
+    p = cache.reuse(v)
+    return (trace.counts[jv] / trace.n_expert if p is None else p) * (lat + nbytes[jv] / bw)
 
 
 def compute_from_trace(trace: Trace) -> float:

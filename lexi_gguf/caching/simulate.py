@@ -11,104 +11,36 @@ inserted for free: every prefetch of a non-resident expert costs its bytes and c
 """
 from __future__ import annotations
 
-import heapq
 import itertools
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import LexiError
 from ..runtime.trace import Trace
+from .policies import EVICTION, make_pools
 
 # (bandwidth bytes/s, latency s) of the link an expert miss is served over
 LINKS = {"pcie4x16": (25e9, 10e-6), "nvme": (3.0e9, 80e-6), "emmc": (0.25e9, 300e-6)}
 DEMAND_POLICIES = ("lru", "lfu", "eamc", "belady")
 
 
-class _LRU:
-    def __init__(self, cap: int):
-        self.cap, self.d = cap, OrderedDict()
-
-    def __contains__(self, key):
-        return key in self.d
-
-    def touch(self, key, now, next_use=None):
-        self.d.move_to_end(key)
-
-    def insert(self, key, now, next_use=None):
-        """Insert key (the cache has room after evictions); returns the evicted key or None."""
-        out = None
-        if len(self.d) >= self.cap:
-            out, _ = self.d.popitem(last=False)
-        self.d[key] = True
-        return out
+DEMAND_POLICIES = ("lru", "lfu", "eamc", "belady", "nextuse")
+POLICIES = EVICTION
 
 
-class _LFU:
-    """Least frequently used (counts over the whole history), least recently used among ties."""
-
-    def __init__(self, cap: int):
-        self.cap, self.res, self.count, self.heap = cap, {}, {}, []
-
-    def __contains__(self, key):
-        return key in self.res
-
-    def touch(self, key, now, next_use=None):
-        self.count[key] = self.count.get(key, 0) + 1
-        self.res[key] = now
-        heapq.heappush(self.heap, (self.count[key], now, key))
-
-    def insert(self, key, now, next_use=None):
-        out = None
-        if len(self.res) >= self.cap:
-            while True:
-                c, t, k = heapq.heappop(self.heap)
-                if k in self.res and self.res[k] == t and self.count[k] == c:
-                    out = k
-                    del self.res[k]
-                    break
-        self.touch(key, now)
-        return out
-
-
-class _EAMC(_LFU):
-    """MoE-Infinity-style: keep the experts the current request (sequence) has activated most (its
-    expert activation matrix), least recently used among ties; the counts restart with each request."""
-
-    def new_sequence(self):
-        self.count = {k: 0 for k in self.res}
-        self.heap = [(0, t, k) for k, t in self.res.items()]
-        heapq.heapify(self.heap)
-
-
-class _Belady:
-    """Evict the resident expert whose next use is farthest away (needs the future: offline only)."""
-
-    def __init__(self, cap: int):
-        self.cap, self.res, self.heap = cap, {}, []
-
-    def __contains__(self, key):
-        return key in self.res
-
-    def touch(self, key, now, next_use=None):
-        self.res[key] = next_use
-        heapq.heappush(self.heap, (-next_use, key))
-
-    def insert(self, key, now, next_use=None):
-        out = None
-        if len(self.res) >= self.cap:
-            while True:
-                nu, k = heapq.heappop(self.heap)
-                if k in self.res and self.res[k] == -nu:
-                    out = k
-                    del self.res[k]
-                    break
-        self.touch(key, now, next_use)
-        return out
-
-
-POLICIES = {"lru": _LRU, "lfu": _LFU, "eamc": _EAMC, "belady": _Belady}
+def parse_policy(policy: str) -> tuple[str, str | None, bool]:
+    """(eviction, predictor or None, gated?) of a policy name: a demand policy (lru, lfu, eamc, belady,
+    nextuse), `prefetch:PRED` (every guess, LRU eviction), `prefetch:PRED:gated` (guesses that pay on the
+    clock, nextuse eviction) or `prefetch:PRED:gated-lru` (the gate over LRU)."""
+    if not policy.startswith("prefetch:"):
+        if policy not in POLICIES:
+            raise LexiError(f"unknown policy {policy!r}: {', '.join(DEMAND_POLICIES)} or a predictor")
+        return policy, None, False
+    name, _, mode = policy.removeprefix("prefetch:").partition(":")
+    if mode not in ("", "gated", "gated-lru"):
+        raise LexiError(f"unknown prefetch mode {mode!r} in {policy!r}: PREDICTOR, PREDICTOR:gated or PREDICTOR:gated-lru")
+    return ("nextuse" if mode == "gated" else "lru"), name, bool(mode)
 
 
 @dataclass
@@ -142,6 +74,33 @@ class SimResult:
         return out
 
 
+def with_counts(trace: Trace, ks, label: str | None = None) -> Trace:
+    """The same routing at per-layer k: each MoE layer keeps its k_j recorded experts of highest routing
+    weight (selection order among equal weights). `ks`: k per MoE layer, or k per block (0 on dense
+    blocks). Weights are kept as recorded, not renormalised (the simulators read only the ids)."""
+    moe = [int(b) for b in trace.moe_layers]
+    ks = [int(k) for k in ks]
+    L = len(moe)
+    if len(ks) != L:
+        if len(ks) != moe[-1] + 1 or any(ks[b] for b in set(range(len(ks))) - set(moe)):
+            raise LexiError(f"--k has {len(ks)} values: give one per MoE layer ({L}) or one per block "
+                            f"({moe[-1] + 1}, 0 on the dense blocks)")
+        ks = [ks[b] for b in moe]
+    for j, k in enumerate(ks):
+        if not 1 <= k <= int(trace.counts[j]):
+            raise LexiError(f"--k asks for {k} experts in MoE layer {j} (block {moe[j]}); the trace recorded "
+                            f"{int(trace.counts[j])}: give 1..{int(trace.counts[j])} there")
+    ex, w = trace.experts, trace.weights
+    order = np.argsort(np.where(ex >= 0, -w, np.inf), axis=2, kind="stable")
+    ex, w = np.take_along_axis(ex, order, 2), np.take_along_axis(w, order, 2)
+    keep = np.arange(ex.shape[2])[None, None, :] < np.asarray(ks)[None, :, None]
+    kmax = max(ks)
+    ex, w = np.where(keep, ex, -1)[:, :, :kmax], np.where(keep, w, 0.0)[:, :, :kmax]
+    meta = {**trace.meta, "budget": label or f"k {','.join(map(str, ks))}"}
+    return Trace(trace.tokens, trace.generated, trace.seq, trace.moe_layers, np.asarray(ks, np.int32),
+                 ex.astype(trace.experts.dtype), w.astype(np.float32), trace.hidden, meta)
+
+
 def steps(trace: Trace, phase: str = "auto") -> np.ndarray:
     """Token indices replayed, in order: decode = generated tokens only (what decode latency sees);
     all = every token as its own step. auto = decode when the trace has generated tokens."""
@@ -172,7 +131,7 @@ def quotas(trace: Trace, slots: int, mode: str) -> list[int] | None:
 def make_caches(trace: Trace, slots: int, base: str, slot_mode: str):
     """(caches, cache_of(layer j)): one shared cache, or one per layer with its quota."""
     q = quotas(trace, slots, slot_mode)
-    caches = [POLICIES[base](c) for c in q] if q else [POLICIES[base](slots)]
+    caches = make_pools(q, slots, base, len(trace.moe_layers), trace.n_expert, trace.counts)
     return caches, ((lambda j: caches[j]) if q else (lambda j: caches[0]))
 
 
@@ -209,10 +168,8 @@ def replay_setup(trace: Trace, capacity: float, policy: str, predictions, phase:
     layer, replayed tokens, the request stream, each request's next use)."""
     L, E = len(trace.moe_layers), trace.n_expert
     slots = max(1, int(round(capacity * L * E)))
-    prefetch = policy.startswith("prefetch:")
-    base = "lru" if prefetch else policy
-    if base not in POLICIES:
-        raise LexiError(f"unknown policy {policy!r}: {', '.join(DEMAND_POLICIES)} or a predictor")
+    base, pred, _ = parse_policy(policy)
+    prefetch = pred is not None
     if prefetch and predictions is None:
         raise LexiError(f"policy {policy} needs predictions")
     caches, cache_of = make_caches(trace, slots, base, slot_mode)
@@ -240,7 +197,11 @@ def simulate(trace: Trace, capacity: float, policy: str, *, predictions: dict | 
         if j == 0 and trace.seq[toks[s]] != seq_now:      # a new request: EAMC restarts its counts
             seq_now = trace.seq[toks[s]]
             for c in caches:
-                getattr(c, "new_sequence", lambda: None)()
+                c.new_sequence()
+        idx = list(idx)
+        needed = [j * E + reqs[i][2] for i in idx]
+        for c in caches:
+            c.on_layer(s, j, needed)
         c = cache_of(j)
         for i in idx:
             key = j * E + reqs[i][2]
@@ -260,11 +221,11 @@ def simulate(trace: Trace, capacity: float, policy: str, *, predictions: dict | 
                 for e in predictions.get(d, {}).get((tt, jj), ()):
                     key = jj * E + int(e)
                     if key in cj:          # already resident: keep it from being evicted before its use
-                        cj.touch(key, i)
+                        cj.promote(key, i)
                         continue
                     n_pref += 1
                     prefetch_b += expert_bytes[jj]
-                    ev = cj.insert(key, i)
+                    ev = cj.prefetched(key, i)
                     pending.discard(ev)
                     pending.add(key)
     return SimResult(policy, capacity, slots, len(reqs), hits, len(toks), demand_b, prefetch_b, n_pref, used_pref)
@@ -274,8 +235,10 @@ def demand_misses(trace: Trace, slots: int, policy: str = "belady", count_from: 
     """Misses of a demand policy with `slots` (layer, expert) slots over every token, counted from token
     `count_from` on: what a warm cache misses on the tokens after a prompt and warm-up."""
     reqs, next_use = request_stream(trace, np.arange(len(trace.tokens)), belady=policy == "belady")
-    cache, misses = POLICIES[policy](slots), 0
+    cache = make_pools(None, slots, policy, len(trace.moe_layers), trace.n_expert, trace.counts)[0]
+    misses = 0
     for i, (step, j, e) in enumerate(reqs):
+        cache.on_layer(step, j, [j * trace.n_expert + int(x) for x in trace.experts[step, j] if x >= 0])
         key = j * trace.n_expert + e
         if key in cache:
             cache.touch(key, i, next_use[i])
@@ -301,6 +264,8 @@ def run(trace: Trace, capacities: list[float], policies: list[str], *, predictor
         for pol in policies:
             if pol in DEMAND_POLICIES:
                 r = simulate(trace, cap, pol, phase=phase, slot_mode=slot_mode)
+            elif ":" in pol and pol.split(":")[0] in predictors:
+                continue            # gated prefetch decides on the clock: clock.py only
             elif pol in predictors:
                 r = simulate(trace, cap, f"prefetch:{pol}", predictions=predictors[pol], depth=depth, phase=phase,
                              slot_mode=slot_mode)

@@ -1,0 +1,331 @@
+"""Expert-cache policies: one implementation for the simulators (simulate.py, clock.py) and a runtime
+cache (issue 30). A cache is a pool of (layer, expert) slots, keyed `layer * n_expert + expert`.
+
+The interface every policy has (class Policy):
+  key in cache                          resident?
+  on_layer(token, layer, needed)        MoE layer `layer` of `token` starts; `needed`: the keys its router
+                                        chose (known before any of them is read); they stay while it runs
+  touch(key, now, next_use=None)        a demand hit
+  admit(key, now, next_use=None)        a demand miss read in: evicts victim() first when full, returns it
+  victim()                              the key admit would evict now (None while there is room)
+  prefetched(key, now, conf) / promote(key, now, conf)   a guess read in / a guess already resident
+  reuse(key)                            P(key is used at its layer's next run), None when unknown
+`now` is the request counter; `next_use` only Belady (offline) reads.
+
+Eviction: lru, lfu, eamc (MoE-Infinity-style), belady (the offline optimum) and nextuse (learned, below).
+Prefetch decision: PrefetchGate (expected gain on the clock > 0).
+"""
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+
+import numpy as np
+
+
+class Policy:
+    """The shared interface (defaults for the policies that ignore a call)."""
+    cap: int
+
+    def on_layer(self, token: int, layer: int, needed) -> None:
+        pass
+
+    def new_sequence(self) -> None:
+        pass
+
+    def reuse(self, key):
+        return None
+
+    def admit(self, key, now, next_use=None):
+        out = self.victim() if len(self) >= self.cap else None
+        if out is not None:
+            self._drop(out)
+        self._add(key, now, next_use)
+        return out
+
+    insert = admit
+
+    def prefetched(self, key, now, conf: float = 1.0):
+        return self.admit(key, now)
+
+    def promote(self, key, now, conf: float = 1.0) -> None:
+        self.touch(key, now)
+
+
+class LRU(Policy):
+    def __init__(self, cap: int):
+        self.cap, self.d = cap, OrderedDict()
+
+    def __contains__(self, key):
+        return key in self.d
+
+    def __len__(self):
+        return len(self.d)
+
+    def touch(self, key, now, next_use=None):
+        self.d.move_to_end(key)
+
+    def victim(self):
+        return next(iter(self.d)) if self.d else None
+
+    def _drop(self, key):
+        del self.d[key]
+
+    def _add(self, key, now, next_use):
+        self.d[key] = True
+
+
+class LFU(Policy):
+    """Least frequently used (counts over the whole history), least recently used among ties."""
+
+    def __init__(self, cap: int):
+        self.cap, self.res, self.count, self.heap = cap, {}, {}, []
+
+    def __contains__(self, key):
+        return key in self.res
+
+    def __len__(self):
+        return len(self.res)
+
+    def touch(self, key, now, next_use=None):
+        self.count[key] = self.count.get(key, 0) + 1
+        self.res[key] = now
+        heapq.heappush(self.heap, (self.count[key], now, key))
+
+    def victim(self):
+        while self.heap:
+            c, t, k = self.heap[0]
+            if k in self.res and self.res[k] == t and self.count[k] == c:
+                return k
+            heapq.heappop(self.heap)
+        return None
+
+    def _drop(self, key):
+        del self.res[key]
+
+    def _add(self, key, now, next_use):
+        self.touch(key, now)
+
+
+class EAMC(LFU):
+    """MoE-Infinity-style: keep the experts the current request (sequence) has activated most (its
+    expert activation matrix), least recently used among ties; the counts restart with each request."""
+
+    def new_sequence(self):
+        self.count = {k: 0 for k in self.res}
+        self.heap = [(0, t, k) for k, t in self.res.items()]
+        heapq.heapify(self.heap)
+
+
+class Belady(Policy):
+    """Evict the resident expert whose next use is farthest away (needs the future: offline only)."""
+
+    def __init__(self, cap: int):
+        self.cap, self.res, self.heap = cap, {}, []
+
+    def __contains__(self, key):
+        return key in self.res
+
+    def __len__(self):
+        return len(self.res)
+
+    def touch(self, key, now, next_use=None):
+        self.res[key] = next_use
+        heapq.heappush(self.heap, (-next_use, key))
+
+    def victim(self):
+        while self.heap:
+            nu, k = self.heap[0]
+            if k in self.res and self.res[k] == -nu:
+                return k
+            heapq.heappop(self.heap)
+        return None
+
+    def _drop(self, key):
+        del self.res[key]
+
+    def _add(self, key, now, next_use):
+        self.touch(key, now, next_use)
+
+
+# ------------------------------------------------------------------ learned next-use eviction
+
+AGE_EDGES = np.array([1, 2, 3, 5, 9, 17, 33, 1 << 30])     # tokens since the last use: 1, 2, 3-4, ... 33+, never
+PRIOR_TOKENS = 2.0      # a request's rate starts from the all-requests rate, worth this many tokens
+RATE_EDGES = np.array([0.02, 0.05, 0.1, 0.15, 0.22, 0.3, 0.4, 0.55, 0.7, 0.85])   # uses per token in this request
+
+
+class ReuseModel:
+    """P(an expert is used the next time its layer runs | its layer, tokens since its last use, its
+    use rate in the current request (MoE-Infinity's observation: a request keeps using its experts)), counted online on the routing seen so far (a table per layer, from a prior of
+    the layer's k / E: LExI's per-layer counts set each layer's base rate). From it, the expected number
+    of layer steps until a key's next use: the steps to its layer's next run plus L per token it is
+    expected to wait (1/p - 1, geometric). Runtime-cheap: counters and E-wide updates per layer."""
+
+    def __init__(self, n_layer: int, n_expert: int, counts, prior: float = 4.0):
+        L, E = n_layer, n_expert
+        self.L, self.E = L, E
+        self.base = base = np.asarray(counts, float) / E
+        shape = (L, len(AGE_EDGES) + 1, len(RATE_EDGES) + 1)
+        self.n = np.full(shape, prior)
+        self.u = prior * np.broadcast_to(base[:, None, None], shape).copy()
+        self.last = np.full(L * E, -(1 << 40), np.int64)        # token of the last use
+        self.uses = np.zeros(L * E)                              # uses in the current request
+        self.total, self.tokens = np.zeros(L * E), 0             # uses and tokens over all requests
+        self.t0, self.restart = 0, False                         # the request's first token; a new one began
+        self.hint = np.zeros(L * E)                              # a guess's confidence until its layer runs
+        self.layer_of = np.arange(L * E) // E
+        self.t, self.j, self.needed = 0, -1, np.zeros(L * E, bool)
+        self._at = None
+
+    def _buckets(self, keys, t):
+        age = t - self.last[keys]
+        prior = (self.total[keys] + self.base[self.layer_of[keys]]) / (self.tokens / self.L + 1)
+        rate = (self.uses[keys] + PRIOR_TOKENS * prior) / (t - self.t0 + PRIOR_TOKENS)
+        return np.searchsorted(AGE_EDGES, age, side="right"), np.searchsorted(RATE_EDGES, rate)
+
+    def on_layer(self, token: int, layer: int, needed) -> None:
+        if self._at == (token, layer):
+            return
+        self._at = (token, layer)
+        if self.restart:
+            self.uses[:], self.t0, self.restart = 0.0, token, False
+        keys = np.arange(layer * self.E, (layer + 1) * self.E)
+        used = np.zeros(self.E, bool)
+        used[np.asarray(list(needed), np.int64) - layer * self.E] = True
+        ab, fb = self._buckets(keys, token)
+        np.add.at(self.n[layer], (ab, fb), 1.0)
+        np.add.at(self.u[layer], (ab, fb), used)
+        self.uses[keys] += used
+        self.total[keys] += used
+        self.tokens += 1
+        self.last[keys[used]] = token
+        self.hint[keys] = 0.0
+        self.needed[:] = False
+        self.needed[keys[used]] = True
+        self.t, self.j = token, layer
+
+    def p_next(self, keys) -> np.ndarray:
+        """P(used at its layer's next run) of each key."""
+        lay = self.layer_of[keys]
+        tn = self.t + (lay <= self.j)
+        ab, fb = self._buckets(keys, tn)
+        return np.maximum(self.u[lay, ab, fb] / self.n[lay, ab, fb], self.hint[keys])
+
+    def distance(self, keys) -> np.ndarray:
+        """Expected layer steps until each key's next use (inf for a key the running layer needs: it stays)."""
+        lay = self.layer_of[keys]
+        o = (lay - self.j) % self.L
+        o[o == 0] = self.L
+        d = o + self.L * (1.0 / np.maximum(self.p_next(keys), 1e-6) - 1.0)
+        return np.where(self.needed[keys], -np.inf, d)
+
+
+class NextUse(Policy):
+    """Evict the resident expert whose next use the ReuseModel puts farthest away (the learned
+    counterpart of Belady: recency x frequency x the layer's position, learned online from the routing).
+    A guess read in or promoted keeps its confidence until its layer runs."""
+
+    def __init__(self, cap: int, model: ReuseModel):
+        self.cap, self.m, self.res, self.seen = cap, model, {}, {}
+
+    def __contains__(self, key):
+        return key in self.res
+
+    def __len__(self):
+        return len(self.res)
+
+    def on_layer(self, token, layer, needed):
+        self.m.on_layer(token, layer, needed)
+
+    def new_sequence(self):
+        self.m.restart = True
+
+    def touch(self, key, now, next_use=None):
+        self.res[key] = now
+
+    def victim(self):
+        if not self.res:
+            return None
+        keys = np.fromiter(self.res, np.int64, len(self.res))
+        d = self.m.distance(keys)
+        if np.isneginf(d).all():                  # smaller than one layer's experts: least recent goes
+            return min(self.res, key=self.res.get)
+        best = np.flatnonzero(d == d.max())
+        return int(keys[min(best, key=lambda i: self.res[int(keys[i])])])
+
+    def _drop(self, key):
+        del self.res[key]
+
+    def _add(self, key, now, next_use):
+        self.res[key] = now
+
+    def reuse(self, key):
+        return float(self.m.p_next(np.array([key]))[0])
+
+    def prefetched(self, key, now, conf: float = 1.0):
+        out = self.admit(key, now)
+        self.m.hint[key] = max(self.m.hint[key], conf)
+        return out
+
+    def promote(self, key, now, conf: float = 1.0) -> None:
+        self.m.hint[key] = max(self.m.hint[key], conf)
+
+
+EVICTION = {"lru": LRU, "lfu": LFU, "eamc": EAMC, "belady": Belady, "nextuse": NextUse}
+
+
+def make_pools(quota: list[int] | None, slots: int, kind: str, n_layer: int, n_expert: int, counts) -> list[Policy]:
+    """One pool per quota (or one shared pool of `slots`); nextuse pools share one ReuseModel."""
+    sizes = quota or [slots]
+    if kind == "nextuse":
+        model = ReuseModel(n_layer, n_expert, counts)
+        return [NextUse(c, model) for c in sizes]
+    return [EVICTION[kind](c) for c in sizes]
+
+
+# ------------------------------------------------------------------ prefetch decision
+
+class PrefetchGate:
+    """Prefetch a guess only when it is expected to pay on the clock:
+
+        gain = c * saved - (1 - c) * (link + displaced)
+
+    c: the guess's confidence, the precision so far of guesses at its look-ahead distance and rank
+    (counted online when the target layer runs; prior 1/2); saved: the stall it removes if right,
+    clip(lead - backlog, 0, transfer) (lead: compute before its layer starts, backlog: link time already
+    committed); link: the link time a wrong guess takes from demand reads; displaced: the victim's
+    chance of being needed x its transfer time. A correct guess displaces what its demand read would
+    have displaced, so only a wrong one pays for it. Demand reads are never queued behind it: the clock
+    starts a gated prefetch only when the link's data channel frees (clock.Link, polite)."""
+
+    def __init__(self, depth: int, kmax: int, prior: float = 1.0):
+        self.right = np.full((depth + 1, kmax), prior)
+        self.seen = np.full((depth + 1, kmax), 2 * prior)
+        self.issued = self.refused = 0
+        self.gains: list[float] = []            # the expected gain of every guess issued (tests read it)
+
+    def confidence(self, d: int, rank: int) -> float:
+        r = min(rank, self.right.shape[1] - 1)
+        return float(self.right[d, r] / self.seen[d, r])
+
+    def learn(self, d: int, guesses, truth) -> None:
+        """The target layer ran: score the guesses made for it at distance d."""
+        truth = set(truth)
+        for r, e in enumerate(list(guesses)[: self.right.shape[1]]):
+            self.seen[d, r] += 1
+            self.right[d, r] += int(e) in truth
+
+    @staticmethod
+    def gain(c: float, lead: float, backlog: float, transfer: float, link: float, displaced: float) -> float:
+        saved = min(transfer, max(0.0, lead - backlog))
+        return c * saved - (1.0 - c) * (link + displaced)
+
+    def decide(self, c: float, lead: float, backlog: float, transfer: float, link: float, displaced: float) -> bool:
+        g = self.gain(c, lead, backlog, transfer, link, displaced)
+        if g > 0:
+            self.issued += 1
+            self.gains.append(g)
+            return True
+        self.refused += 1
+        return False
