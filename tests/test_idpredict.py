@@ -14,7 +14,7 @@ def make(experts: np.ndarray, seq: np.ndarray, n_expert: int) -> Trace:
     T, L, k = experts.shape
     return Trace(np.arange(T, dtype=np.int32), np.ones(T, bool), seq.astype(np.int32), np.arange(L, dtype=np.int32),
                  np.full(L, k, np.int32), experts.astype(np.int16), np.ones(experts.shape, np.float32) / k, None,
-                 {"n_expert": n_expert, "seconds": 1.0, "callback_seconds": 0.0})
+                 {"n_expert": n_expert, "expert_bytes": [1e6] * L, "seconds": 1.0, "callback_seconds": 0.0})
 
 
 def topic_trace(n_seq: int, n_tok: int, seed: int, L: int = 4, E: int = 16, k: int = 2) -> Trace:

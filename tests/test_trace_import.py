@@ -94,3 +94,56 @@ def test_bad_csv_is_refused_by_line(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_expert_sizes_come_from_a_shape_a_number_or_a_model_and_clock_needs_them(tmp_path, capsys):
+    from lexi_gguf.testbeds import shapes
+    route = routing(6)
+    src = write_long(tmp_path / "t.csv", route)
+    base = ["trace", "import", str(src), "--n-expert", str(E)]
+    # none given: no sizes stored (not 1 byte each), said once; cache-sim --clock refuses it in one line
+    none = tmp_path / "none.npz"
+    assert cli.main([*base, "-o", str(none)]) == 0
+    assert "no expert sizes" in capsys.readouterr().out
+    tr = Trace.load(none)
+    assert tr.meta["expert_bytes"] is None and tr.meta["expert_bytes_from"] == "none"
+    clock = ["cache-sim", str(none), "--capacity", "0.25", "--policy", "lru", "--phase", "all", "--clock", "nvme",
+             "--compute-ms", "0.5"]
+    assert cli.main(clock) == 2
+    err = capsys.readouterr().err
+    assert "has no expert sizes" in err and "--like NAME" in err and "--expert-bytes N" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert cli.main(clock[:-4]) == 0                  # the free model (hits) runs without sizes
+    capsys.readouterr()
+    # --expert-bytes N: every layer
+    given = tmp_path / "given.npz"
+    assert cli.main([*base, "--expert-bytes", "5000000", "-o", str(given)]) == 0
+    assert Trace.load(given).meta["expert_bytes"] == [5e6] * len(LAYERS)
+    assert cli.main([*clock[:1], str(given), *clock[2:], "--json", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["clock"]["rows"]
+    capsys.readouterr()
+    # --like NAME [--quant Q]: one expert's gate + up + down at that shape and quant mix
+    olmoe = shapes.get("olmoe-1b-7b")
+    rows = ["token,layer,experts"] + [f"{t},{layer},\"{' '.join(map(str, range(t % 8, t % 8 + 8)))}\""
+                                      for t in range(4) for layer in range(olmoe.layers)]
+    big = tmp_path / "olmoe.csv"
+    big.write_text("\n".join(rows) + "\n")
+    for quant, per in (("Q8_0", 2048 * 1024 * 3 // 32 * 34), (None, None)):
+        out = tmp_path / f"like-{quant}.npz"
+        assert cli.main(["trace", "import", str(big), "--n-expert", "64", "--like", "olmoe-1b-7b",
+                         *(["--quant", quant] if quant else []), "-o", str(out)]) == 0
+        meta = Trace.load(out).meta
+        assert meta["expert_bytes"] == shapes.expert_bytes(olmoe, quant or "Q4_K_M")
+        assert meta["expert_bytes_from"] == f"like: olmoe-1b-7b {quant or 'Q4_K_M'}"
+        if per:
+            assert meta["expert_bytes"] == [float(per)] * olmoe.layers
+    capsys.readouterr()
+    # refused in one line: a shape that does not fit, two sources, --quant alone, a bad number
+    for bad, msg in ((["--like", "olmoe-1b-7b"], "the trace has 3 MoE layers x 16 experts, like: olmoe-1b-7b Q4_K_M 16 x 64"),
+                     (["--like", "olmoe-1b-7b", "--expert-bytes", "9"], "give one of --model GGUF, --like NAME or"),
+                     (["--quant", "Q8_0"], "--quant goes with --like NAME"),
+                     (["--expert-bytes", "0"], "--expert-bytes 0: give the bytes of one expert"),
+                     (["--like", "nope"], "no released shape named 'nope'")):
+        assert cli.main([*base, *bad, "-o", str(tmp_path / "bad.npz")]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err

@@ -20,6 +20,49 @@ from .. import LexiError
 from ..runtime.trace import Trace
 
 _SPLIT = re.compile(r"[\s;,|]+")
+NO_SIZES = "none"
+SIZES_FIX = ("give them when importing: `lexi-gguf trace import CSV ... --like NAME [--quant Q]` (a released "
+             "shape), `--expert-bytes N`, or `--model MODEL.gguf`")
+
+
+def expert_sizes(n_layers: int, n_expert: int, *, model: str | Path | None = None, like: str | None = None,
+                 quant: str | None = None, expert_bytes: int | None = None) -> tuple[list[float] | None, str]:
+    """Bytes of one expert (gate + up + down) in each of a trace's n_layers MoE layers, and where they come
+    from: the GGUF the routing is from, a released shape at a quant mix (testbeds.shapes), or one number for
+    every layer. (None, "none") when none is given."""
+    given = [x is not None for x in (model, like, expert_bytes)]
+    if sum(given) > 1:
+        raise LexiError("give one of --model GGUF, --like NAME or --expert-bytes N for the experts' sizes")
+    if quant is not None and like is None:
+        raise LexiError("--quant goes with --like NAME (the released shape's experts at that quant mix)")
+    if expert_bytes is not None:
+        if expert_bytes < 1:
+            raise LexiError(f"--expert-bytes {expert_bytes}: give the bytes of one expert (gate + up + down), >= 1")
+        return [float(expert_bytes)] * n_layers, f"given: {expert_bytes} bytes"
+    if model is not None:
+        from ..gguf.reader import footprint
+        fp = footprint(model)
+        sizes, where = [fp["expert_bytes"][i] for i in fp["info"].moe_layers], f"model: {Path(model).name}"
+        n_exp = fp["info"].expert_count
+    elif like is not None:
+        from ..testbeds import shapes
+        shape, quant = shapes.get(like), quant or "Q4_K_M"
+        sizes, where, n_exp = shapes.expert_bytes(shape, quant), f"like: {like} {quant}", shape.experts
+    else:
+        return None, NO_SIZES
+    if len(sizes) != n_layers or n_exp != n_expert:
+        raise LexiError(f"the trace has {n_layers} MoE layers x {n_expert} experts, {where} {len(sizes)} x {n_exp}; "
+                        "give the model the routing is from (or --expert-bytes N)")
+    return sizes, where
+
+
+def has_sizes(meta: dict) -> bool:
+    """Whether a trace's meta gives real expert sizes (imports before sizes were marked wrote 1 byte each)."""
+    b = meta.get("expert_bytes")
+    if not b or meta.get("expert_bytes_from") == NO_SIZES:
+        return False
+    return not (str(meta.get("source", "")).startswith("csv:") and "expert_bytes_from" not in meta
+                and all(x == 1.0 for x in b))
 
 
 def _ids(cell: str, what: str, where: str, cast=int) -> list:
@@ -32,7 +75,10 @@ def _ids(cell: str, what: str, where: str, cast=int) -> list:
 
 def import_csv(path: str | Path, *, n_expert: int, token_col: str = "token", layer_col: str = "layer",
                experts_col: str = "experts", weights_col: str | None = None, token_id_col: str | None = None,
-               seq_col: str | None = None, expert_bytes: list[float] | None = None) -> Trace:
+               seq_col: str | None = None, expert_bytes: list[float] | None = None,
+               expert_bytes_from: str | None = None) -> Trace:
+    """A Trace of the CSV's routing. expert_bytes: each MoE layer's bytes per expert (expert_sizes), or None:
+    the trace then carries no sizes (meta expert_bytes None), and cache-sim --clock refuses it."""
     p = Path(path)
     if not p.exists():
         raise LexiError(f"{p} does not exist")
@@ -97,7 +143,8 @@ def import_csv(path: str | Path, *, n_expert: int, token_col: str = "token", lay
             experts[ti, li, :len(ids)] = ids
             weights[ti, li, :len(ids)] = ws if ws is not None else 1.0 / len(ids)
     meta = {"model": None, "source": f"csv:{p.name}", "arch": None, "n_expert": int(n_expert),
-            "k_base": kmax, "budget": "imported", "expert_bytes": list(expert_bytes or [1.0] * len(layers)),
+            "k_base": kmax, "budget": "imported", "expert_bytes": list(expert_bytes) if expert_bytes else None,
+            "expert_bytes_from": expert_bytes_from if expert_bytes else NO_SIZES,
             "weights_given": bool(w_cols), "seconds": 0.0, "callback_seconds": 0.0}
     ids_seq = np.array([order[t] for t in tokens], np.int32).reshape(-1, 2)
     return Trace(ids_seq[:, 0].copy(), np.zeros(len(tokens), bool), ids_seq[:, 1].copy(), np.array(layers, np.int32),

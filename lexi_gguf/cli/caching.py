@@ -27,22 +27,20 @@ def cmd_trace(args) -> None:
 
 
 def cmd_trace_import(args) -> None:
-    from ..caching.trace_import import import_csv
-    expert_bytes = None
-    if args.model:          # the GGUF the routing is from: bytes per expert for the simulator
-        from ..gguf.reader import footprint
-        fp = footprint(args.model)
-        moe = fp["info"].moe_layers
-        expert_bytes = [fp["expert_bytes"][i] for i in moe]
+    from ..caching.trace_import import SIZES_FIX, expert_sizes, import_csv
+    if args.quant is not None and args.like is None:
+        raise LexiError("--quant goes with --like NAME (the released shape's experts at that quant mix)")
     tr = import_csv(args.csv, n_expert=args.n_expert, token_col=args.token_col, layer_col=args.layer_col,
                     experts_col=args.experts_col, weights_col=args.weights_col, token_id_col=args.token_id_col,
-                    seq_col=args.seq_col, expert_bytes=expert_bytes)
-    if expert_bytes is not None and len(expert_bytes) != len(tr.moe_layers):
-        raise LexiError(f"{args.csv} has {len(tr.moe_layers)} MoE layers, {args.model} {len(expert_bytes)}; "
-                        "pass the model the trace was recorded from")
+                    seq_col=args.seq_col)
+    sizes, where = expert_sizes(len(tr.moe_layers), args.n_expert, model=args.model, like=args.like,
+                                quant=args.quant, expert_bytes=args.expert_bytes)
+    tr.meta["expert_bytes"], tr.meta["expert_bytes_from"] = sizes, where
     out = tr.save(args.output)
+    said = (f"experts {sizes[0] / 2**20:.2f} MiB ({where})" if sizes else
+            f"no expert sizes: cache-sim --clock will refuse it ({SIZES_FIX.split(': ', 1)[1]})")
     print(f"imported {len(tr.tokens)} tokens x {len(tr.moe_layers)} MoE layers (k per layer {tr.counts.tolist()}, "
-          f"{tr.n_expert} experts) -> {out}")
+          f"{tr.n_expert} experts), {said} -> {out}")
 
 
 def cmd_predictor(args) -> None:
@@ -95,6 +93,10 @@ def cmd_cache_sim(args) -> None:
     from ..caching import predict, simulate
     from ..runtime.trace import Trace
     tr = Trace.load(args.trace)
+    if args.clock:
+        from ..caching.trace_import import SIZES_FIX, has_sizes
+        if not has_sizes(tr.meta):
+            raise LexiError(f"{args.trace} has no expert sizes, so --clock cannot time its transfers; {SIZES_FIX}")
     predictors = {"oracle": simulate.oracle_predictions(tr, args.depth), "random": predict.random_predictions(tr, args.depth)}
     if "router" in args.policy:
         if not args.model:
@@ -182,6 +184,9 @@ def _import_opts(p) -> None:
     p.add_argument("--token-id-col", help="vocabulary id of the token (optional)")
     p.add_argument("--seq-col", help="prompt / sequence index (optional)")
     p.add_argument("--model", type=path, help="the GGUF the routing is from: its expert sizes go into the trace")
+    p.add_argument("--like", help="or a released shape (lexi-gguf synth --like): its experts' sizes at --quant")
+    p.add_argument("--quant", help="with --like: the quant mix (default Q4_K_M)")
+    p.add_argument("--expert-bytes", type=int, help="or the bytes of one expert (gate + up + down), every layer")
     p.add_argument("-o", "--output", type=path, required=True)
     p.set_defaults(func=cmd_trace_import)
 
