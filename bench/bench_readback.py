@@ -1,13 +1,12 @@
 #!/usr/bin/env python3
 """What the read-back check costs `apply` on a file of the size users bring (gguf.verify.ReadBack).
 
-A qwen3-30b-a3b-shaped GGUF (48 MoE blocks, 128 experts of 2048 x 768, router, attention and norms) is
-written with gguf-py: experts as Q4_K bytes (the right size for Q4_K_M's expert tensors, not valid
-weights: apply copies them, it never computes with them), ~17 GB. Then the copy `apply --k` makes (the
-lexi keys written into a streamed copy) is timed with the read-back check and without it (the writer's
+A qwen3-30b-a3b-shaped GGUF at Q4_K_M (`lexi-gguf synth --like qwen3-30b-a3b`: 48 MoE blocks of 128
+experts, the real vocabulary, random weights in valid blocks; ~17.3 GiB), from synth's cache. Then the
+copy `apply --k` makes (the lexi keys written into a streamed copy) is timed with the read-back check and without it (the writer's
 read_back=False, which only this bench uses), alternating, each run after the source has been read once
 (`cat`) and timed until the output is on the disk (`sync`), and a plain `cp` for the disk's copy rate. Results: bench/results/readback-<machine>.json.
---quick: 4 blocks (~1.4 GB), one run each.
+--quick: its first 4 blocks (~1.8 GB), one run each.
 
     .venv/bin/python bench/bench_readback.py [--blocks 48] [--reps 3]
 """
@@ -24,58 +23,12 @@ if __package__ in (None, ""):          # run as a file: python bench/bench_readb
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import _common as C  # noqa: E402
 
-HIDDEN, EXPERTS, FF, K = 2048, 128, 768, 8
 
-
-def synth(path: Path, blocks: int) -> Path:
-    """A qwen3moe-shaped file: the tensors that make its size, filled with repeated random bytes."""
-    import numpy as np
-
-    from lexi_gguf.gguf.reader import gguf_py
-    gguf = gguf_py()
-    Q = gguf.GGMLQuantizationType
-    w = gguf.GGUFWriter(path, arch="qwen3moe")
-    for key, v in (("block_count", blocks), ("expert_count", EXPERTS), ("expert_used_count", K),
-                   ("embedding_length", HIDDEN), ("expert_feed_forward_length", FF), ("context_length", 4096)):
-        w.add_uint32(f"qwen3moe.{key}", v)
-    rng = np.random.default_rng(0)
-    pool = rng.integers(0, 256, size=64 << 20, dtype=np.uint8)
-
-    def q(shape_el, qt):         # bytes of a quantized tensor of this element shape (numpy order)
-        blk, size = gguf.GGML_QUANT_SIZES[qt]
-        return shape_el[:-1] + (shape_el[-1] // blk * size,)
-    tensors = []
-    for i in range(blocks):
-        tensors.append((f"blk.{i}.ffn_gate_inp.weight", (EXPERTS, HIDDEN), Q.F32))
-        tensors.append((f"blk.{i}.attn_q.weight", (4096, HIDDEN), Q.Q8_0))
-        for n in ("gate", "up"):
-            tensors.append((f"blk.{i}.ffn_{n}_exps.weight", (EXPERTS, FF, HIDDEN), Q.Q4_K))
-        tensors.append((f"blk.{i}.ffn_down_exps.weight", (EXPERTS, HIDDEN, FF), Q.Q4_K))
-    shapes = []
-    for name, shape, qt in tensors:
-        b = q(shape, qt) if qt != Q.F32 else shape
-        nbytes = int(np.prod(b)) * (4 if qt == Q.F32 else 1)
-        shapes.append((name, b, qt, nbytes))
-        w.add_tensor_info(name, b, np.float32 if qt == Q.F32 else np.uint8, nbytes, raw_dtype=qt)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    t0 = time.perf_counter()
-    total = sum(s[3] for s in shapes)
-    done = 0
-    for name, b, qt, nbytes in shapes:
-        raw = np.resize(pool, nbytes)
-        data = raw.view(np.float32).reshape(b) if qt == Q.F32 else raw.reshape(b)
-        if qt == Q.F32:
-            data = np.ascontiguousarray(np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0))
-        w.write_tensor_data(data)
-        done += nbytes
-        el = time.perf_counter() - t0
-        print(f"\rsynth: {done / 2**30:.1f} / {total / 2**30:.1f} GiB, ETA {el / done * (total - done):.0f} s",
-              end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    w.close()
-    return path
+def synth(blocks: int) -> Path:
+    """The qwen3-30b-a3b shape at Q4_K_M (its first `blocks` layers), from `lexi-gguf synth`'s cache."""
+    from lexi_gguf.testbeds import shapes, synth as make
+    full = shapes.get("qwen3-30b-a3b")
+    return make.synth(shapes.reduced(full, layers=blocks), "Q4_K_M", full_layers=full.layers)["path"]
 
 
 def main() -> int:
@@ -91,9 +44,7 @@ def main() -> int:
     from lexi_gguf.gguf.writer import copy_with_metadata, lexi_metadata
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    src = work / f"qwen3moe-shaped-{args.blocks}L-q4k.gguf"
-    if not src.exists():
-        synth(src.with_suffix(".tmp"), args.blocks).rename(src)
+    src = synth(args.blocks)
     out = work / "applied.gguf"
     size = src.stat().st_size
     info = model_info(src)

@@ -194,7 +194,6 @@ def write(s: S.Shape, quant: str, out: Path, *, full_layers: int | None = None, 
           progress: bool = True, seed: int = 0) -> Path:
     """Write the file for shape `s` at `quant` to `out` (no cache)."""
     gguf = gguf_py()
-    T = gguf.GGUFValueType
     lay = plan(s, quant)
     kv = {**_arch_kv(s, quant, full_layers or s.layers), **_vocab_kv(s)}
     info = GGUFModelInfo(out, s.arch, s.layers, s.experts, s.k, s.moe_layers)
