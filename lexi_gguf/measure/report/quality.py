@@ -145,6 +145,33 @@ def _idpredict(d: dict) -> list[str]:
     return out + targets(d)
 
 
+@family("policies", "Cache policies for transfer >> compute and compute ~ transfer", "bench/bench_policies.py",
+        "docs/caching.md", "LRU, LFU, EAMC, Belady, learned next-use eviction, prefetch of every guess and gated "
+        "prefetch, clocked, at full k and 0.75 of the k, on the trained testbed and on synthetic routing")
+def _policies(d: dict) -> list[str]:
+    out = [f"Clocked on {d.get('link', '?')}, look-ahead depth {d.get('depth', '?')}; speed against LRU at full k "
+           "(ms per token in brackets). Belady and the oracle's gated prefetch are bounds, not policies one can run."]
+    for c in d["cases"]:
+        rows = c["rows"]
+        pols = list(dict.fromkeys(r["policy"] for r in rows))
+
+        def at(pol, k):
+            r = next((x for x in rows if x["policy"] == pol and x["k"] == k), None)
+            return f"{num(r['vs_full_lru'])}x ({num(r['ms_per_token'], '.1f')})" if r else "-"
+        out.append(f"**{c['case']}, {c['regime']}**: experts {num(c['expert_bytes'] / 1e6, '.2f')} MB, compute "
+                   f"{num(c['compute_s_per_layer'] * 1e3, 'g')} ms a layer, capacity {num(c['capacity'], 'g')}, "
+                   f"{c.get('decode_tokens', '?')} decode tokens; 0.75: {c.get('counts_0.75_label', '?')} "
+                   f"{c.get('counts_0.75')}.")
+        out.append(table(["policy", "full k", "0.75 of k", "hit (full)", "late (full)", "MB/token (full)"],
+                         [[p, at(p, "full"), at(p, "0.75"),
+                           *(num(next(x[f] for x in rows if x["policy"] == p and x["k"] == "full"), fmt)
+                             for f, fmt in (("hit_rate", ".3f"), ("late_rate", ".3f"), ("mb_per_token", ".1f")))]
+                          for p in pols]))
+        out.append(f"Best realizable at full k: {c['best']} {num(c['best_vs_lru'])}x LRU (Belady {num(c['belady_vs_lru'])}x); "
+                   f"at 0.75: {c['best_0.75']} {num(c['best_0.75_vs_full_lru'])}x full-k LRU.")
+    return out + targets(d)
+
+
 @family("mutation", "Mutation campaign", "bench/bench_mutations.py", "docs/gguf-contract.md",
         "damaged GGUF files fed to every command: what each command did with each kind of damage")
 def _mutation(d: dict) -> list[str]:
