@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from .. import LexiError
-from .common import (add_device_opts, add_json_opt, budget, budget_name, floats, human, lines, load_options, names,
-                     path, write_json)
+from .common import (add_device_opts, add_json_opt, budget, budget_name, floats, human, ints, lines, load_options,
+                     names, path, write_json)
 
 
 def cmd_trace(args) -> None:
@@ -89,6 +89,23 @@ def cmd_predictor(args) -> None:
         print(f"json -> {args.json}", file=out)
 
 
+def _at_counts(tr, args):
+    """The trace at per-layer k (--k, or --budget's counts from --model's LExI ladder), else as recorded."""
+    from ..caching.simulate import with_counts
+    if args.k and args.budget is not None:
+        raise LexiError("give --k or --budget, not both")
+    if args.k:
+        return with_counts(tr, args.k)
+    if args.budget is None:
+        return tr
+    if not args.model:
+        raise LexiError("--budget reads each layer's k from a LExI ladder: give --model MODEL.gguf, or --k per layer")
+    from ..gguf.reader import model_info
+    from ..runtime.budgets import resolve
+    b = resolve(model_info(args.model), budget_name(args.budget), str(args.model))
+    return with_counts(tr, b.counts, label=f"{b.name} (counts from {Path(args.model).name}, on the recorded routing)")
+
+
 def cmd_cache_sim(args) -> None:
     from ..caching import predict, simulate
     from ..runtime.trace import Trace
@@ -97,21 +114,26 @@ def cmd_cache_sim(args) -> None:
         from ..caching.trace_import import SIZES_FIX, has_sizes
         if not has_sizes(tr.meta):
             raise LexiError(f"{args.trace} has no expert sizes, so --clock cannot time its transfers; {SIZES_FIX}")
+    tr = _at_counts(tr, args)
+    wanted = {p.split(":")[0] for p in args.policy}
+    gated = [p for p in args.policy if ":" in p]
+    if gated and not args.clock:
+        raise LexiError(f"{gated[0]} decides what to prefetch by the time it saves: give --clock LINK")
     predictors = {"oracle": simulate.oracle_predictions(tr, args.depth), "random": predict.random_predictions(tr, args.depth)}
-    if "router" in args.policy:
+    if "router" in wanted:
         if not args.model:
             raise LexiError("--policy router needs --model MODEL.gguf (the routers it applies)")
         predictors["router"] = predict.router_predictions(tr, args.model, depth=args.depth)
     for pol in ("learned", "sequence"):
-        if pol in args.policy:
+        if pol in wanted:
             if not args.predictor:
                 raise LexiError(f"--policy {pol} needs --predictor PREDICTOR.pt (lexi-gguf predictor train)")
             from ..caching.idpredict import load_predictor
             predictors[pol] = load_predictor(args.predictor).predictions(tr)
     from ..caching import idpredict
-    if "previous" in args.policy:
+    if "previous" in wanted:
         predictors["previous"] = idpredict.previous_predictions(tr, args.depth)
-    if "coactivation" in args.policy:
+    if "coactivation" in wanted:
         if not args.train_trace:
             raise LexiError("--policy coactivation needs --train-trace TRACE.npz (counted on other prompts)")
         predictors["coactivation"] = idpredict.coactivation_predictions(Trace.load(args.train_trace), tr, args.depth)
@@ -135,7 +157,7 @@ def cmd_cache_sim(args) -> None:
                 for pol in args.policy:
                     name = pol if pol in simulate.DEMAND_POLICIES else f"prefetch:{pol}"
                     rows.append(clock.simulate_clocked(tr, cap, name, link=link, compute_s=compute_s,
-                                                       predictions=predictors.get(pol), depth=args.depth,
+                                                       predictions=predictors.get(pol.split(":")[0]), depth=args.depth,
                                                        phase=args.phase, slot_mode=args.slots,
                                                        queue_depth=args.queue_depth,
                                                        demand_first=args.demand_first).row())
@@ -242,8 +264,14 @@ def register(sub) -> None:
     p.add_argument("--capacity", type=floats, default=[0.05, 0.1, 0.25, 0.5], help="fractions of all routed experts")
     p.add_argument("--policy", type=names,
                    default=["lru", "lfu", "eamc", "belady", "router", "oracle"],
-                   help="lru, lfu, eamc (MoE-Infinity-style), belady (offline optimum); router / learned / "
-                        "sequence / coactivation / previous / oracle / random (prefetch)")
+                   help="lru, lfu, eamc (MoE-Infinity-style), nextuse (learned next-use eviction), belady (offline "
+                        "optimum); router / learned / sequence / coactivation / previous / oracle / random (prefetch "
+                        "every guess, LRU eviction); PRED:gated (--clock: prefetch only guesses that pay, nextuse "
+                        "eviction; the recommended prefetcher) or PRED:gated-lru")
+    p.add_argument("--k", type=ints, help="replay at per-layer k: k per MoE layer (or per block, 0 on dense "
+                   "blocks); each layer keeps its k recorded experts of highest routing weight")
+    p.add_argument("--budget", type=budget, help="replay at a stored budget's per-layer k, read from --model's "
+                   "LExI ladder (as --k)")
     p.add_argument("--model", type=path, help="the GGUF the trace was recorded from (for --policy router)")
     p.add_argument("--predictor", type=path,
                    help="a predictor .pt from `predictor train` (for --policy learned or sequence)")
