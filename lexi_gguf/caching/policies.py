@@ -156,9 +156,11 @@ RATE_EDGES = np.array([0.02, 0.05, 0.1, 0.15, 0.22, 0.3, 0.4, 0.55, 0.7, 0.85]) 
 
 
 class ReuseModel:
-    """P(an expert is used the next time its layer runs | its layer, tokens since its last use, its
-    use rate in the current request (MoE-Infinity's observation: a request keeps using its experts)), counted online on the routing seen so far (a table per layer, from a prior of
-    the layer's k / E: LExI's per-layer counts set each layer's base rate). From it, the expected number
+    """P(an expert is used the next time its layer runs | tokens since its last use, its use rate in the
+    current request (MoE-Infinity's observation: a request keeps using its experts)), counted online on
+    the routing seen so far in one table for all layers (a table per layer learnt slower and did worse);
+    a request's rate starts from the expert's rate over all requests, and that from its layer's k / E,
+    so LExI's per-layer counts set each layer's base rate. From it, the expected number
     of layer steps until a key's next use: the steps to its layer's next run plus L per token it is
     expected to wait (1/p - 1, geometric). Runtime-cheap: counters and E-wide updates per layer."""
 
@@ -166,9 +168,9 @@ class ReuseModel:
         L, E = n_layer, n_expert
         self.L, self.E = L, E
         self.base = base = np.asarray(counts, float) / E
-        shape = (L, len(AGE_EDGES) + 1, len(RATE_EDGES) + 1)
+        shape = (len(AGE_EDGES) + 1, len(RATE_EDGES) + 1)
         self.n = np.full(shape, prior)
-        self.u = prior * np.broadcast_to(base[:, None, None], shape).copy()
+        self.u = np.full(shape, prior * base.mean())
         self.last = np.full(L * E, -(1 << 40), np.int64)        # token of the last use
         self.uses = np.zeros(L * E)                              # uses in the current request
         self.total, self.tokens = np.zeros(L * E), 0             # uses and tokens over all requests
@@ -194,8 +196,8 @@ class ReuseModel:
         used = np.zeros(self.E, bool)
         used[np.asarray(list(needed), np.int64) - layer * self.E] = True
         ab, fb = self._buckets(keys, token)
-        np.add.at(self.n[layer], (ab, fb), 1.0)
-        np.add.at(self.u[layer], (ab, fb), used)
+        np.add.at(self.n, (ab, fb), 1.0)
+        np.add.at(self.u, (ab, fb), used)
         self.uses[keys] += used
         self.total[keys] += used
         self.tokens += 1
@@ -210,7 +212,7 @@ class ReuseModel:
         lay = self.layer_of[keys]
         tn = self.t + (lay <= self.j)
         ab, fb = self._buckets(keys, tn)
-        return np.maximum(self.u[lay, ab, fb] / self.n[lay, ab, fb], self.hint[keys])
+        return np.maximum(self.u[ab, fb] / self.n[ab, fb], self.hint[keys])
 
     def distance(self, keys) -> np.ndarray:
         """Expected layer steps until each key's next use (inf for a key the running layer needs: it stays)."""
