@@ -190,3 +190,27 @@ def test_synthetic_routing_matches_the_stated_statistics():
     assert (np.diff(mx.weights, axis=2) <= 0).all()                     # highest weight first
     with pytest.raises(LexiError, match="unknown synthetic routing preset"):
         R.synth_trace("gpt-9")
+
+
+def test_cache_sim_cli_at_per_layer_k_and_gated(tmp_path, capsys):
+    import json
+
+    from lexi_gguf import cli
+    from lexi_gguf.caching import synthroute as R
+    tr = R.synth_trace("mixtral-8x7b", seqs=2, tokens=16)
+    path = tr.save(tmp_path / "synth.npz")
+    js = tmp_path / "out.json"
+    assert cli.main(["cache-sim", str(path), "--capacity", "0.25", "--policy", "lru,nextuse,previous:gated",
+                     "--k", ",".join(["1"] * 32), "--clock", "nvme", "--compute-ms", "2", "--queue-depth", "32",
+                     "--demand-first", "--depth", "2", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert res["counts"] == [1] * 32 and [r["policy"] for r in res["rows"]] == ["lru", "nextuse"]  # gated: clock only
+    assert [r["policy"] for r in res["clock"]["rows"]] == ["lru", "nextuse", "prefetch:previous:gated"]
+    assert cli.main(["cache-sim", str(path), "--k", "3", "--policy", "lru"]) == 2
+    assert "--k has 1 values" in capsys.readouterr().err
+    assert cli.main(["cache-sim", str(path), "--k", ",".join(["3"] * 32), "--policy", "lru"]) == 2
+    assert "the trace recorded 2: give 1..2 there" in capsys.readouterr().err
+    assert cli.main(["cache-sim", str(path), "--policy", "previous:gated"]) == 2
+    assert "give --clock LINK" in capsys.readouterr().err
+    assert cli.main(["cache-sim", str(path), "--budget", "0.75", "--policy", "lru"]) == 2
+    assert "give --model MODEL.gguf" in capsys.readouterr().err
