@@ -213,3 +213,24 @@ def test_recommended_policies_are_never_slower_than_lru_on_synthetic_routing():
         for pol in ("nextuse", "prefetch:previous:gated"):
             r = simulate_clocked(tr, 0.25, pol, predictions=prev, depth=2, **Q32).row()
             assert r["ms_per_token"] < lru, (nbytes, pol)
+
+
+def test_previous_token_prefetch_turns_every_reuse_into_a_late_read():
+    """The recording's previous-token 0.00 at 25 %, reproduced on synthetic Mixtral-shaped routing (one
+    token's worth of slots, one layer ahead): a guess that is not resident is read in and evicts LRU's
+    oldest, the previous token's experts of the next layers, the very ones guessed next; they are read
+    again as prefetches, and a 33 ms read cannot land in 2 ms of compute. Every reuse becomes a late
+    read (late rate = the free model's hit rate), none a hit; two layers ahead breaks the chain."""
+    from lexi_gguf.caching import synthroute as R
+    from lexi_gguf.caching.idpredict import previous_predictions
+    from lexi_gguf.caching.simulate import simulate
+    tr = R.synth_trace("mixtral-8x7b", seqs=3, tokens=32)
+    one = simulate_clocked(tr, 0.25, "prefetch:previous", predictions=previous_predictions(tr, 1), depth=1, **Q32).row()
+    free = simulate(tr, 0.25, "prefetch:previous", predictions=previous_predictions(tr, 1), depth=1)
+    lru = simulate_clocked(tr, 0.25, "lru", **Q32).row()
+    assert one["hit_rate"] < 0.001 and one["late_rate"] == pytest.approx(free.hit_rate, abs=0.001)   # "0.00"
+    assert one["ms_per_token"] > 2 * lru["ms_per_token"] and lru["hit_rate"] > 0.25
+    two = simulate_clocked(tr, 0.25, "prefetch:previous", predictions=previous_predictions(tr, 2), depth=2, **Q32).row()
+    assert two["hit_rate"] > 0.25
+    gated = simulate_clocked(tr, 0.25, "prefetch:previous:gated", predictions=previous_predictions(tr, 1), **Q32).row()
+    assert gated["hit_rate"] > lru["hit_rate"] and gated["ms_per_token"] < lru["ms_per_token"]
