@@ -18,7 +18,7 @@ def cmd_trace(args) -> None:
          {"prompts": [x for x in lines(args.prompts, "--prompts") if x.strip()]}
     tr = record(args.model, **kw, budget=budget_name(args.budget), no_lexi=args.no_lexi, uniform_k=args.uniform_k,
                 max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                hidden=args.hidden, n_ctx=args.ctx, options=load_options(args))
+                hidden=args.hidden, n_ctx=args.ctx, options=load_options(args), replay=args.routing_replay)
     out = tr.save(args.output)
     m = tr.meta
     print(f"traced {len(tr.tokens)} tokens ({int(tr.generated.sum())} generated) x {len(tr.moe_layers)} MoE layers "
@@ -233,6 +233,8 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled with --seed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden", action="store_true", help="also record each MoE layer's router input (large)")
+    p.add_argument("--routing-replay", metavar="TRACE", type=path,
+                   help="run (and record) the experts another trace names instead of the router's choice")
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--threads", type=int)
     add_device_opts(p)

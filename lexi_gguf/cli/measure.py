@@ -20,7 +20,8 @@ def cmd_bench(args) -> None:
         # each token may read hundreds of MB from disk: fewer tokens and one repetition unless asked
         res = memlimit.bench_mem_limited(args.model, args.budgets, mem_limit=args.mem_limit, n_gen=args.n_gen or 16,
                                          warmup=args.warmup, threads=args.threads, reps=args.reps or 1,
-                                         prefetch=tuple(args.prefetch), repack=args.repack)
+                                         prefetch=tuple(args.prefetch), repack=args.repack,
+                                         replay=args.routing_replay)
         js, png = outputs(args, "memlimit")
         print(memlimit.table(res), file=human(args))
         write_json(res, js)
@@ -33,6 +34,8 @@ def cmd_bench(args) -> None:
         args.reps = 3
     options = load_options(args, one_prefetch_mode(args.prefetch))
     if args.switch:
+        if args.routing_replay:
+            raise LexiError("--switch measures switching budgets with the model's own routing: leave out --routing-replay")
         res = switch_bench(args.model, args.budgets, n_gen=args.n_gen, options=options)
         js = args.json if args.json == "-" else Path(args.json) if args.json else Path(args.model).with_suffix(".switch.json")
         print(switch_table(res), file=human(args))
@@ -40,7 +43,7 @@ def cmd_bench(args) -> None:
         print(f"json -> {js}", file=human(args))
         return
     res = bench(args.model, args.budgets, n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.reps, options=options,
-                progress=args.json != "-")
+                progress=args.json != "-", replay=args.routing_replay)
     js, png = outputs(args, "bench")
     print(table(res), file=human(args))
     write_json(res, js)
@@ -89,6 +92,9 @@ def register(sub) -> None:
                    help="decode each configuration in a child inside a memory cgroup of SIZE (e.g. 3G, 3.5GiB; "
                         "needs root), the model mmapped and evicted first: tok/s, major faults and bytes read per token")
     p.add_argument("--warmup", type=int, default=4, help="with --mem-limit: decode tokens before timing (default 4)")
+    p.add_argument("--routing-replay", metavar="TRACE", type=path,
+                   help="run the experts a trace recorded (`trace run` or `trace import`) instead of the router's, "
+                        "each layer keeping its k best; the memory traffic of recorded routing")
     p.add_argument("--threads", type=int)
     add_device_opts(p)
     p.add_argument("--switch", action="store_true",

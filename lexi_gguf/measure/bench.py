@@ -29,12 +29,17 @@ def _time(fn) -> float:
 
 
 def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=None, prefetch=None,
-            repack: str | None = None, options=None) -> dict:
+            repack: str | None = None, options=None, replay=None, counts: list[int] | None = None) -> dict:
     """options: how the model is loaded (runtime.options.LoadOptions); threads, n_gpu_layers, prefetch,
-    repack: its fields one by one (a value given wins)."""
+    repack: its fields one by one (a value given wins). replay: a trace (or its file) whose routing the
+    model runs instead of its router's (runtime.replay), at `counts` (default: as loaded)."""
     import numpy as np
     llm = load(path, options=options, kv_overrides=kv, n_ctx=n_prompt + n_gen + 16, n_batch=min(512, n_prompt),
                n_threads=threads, n_gpu_layers=n_gpu_layers, prefetch=prefetch, repack=repack)
+    rp = None
+    if replay is not None:
+        from ..runtime.replay import for_model
+        rp = for_model(llm, path, replay, counts)
     rng = np.random.default_rng(0)
     vocab = llm.n_vocab()
     prompt = rng.integers(100, vocab, n_prompt).tolist()   # random tokens, as llama-bench uses
@@ -57,22 +62,35 @@ def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_
                 llm.eval([t])
             sync()
         tg.append(n_gen / _time(decode))
+    replayed = {}
+    if rp is not None:
+        rp.check()
+        rp.remove()
+        replayed = {"replay": rp.summary()}
     llm.close()  # free the model before the next configuration loads
     return {"pp_tps": statistics.median(pp), "pp_min": min(pp), "pp_max": max(pp),
-            "tg_tps": statistics.median(tg), "tg_min": min(tg), "tg_max": max(tg)}
+            "tg_tps": statistics.median(tg), "tg_min": min(tg), "tg_max": max(tg), **replayed}
 
 
 def bench(path, budgets, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=None, progress=True,
-          prefetch=None, options=None) -> dict:
+          prefetch=None, options=None, replay=None) -> dict:
+    """replay: a trace (or its file) every configuration runs the routing of, each layer at its own k
+    (runtime.replay); checked against the file before anything is measured."""
     opts = merged(options, threads=threads, n_gpu_layers=n_gpu_layers, prefetch=prefetch)
     fp = footprint(path)
     configs = run_configs(path, budgets)
     full_bytes = active(fp, configs[0].counts)[0]
+    if replay is not None:
+        from ..runtime.replay import fits
+        from ..runtime.trace import Trace
+        replay = Trace.load(replay) if not isinstance(replay, Trace) else replay
+        for c in configs:
+            fits(replay, path, c.counts)
     rows = []
     for c in configs:
         if progress:
             print(f"  bench {c.label:<14} k={c.counts}", flush=True)
-        m = measure(path, c.kv, n_prompt=n_prompt, n_gen=n_gen, reps=reps, options=opts)
+        m = measure(path, c.kv, n_prompt=n_prompt, n_gen=n_gen, reps=reps, options=opts, replay=replay, counts=c.counts)
         b = active(fp, c.counts)[0]
         rows.append({"config": c.config, "budget": c.budget, "avg_k": c.avg_k, "expert_used_count": c.counts,
                      "active_bytes": b, "ideal_speedup": full_bytes / b, **m})
@@ -82,6 +100,7 @@ def bench(path, budgets, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu
         r["pp_speedup"] = r["pp_tps"] / full["pp_tps"]
     return {"model": str(path), "backend": backend_name(opts.n_gpu_layers), "threads": opts.threads or os.cpu_count(),
             "n_gpu_layers": opts.n_gpu_layers, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps,
+            "routing": "router" if replay is None else f"replayed from {replay.meta.get('source') or replay.meta.get('model', '?')}",
             "machine": machine(), "rows": rows}
 
 

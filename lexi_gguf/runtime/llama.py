@@ -22,6 +22,8 @@ PATCH_SYMBOLS = {
     "llama.cpp-lexi-budget-switch.patch": "llama_lexi_set_row",
     "llama.cpp-lexi-weight-norm.patch": "llama_model_lexi_weight_norm",
     "llama.cpp-lexi-expert-prefetch.patch": "llama_lexi_set_prefetch",
+    "llama.cpp-lexi-expert-counts.patch": "llama_lexi_set_counts",
+    "llama.cpp-lexi-routing-replay.patch": "llama_lexi_set_routing",
 }
 
 
@@ -187,9 +189,10 @@ def _say_prefetch_skips(path: Path, n_gpu_layers: int) -> None:
 # rows for set_lexi_row besides the ladder's own 0..n-1 (llama.h: LLAMA_LEXI_ROW_MODEL / _LOADED)
 ROW_MODEL = -1    # the model's own k in every layer (lexi off)
 ROW_LOADED = -2   # the counts chosen at load (lexi.expert_used_count or the overridden ladder row)
+ROW_CUSTOM = -3   # counts set by set_expert_counts
 
 
-def _lexi_fn(name: str, restype, argtypes):
+def lexi_fn(name: str, restype, argtypes):
     """A function of the lexi patch, from the same library handle llama-cpp-python uses."""
     fn = getattr(libllama(), name, None)
     if fn is None:
@@ -199,11 +202,11 @@ def _lexi_fn(name: str, restype, argtypes):
 
 
 def lexi_n_rows(llm) -> int:
-    return _lexi_fn("llama_lexi_n_rows", ctypes.c_int32, [ctypes.c_void_p])(llm.model)
+    return lexi_fn("llama_lexi_n_rows", ctypes.c_int32, [ctypes.c_void_p])(llm.model)
 
 
 def lexi_row(llm) -> int:
-    return _lexi_fn("llama_lexi_get_row", ctypes.c_int32, [ctypes.c_void_p])(llm.ctx)
+    return lexi_fn("llama_lexi_get_row", ctypes.c_int32, [ctypes.c_void_p])(llm.ctx)
 
 
 def set_lexi_row(llm, row: int, *, keep_cache: bool = False) -> None:
@@ -214,9 +217,34 @@ def set_lexi_row(llm, row: int, *, keep_cache: bool = False) -> None:
     keep_cache=True keeps it: faster, an approximation (earlier tokens keep their old-k K/V)."""
     if lexi_row(llm) == row:
         return
-    if _lexi_fn("llama_lexi_set_row", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])(llm.ctx, row) != 0:
+    if lexi_fn("llama_lexi_set_row", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])(llm.ctx, row) != 0:
         raise LexiError(f"ladder row {row} does not exist: the model stores {lexi_n_rows(llm)} rows "
                         f"({ROW_MODEL}: the model's own k, {ROW_LOADED}: as loaded)")
+    if not keep_cache:
+        llm.reset()
+
+
+def set_expert_counts(llm, counts: list[int] | None, *, keep_cache: bool = False) -> None:
+    """Run any per-layer expert counts from the next token on (llama_lexi_set_counts), not only a stored
+    ladder row: one count per block, 0 (or anything) for dense blocks, 1..n_expert for MoE blocks. None:
+    back to the counts chosen at load. The KV cache is dropped unless keep_cache (see set_lexi_row)."""
+    if counts is None:
+        set_lexi_row(llm, ROW_LOADED, keep_cache=keep_cache)
+        return
+    from ..gguf.reader import model_info
+    info = model_info(llm.model_path, check_lexi=False)
+    counts = [int(c) for c in counts]
+    if len(counts) != info.block_count:
+        raise LexiError(f"{len(counts)} expert counts for a model of {info.block_count} blocks: give one per block "
+                        f"(MoE blocks: {info.moe_layers[0]}..{info.moe_layers[-1]}, 0 for dense blocks)")
+    bad = [(i, counts[i]) for i in info.moe_layers if not 1 <= counts[i] <= info.expert_count]
+    if bad:
+        raise LexiError(f"block {bad[0][0]}: {bad[0][1]} experts does not fit (1..{info.expert_count} in MoE blocks)")
+    row = [c if i in info.moe_layers else max(1, min(c, info.expert_count)) for i, c in enumerate(counts)]
+    arr = (ctypes.c_int32 * len(row))(*row)
+    if lexi_fn("llama_lexi_set_counts", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32])(
+            llm.ctx, arr, len(row)) != 0:
+        raise LexiError(f"the runtime refused counts {counts}: {captured_log().strip().splitlines()[-1:]}")
     if not keep_cache:
         llm.reset()
 
@@ -229,11 +257,11 @@ def set_prefetch(llm, mode: str | int) -> None:
     value = PREFETCH_MODES.get(mode, mode) if isinstance(mode, str) else mode
     if value not in PREFETCH_MODES.values():
         raise LexiError(f"unknown prefetch mode {mode!r}: use {', '.join(PREFETCH_MODES)}")
-    _lexi_fn("llama_lexi_set_prefetch", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])(llm.ctx, value)
+    lexi_fn("llama_lexi_set_prefetch", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])(llm.ctx, value)
 
 
 def prefetch_mode(llm) -> str:
-    value = _lexi_fn("llama_lexi_get_prefetch", ctypes.c_int32, [ctypes.c_void_p])(llm.ctx)
+    value = lexi_fn("llama_lexi_get_prefetch", ctypes.c_int32, [ctypes.c_void_p])(llm.ctx)
     return next(k for k, v in PREFETCH_MODES.items() if v == value)
 
 
@@ -264,14 +292,14 @@ def is_patched() -> bool:
 
 def n_expert_active(llm) -> list[int]:
     """The experts each layer of a loaded model runs per token (llama_model_n_expert_active)."""
-    fn = _lexi_fn("llama_model_n_expert_active", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])
+    fn = lexi_fn("llama_model_n_expert_active", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32])
     n = import_llama_cpp().llama_model_n_layer(llm.model)
     return [fn(llm.model, i) for i in range(n)]
 
 
 def weight_norm(llm) -> str:
     """How a loaded model weights fewer experts than trained: renorm | base (llama_model_lexi_weight_norm)."""
-    return _lexi_fn("llama_model_lexi_weight_norm", ctypes.c_char_p, [ctypes.c_void_p])(llm.model).decode()
+    return lexi_fn("llama_model_lexi_weight_norm", ctypes.c_char_p, [ctypes.c_void_p])(llm.model).decode()
 
 
 def doctor() -> dict:

@@ -19,7 +19,7 @@ from .. import LexiError
 from .graph import ggml_lib, read_tensor, tensor_src
 
 # the weights build_moe_ffn finally applies: the last of these it computed for the layer
-WEIGHT_NAMES = ("ffn_moe_weights_scaled", "ffn_moe_weights_norm", "ffn_moe_weights_softmax", "ffn_moe_weights")
+WEIGHT_NAMES = ("ffn_moe_weights_replayed", "ffn_moe_weights_scaled", "ffn_moe_weights_norm", "ffn_moe_weights_softmax", "ffn_moe_weights")
 _NAME = re.compile(r"^(ffn_moe_topk|ffn_moe_logits|" + "|".join(WEIGHT_NAMES) + r")-(\d+)$")
 
 
@@ -157,10 +157,12 @@ def record(path, *, prompts: list[str] | None = None, texts: list[str] | None = 
            budget: str | None = None, no_lexi: bool = False, uniform_k: int | None = None,
            max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, hidden: bool = False,
            n_ctx: int = 1024, threads: int | None = None, n_gpu_layers: int | None = None, progress: bool = True,
-           options=None) -> Trace:
+           options=None, replay=None) -> Trace:
     """Run the model on prompts (prompt, then generation: greedy, or sampled at `temperature` with a
     fixed seed) or on texts / token lists (no generation), at a budget or a uniform k in every layer
     (as --override-kv does), recording every MoE layer's experts for every evaluated token.
+    replay: a trace (or its file) whose routing runs instead of the router's (runtime.replay): what is
+    recorded is then the replayed experts at this run's counts.
     options: how the model is loaded (runtime.options.LoadOptions; threads, n_gpu_layers: its fields)."""
     from ..runtime.budgets import DEFAULT, FULL, Budget, resolve
     from ..gguf.reader import model_info
@@ -187,6 +189,10 @@ def record(path, *, prompts: list[str] | None = None, texts: list[str] | None = 
     llm = load(path, options=options, kv_overrides=kv, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
                eval_callback=rec.callback, logits_all=True)
     set_lexi_row(llm, chosen.row)
+    rp = None
+    if replay is not None:
+        from .replay import for_model
+        rp = for_model(llm, path, replay, chosen.counts)
     eos = llm.token_eos()
     seqs: list[tuple[list[int], bool]] = []
     if tokens is not None:
@@ -218,7 +224,11 @@ def record(path, *, prompts: list[str] | None = None, texts: list[str] | None = 
         if progress and (s + 1) % 10 == 0:
             print(f"  traced {s + 1}/{len(seqs)} sequences, {len(all_tok)} tokens", flush=True)
     seconds = time.perf_counter() - t0
+    if rp is not None:
+        rp.remove()
     llm.close()
+    if rp is not None:
+        rp.check()
     if rec.error is not None:
         raise LexiError(f"tracing failed inside the eval callback: {rec.error!r}")
     counts = [chosen.counts[il] for il in moe_layers]
@@ -230,6 +240,8 @@ def record(path, *, prompts: list[str] | None = None, texts: list[str] | None = 
     meta = {"model": str(path), "arch": info.arch, "expert_bytes": [expert_bytes[il] for il in moe_layers], "n_expert": info.expert_count, "k_base": info.expert_used_count,
             "budget": chosen.name, "block_count": info.block_count, "max_new_tokens": max_new_tokens,
             "temperature": temperature, "seed": seed,
-            "seconds": seconds, "callback_seconds": rec.seconds}
+            "seconds": seconds, "callback_seconds": rec.seconds,
+            **({"replay": {"trace": str(replay) if not hasattr(replay, "meta") else replay.meta.get("model", "?"),
+                           **rp.summary()}} if rp is not None else {})}
     return Trace(np.array(all_tok, np.int32), np.array(gen_flag, bool), np.array(seq_id, np.int32),
                  np.array(moe_layers, np.int32), np.array(counts, np.int32), experts, weights, states, meta)

@@ -16,7 +16,7 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
                       reps: int = 1, seed: int = 0, rates: bool = True, cgroup_root: str | Path | None = None,
                       timeout: float | None = None, progress: bool = True, prefetch: tuple[str, ...] = ("off",),
                       only: list[str] | None = None, repack: str = "auto", prompt: str | None = None,
-                      pin: list[tuple[int, int]] | None = None) -> dict:
+                      pin: list[tuple[int, int]] | None = None, replay: str | Path | None = None) -> dict:
     """Decode tok/s, major faults and storage bytes per token of each configuration (full, then uniform
     and lexi at each stored budget: lexi_gguf.measure.configs.run_configs) under a memory limit; each
     configuration and repetition in a fresh child inside a fresh memory cgroup. Same shape as
@@ -25,7 +25,8 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
     configuration labels to run (e.g. ["full", "lexi 0.75"]), default all. repack: the children's
     runtime.placement mode (auto: off when the model is larger than the group's room or prefetch is on).
     prompt: decode this prompt's continuation, sampled (seeded), instead of random token ids. pin: (file
-    offset, length) ranges each child mlocks after loading (bench/pin.py: the hot-expert experiment)."""
+    offset, length) ranges each child mlocks after loading (bench/pin.py: the hot-expert experiment).
+    replay: a trace file whose routing each child runs (runtime.replay), each layer at its k."""
     from ..bench import backend_name
     from ..configs import run_configs
     from ...runtime.cpu import machine
@@ -52,6 +53,12 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
         if missing:
             raise LexiError(f"no configuration {missing[0]!r} for this model: have {', '.join(labels)}")
         configs = [c for c in configs if c.label in only]
+    if replay is not None:      # refused here, in one line, rather than in every child
+        from ...runtime.replay import fits
+        from ...runtime.trace import Trace
+        tr = Trace.load(replay)
+        for c in configs:
+            fits(tr, path, c.counts)
     threads = threads or os.cpu_count()
     disk = disk_rates(path) if rates else {"disk": disk_of(path)}
     if progress:
@@ -66,7 +73,8 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
             with memory_cgroup(limit, root=cgroup_root) as g:
                 spec = {"model": str(path), "kv": c.kv, "n_gen": n_gen, "warmup": warmup, "threads": threads,
                         "seed": seed, "cgroup": str(g.path), "version": g.version, "limit": limit, "prefetch": pf,
-                        "repack": repack, "prompt": prompt, "pin": pin}
+                        "repack": repack, "prompt": prompt, "pin": pin,
+                        "replay": str(replay) if replay is not None else None, "counts": c.counts}
                 r = run_child(spec, timeout=timeout)
                 r["peak_bytes"] = g.peak()
                 r["cgroup_path"] = str(g.path)

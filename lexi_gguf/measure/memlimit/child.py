@@ -34,6 +34,10 @@ def decode(spec: dict) -> dict:
     llm = load(path, kv_overrides=spec["kv"] or None, n_ctx=spec["warmup"] + spec["n_gen"] + 16, n_batch=32,
                n_threads=spec["threads"], n_gpu_layers=0, use_mmap=True, use_mlock=False,
                prefetch=spec.get("prefetch", "off"), repack=spec.get("repack", "auto"))
+    rp = None
+    if spec.get("replay"):        # recorded routing instead of the router's (runtime.replay)
+        from ...runtime.replay import for_model
+        rp = for_model(llm, path, spec["replay"], spec.get("counts"))
     pinned = 0
     if spec.get("pin"):          # hot experts locked in memory, read as part of the load: the pin experiment
         from bench.pin import mlock_ranges    # lives in the checkout's bench/ (on PYTHONPATH: procs.package_env)
@@ -94,6 +98,10 @@ def decode(spec: dict) -> dict:
         st = read_stat(group)
         out["cg_usage_end"] = {k: st.get(k) for k in ("cache", "rss", "mapped_file", "file", "anon", "file_mapped")
                                if k in st}
+    if rp is not None:
+        rp.check()
+        out["replay"] = rp.summary()
+        rp.remove()
     llm.close()
     return out
 
