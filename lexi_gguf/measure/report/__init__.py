@@ -26,7 +26,7 @@ __all__ = ["RENDERERS", "Family", "family", "family_of", "generic", "render", "s
 
 # the order of the report; families without a renderer follow, by name
 ORDER = ("runtime", "switch", "cpu-paths", "profile", "apply-quants", "seeds", "weight-norm", "calib", "caching",
-         "idpredict", "policies", "memlimit", "repack", "serve-load", "rpc", "mutation", "readback")
+         "idpredict", "policies", "memlimit", "repack", "serve-load", "rpc", "mutation", "readback", "synth")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Report renderers of the speed and memory benches: runtime, switch, CPU paths, profiling cost,
-`apply` per quant type, memory-limited decode, repack, serving load and RPC."""
+`apply` per quant type, memory-limited decode, repack, serving load, RPC, the read-back and synth."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -179,3 +179,18 @@ def _readback(d: dict) -> list[str]:
             f"The read-back costs {num(d.get('read_back_s'), '.1f')} s, {num(d.get('read_back_share'), '.0%')} of the copy.",
             *targets(d)]
 
+
+
+@family("synth", "Model files at true size (`lexi-gguf synth`)", "bench/bench_synth.py", "docs/true-size.md",
+        "each released shape written with random weights at the quant people download: time, disk, the writer's "
+        "memory, and the whole file loaded and decoded")
+def _synth(d: dict) -> list[str]:
+    rows = [[name, r.get("quant"), f"{r.get('layers')} x {r.get('experts')}", f"{r.get('vocab')} ({r.get('n_vocab')})",
+             num(r.get("file_gib")), num(r.get("write_s"), ".1f"), num(r.get("write_mb_s"), ".0f"),
+             num(r.get("on_disk_s"), ".1f"), num(r.get("writer_peak_rss_mib"), ".0f"), num(r.get("load_s"), ".1f"),
+             f"{num(r.get('decode_s'), '.1f')} ({r.get('tokens')})", cell(r.get("finite")), num(r.get("expert_mib"))]
+            for name, r in (d.get("shapes") or {}).items()]
+    return [f"Generator {d.get('generator', '?')}; each file written with the read-back, timed until renamed and "
+            "until synced, then loaded and decoded (finite: every logit of every decoded token).",
+            table(["shape", "quant", "layers x experts", "vocab (rows)", "GiB", "write s", "MB/s", "on disk s",
+                   "writer RSS MiB", "load s", "decode s (tokens)", "finite", "expert MiB"], rows), *targets(d)]
