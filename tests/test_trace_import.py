@@ -113,8 +113,14 @@ def test_expert_sizes_come_from_a_shape_a_number_or_a_model_and_clock_needs_them
     err = capsys.readouterr().err
     assert "has no expert sizes" in err and "--like NAME" in err and "--expert-bytes N" in err
     assert len(err.strip().splitlines()) == 1, err
-    assert cli.main(clock[:-4]) == 0                  # the free model (hits) runs without sizes
-    capsys.readouterr()
+    assert cli.main(clock[:-4]) == 0                  # the free model (hits) runs without sizes, and says so
+    assert "no expert sizes: its MB and stall columns count 1 byte per expert" in capsys.readouterr().out
+    # a trace imported before sizes were marked (1 byte per expert, unmarked) is refused the same way
+    tr.meta.update(expert_bytes=[1.0] * len(LAYERS))
+    del tr.meta["expert_bytes_from"]
+    old = tr.save(tmp_path / "old.npz")
+    assert cli.main([*clock[:1], str(old), *clock[2:]]) == 2
+    assert "has no expert sizes" in capsys.readouterr().err
     # --expert-bytes N: every layer
     given = tmp_path / "given.npz"
     assert cli.main([*base, "--expert-bytes", "5000000", "-o", str(given)]) == 0

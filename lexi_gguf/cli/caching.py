@@ -109,11 +109,11 @@ def _at_counts(tr, args):
 def cmd_cache_sim(args) -> None:
     from ..caching import predict, simulate
     from ..runtime.trace import Trace
+    from ..caching.trace_import import SIZES_FIX, has_sizes
     tr = Trace.load(args.trace)
-    if args.clock:
-        from ..caching.trace_import import SIZES_FIX, has_sizes
-        if not has_sizes(tr.meta):
-            raise LexiError(f"{args.trace} has no expert sizes, so --clock cannot time its transfers; {SIZES_FIX}")
+    sized = has_sizes(tr.meta)
+    if args.clock and not sized:
+        raise LexiError(f"{args.trace} has no expert sizes, so --clock cannot time its transfers; {SIZES_FIX}")
     tr = _at_counts(tr, args)
     wanted = {p.split(":")[0] for p in args.policy}
     gated = [p for p in args.policy if ":" in p]
@@ -145,6 +145,9 @@ def cmd_cache_sim(args) -> None:
     print("Free-transfer model (an upper bound: a prefetch is resident the moment it is issued; only demand\n"
           "misses stall):\n", file=out)
     print(simulate.table(res, args.link), file=out)
+    if not sized:
+        print("(this trace has no expert sizes: its MB and stall columns count 1 byte per expert; "
+              f"{SIZES_FIX})", file=out)
     if args.clock:
         from ..caching import clock
         comp = args.compute_ms
