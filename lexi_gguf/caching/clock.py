@@ -140,16 +140,17 @@ class Link:
 def simulate_clocked(trace: Trace, capacity: float, policy: str, *, link: str = "nvme",
                      compute_s: list[float] | float, predictions: dict | None = None, depth: int = 1,
                      phase: str = "auto", slot_mode: str = "global", queue_depth: int = 1,
-                     demand_first: bool = False, gate: PrefetchGate | None = None) -> ClockResult:
+                     demand_first: bool = False, gate: PrefetchGate | None = None, reuse_model=None) -> ClockResult:
     """Replay on the clock (module docstring). A gated policy (`prefetch:PRED:gated`) decides with `gate`
-    (a fresh PrefetchGate when none is given: pass one to read its decisions afterwards)."""
+    (a fresh PrefetchGate when none is given: pass one to read its decisions afterwards); nextuse
+    eviction estimates with `reuse_model` (policies.ReuseModel; a fresh one when none is given)."""
     L, E = len(trace.moe_layers), trace.n_expert
     name, bw, lat = parse_link(link)
     if queue_depth > 1 or demand_first:
         name += f" q{queue_depth}" + (" demand-first" if demand_first else "")
     comp = np.broadcast_to(np.asarray(compute_s, dtype=float), (L,))
     _, prefetch, caches, cache_of, nbytes, toks, reqs, next_use = replay_setup(trace, capacity, policy, predictions,
-                                                                              phase, slot_mode)
+                                                                              phase, slot_mode, reuse_model)
     wire = Link(bw, lat, queue_depth, demand_first)
     gated = parse_policy(policy)[2]
     gate = (gate or PrefetchGate(depth, int(trace.counts.max()))) if gated else None

@@ -277,11 +277,13 @@ class NextUse(Policy):
 EVICTION = {"lru": LRU, "lfu": LFU, "eamc": EAMC, "belady": Belady, "nextuse": NextUse}
 
 
-def make_pools(quota: list[int] | None, slots: int, kind: str, n_layer: int, n_expert: int, counts) -> list[Policy]:
-    """One pool per quota (or one shared pool of `slots`); nextuse pools share one ReuseModel."""
+def make_pools(quota: list[int] | None, slots: int, kind: str, n_layer: int, n_expert: int, counts,
+               model: ReuseModel | None = None) -> list[Policy]:
+    """One pool per quota (or one shared pool of `slots`); nextuse pools share one ReuseModel (`model`: one
+    made elsewhere, e.g. warm from another trace, or a bound that knows more than a runtime can)."""
     sizes = quota or [slots]
     if kind == "nextuse":
-        model = ReuseModel(n_layer, n_expert, counts)
+        model = model or ReuseModel(n_layer, n_expert, counts)
         return [NextUse(c, model) for c in sizes]
     return [EVICTION[kind](c) for c in sizes]
 

@@ -128,10 +128,10 @@ def quotas(trace: Trace, slots: int, mode: str) -> list[int] | None:
     return [max(int(x), 1) for x in q]
 
 
-def make_caches(trace: Trace, slots: int, base: str, slot_mode: str):
+def make_caches(trace: Trace, slots: int, base: str, slot_mode: str, model=None):
     """(caches, cache_of(layer j)): one shared cache, or one per layer with its quota."""
     q = quotas(trace, slots, slot_mode)
-    caches = make_pools(q, slots, base, len(trace.moe_layers), trace.n_expert, trace.counts)
+    caches = make_pools(q, slots, base, len(trace.moe_layers), trace.n_expert, trace.counts, model)
     return caches, ((lambda j: caches[j]) if q else (lambda j: caches[0]))
 
 
@@ -163,7 +163,7 @@ def lookahead_targets(trace: Trace, toks: np.ndarray, s: int, j: int, depth: int
         yield d, tt, jj
 
 
-def replay_setup(trace: Trace, capacity: float, policy: str, predictions, phase: str, slot_mode: str):
+def replay_setup(trace: Trace, capacity: float, policy: str, predictions, phase: str, slot_mode: str, model=None):
     """What both simulators start from: (slots, prefetching?, caches, cache_of, bytes per expert of each
     layer, replayed tokens, the request stream, each request's next use)."""
     L, E = len(trace.moe_layers), trace.n_expert
@@ -172,7 +172,7 @@ def replay_setup(trace: Trace, capacity: float, policy: str, predictions, phase:
     prefetch = pred is not None
     if prefetch and predictions is None:
         raise LexiError(f"policy {policy} needs predictions")
-    caches, cache_of = make_caches(trace, slots, base, slot_mode)
+    caches, cache_of = make_caches(trace, slots, base, slot_mode, model)
     nbytes = np.asarray(trace.meta.get("expert_bytes") or [1.0] * L, dtype=float)
     toks = steps(trace, phase)
     reqs, next_use = request_stream(trace, toks, belady=base == "belady")

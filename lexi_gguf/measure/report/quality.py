@@ -150,7 +150,8 @@ def _idpredict(d: dict) -> list[str]:
         "prefetch, clocked, at full k and 0.75 of the k, on the trained testbed and on synthetic routing")
 def _policies(d: dict) -> list[str]:
     out = [f"Clocked on {d.get('link', '?')}, look-ahead depth {d.get('depth', '?')}; speed against LRU at full k "
-           "(ms per token in brackets). Belady and the oracle's gated prefetch are bounds, not policies one can run."]
+           "(ms per token in brackets). Belady, the oracle's gated prefetch and nextuse told each request's expert "
+           "frequencies in advance are bounds, not policies one can run."]
     for c in d["cases"]:
         rows = c["rows"]
         pols = list(dict.fromkeys(r["policy"] for r in rows))
@@ -167,7 +168,8 @@ def _policies(d: dict) -> list[str]:
                            *(num(next(x[f] for x in rows if x["policy"] == p and x["k"] == "full"), fmt)
                              for f, fmt in (("hit_rate", ".3f"), ("late_rate", ".3f"), ("mb_per_token", ".1f")))]
                           for p in pols]))
-        out.append(f"Best realizable at full k: {c['best']} {num(c['best_vs_lru'])}x LRU (Belady {num(c['belady_vs_lru'])}x); "
+        out.append(f"Best realizable at full k: {c['best']} {num(c['best_vs_lru'])}x LRU (Belady {num(c['belady_vs_lru'])}x, "
+                   f"frequency oracle {num(c.get('frequency_oracle_vs_lru'))}x); "
                    f"at 0.75: {c['best_0.75']} {num(c['best_0.75_vs_full_lru'])}x full-k LRU.")
     return out + targets(d)
 
