@@ -75,6 +75,7 @@ def test_a_shape_writes_checks_loads_and_decodes(tmp_path, name, quant, layers, 
     # loads in the runtime and decodes finite logits
     for lg in decode(path):
         assert lg.shape == (s.n_vocab,) and np.isfinite(lg).all() and lg.std() > 0.1
+    path.unlink()                          # ~1 GB each: not kept in pytest's last three tmp folders
 
 
 def test_sizes_of_the_full_shapes():
@@ -112,6 +113,8 @@ def test_cli_caches_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
         assert cli.main(["synth", *bad, "-o", str(tmp_path / "x.gguf")]) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
+    for p in (*tmp_path.glob("*.gguf"), *(tmp_path / "cache" / "synth").glob("*.gguf")):
+        p.unlink()
     with pytest.raises(LexiError, match="unknown field"):
         cfg.write_text(json.dumps({"name": "x", "colour": 1}))
         S.from_config(cfg)
