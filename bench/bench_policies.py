@@ -12,12 +12,13 @@ size of a regime:
 
 Capacity: 25 % of all routed experts (one token's worth at full k on the testbed and Mixtral), 10 % on
 DeepSeek (as the recording was replayed). Policies: LRU, LFU, EAMC, Belady (offline bound), nextuse told each request's expert frequencies in
-advance (a bound on frequency- and recency-based policies), nextuse
+advance (a bound on what frequency-based eviction with nextuse's rule can learn), nextuse
 (learned eviction), prefetch of every guess (LRU eviction, what was there) and gated prefetch (only what
 pays on the clock, nextuse eviction) by previous token, co-activation (counted on other prompts), the
 sequence transformer (testbed only) and the oracle (a bound: perfect guesses). Each case at full k and
 at 0.75 of the k: LExI 0.75's counts from the testbed's own ladder (the same routing, each layer its
-highest-weight experts), on synthetic routing k alternated (not a LExI allocation: no model).
+highest-weight experts), on synthetic routing k alternated (not a LExI allocation: no model). On the
+testbed at 0.75 also per-layer quotas (slots following each layer's k, or equal) for LRU and nextuse.
 
 Targets (issue 29): per regime the best realizable policy >= 1.2x LRU per token at full k; the 0.75
 counts with the best policy >= 1.5x full-k LRU; no recommended policy (nextuse, PRED:gated) slower than
@@ -146,10 +147,17 @@ def main() -> int:
                                                else None, **LINK).row()
                     r.update(policy=pol, k=kname, seconds=time.perf_counter() - t0)
                     rows.append(r)
+            if "testbed" in name:      # LExI-aware quotas: per-layer slots following each layer's k, or equal
+                for slots in ("k", "equal"):
+                    for pol in ("lru", "nextuse"):
+                        r = clock.simulate_clocked(short, cap, pol, compute_s=comp, phase="decode", slot_mode=slots,
+                                                   **LINK).row()
+                        r.update(policy=f"{pol} [quotas {slots}]", k="0.75")
+                        rows.append(r)
             lru = next(r["ms_per_token"] for r in rows if r["policy"] == "lru" and r["k"] == "full")
             for r in rows:
                 r["vs_full_lru"] = lru / r["ms_per_token"]
-            full = [r for r in rows if r["k"] == "full" and r["policy"] not in BOUNDS]
+            full = [r for r in rows if r["k"] == "full" and r["policy"] not in BOUNDS]      # quota rows: 0.75 only
             best = max(full, key=lambda r: r["vs_full_lru"])
             best75 = max((r for r in rows if r["k"] == "0.75" and r["policy"] not in BOUNDS), key=lambda r: r["vs_full_lru"])
             bel = next(r for r in rows if r["policy"] == "belady" and r["k"] == "full")

@@ -163,11 +163,12 @@ def _policies(d: dict) -> list[str]:
                    f"{num(c['compute_s_per_layer'] * 1e3, 'g')} ms a layer, capacity {num(c['capacity'], 'g')}, "
                    f"{c.get('decode_tokens', '?')} decode tokens; 0.75: {c.get('counts_0.75_label', '?')} "
                    f"{c.get('counts_0.75')}.")
+        def field(pol, f, fmt):
+            r = next((x for x in rows if x["policy"] == pol and x["k"] == "full"), None)
+            return num(r[f], fmt) if r else "-"
         out.append(table(["policy", "full k", "0.75 of k", "hit (full)", "late (full)", "MB/token (full)"],
-                         [[p, at(p, "full"), at(p, "0.75"),
-                           *(num(next(x[f] for x in rows if x["policy"] == p and x["k"] == "full"), fmt)
-                             for f, fmt in (("hit_rate", ".3f"), ("late_rate", ".3f"), ("mb_per_token", ".1f")))]
-                          for p in pols]))
+                         [[p, at(p, "full"), at(p, "0.75"), field(p, "hit_rate", ".3f"), field(p, "late_rate", ".3f"),
+                           field(p, "mb_per_token", ".1f")] for p in pols]))
         out.append(f"Best realizable at full k: {c['best']} {num(c['best_vs_lru'])}x LRU (Belady {num(c['belady_vs_lru'])}x, "
                    f"frequency oracle {num(c.get('frequency_oracle_vs_lru'))}x); "
                    f"at 0.75: {c['best_0.75']} {num(c['best_0.75_vs_full_lru'])}x full-k LRU.")
