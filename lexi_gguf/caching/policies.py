@@ -173,7 +173,7 @@ class ReuseModel:
         self.u = np.full(shape, prior * base.mean())
         self.last = np.full(L * E, -(1 << 40), np.int64)        # token of the last use
         self.uses = np.zeros(L * E)                              # uses in the current request
-        self.total, self.tokens = np.zeros(L * E), 0             # uses and tokens over all requests
+        self.total, self.runs = np.zeros(L * E), 0               # uses and layer runs over all requests
         self.t0, self.restart = 0, False                         # the request's first token; a new one began
         self.hint = np.zeros(L * E)                              # a guess's confidence until its layer runs
         self.layer_of = np.arange(L * E) // E
@@ -182,7 +182,7 @@ class ReuseModel:
 
     def _buckets(self, keys, t):
         age = t - self.last[keys]
-        prior = (self.total[keys] + self.base[self.layer_of[keys]]) / (self.tokens / self.L + 1)
+        prior = (self.total[keys] + self.base[self.layer_of[keys]]) / (self.runs / self.L + 1)
         rate = (self.uses[keys] + PRIOR_TOKENS * prior) / (t - self.t0 + PRIOR_TOKENS)
         return np.searchsorted(AGE_EDGES, age, side="right"), np.searchsorted(RATE_EDGES, rate)
 
@@ -200,7 +200,7 @@ class ReuseModel:
         np.add.at(self.u, (ab, fb), used)
         self.uses[keys] += used
         self.total[keys] += used
-        self.tokens += 1
+        self.runs += 1
         self.last[keys[used]] = token
         self.hint[keys] = 0.0
         self.needed[:] = False
@@ -215,7 +215,7 @@ class ReuseModel:
         return np.maximum(self.u[ab, fb] / self.n[ab, fb], self.hint[keys])
 
     def distance(self, keys) -> np.ndarray:
-        """Expected layer steps until each key's next use (inf for a key the running layer needs: it stays)."""
+        """Expected layer steps until each key's next use (-inf for a key the running layer needs: never a victim)."""
         lay = self.layer_of[keys]
         o = (lay - self.j) % self.L
         o[o == 0] = self.L
@@ -229,7 +229,7 @@ class NextUse(Policy):
     A guess read in or promoted keeps its confidence until its layer runs."""
 
     def __init__(self, cap: int, model: ReuseModel):
-        self.cap, self.m, self.res, self.seen = cap, model, {}, {}
+        self.cap, self.m, self.res = cap, model, {}      # res: key -> last touch (ties: least recent goes)
 
     def __contains__(self, key):
         return key in self.res
