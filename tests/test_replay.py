@@ -140,3 +140,23 @@ def test_any_per_layer_counts_on_a_loaded_model(laddered_gguf):
                        kv_overrides=runtime.lexi_overrides("qwen3moe", uniform_k=1))
     np.testing.assert_allclose(_logits(uni), ones, rtol=1e-5, atol=1e-5)
     uni.close()
+
+
+def test_cli_runs_any_counts_without_a_row_in_the_file(laddered_gguf, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The river flows into the sea")
+    out = tmp_path / "k.npz"
+    assert cli.main(["trace", "run", str(laddered_gguf), "--text", str(text), "--k", "1,3,2,4", "-o", str(out)]) == 0
+    got = Trace.load(out)
+    assert got.counts.tolist() == [1, 3, 2, 4] and got.meta["budget"] == "k=1,3,2,4"
+    assert all((got.experts[:, j, :k] >= 0).all() and (got.experts[:, j, k:] == -1).all()
+               for j, k in enumerate([1, 3, 2, 4]))
+    js = tmp_path / "b.json"
+    assert cli.main(["bench", str(laddered_gguf), "--budgets", "0.5", "--n-prompt", "8", "--n-gen", "4", "--reps", "1",
+                     "--k", "1,1,1,1", "--json", str(js)]) == 0
+    import json
+    rows = json.loads(js.read_text())["rows"]
+    assert rows[-1]["config"] == "custom" and rows[-1]["expert_used_count"] == [1, 1, 1, 1]
+    capsys.readouterr()
+    assert cli.main(["trace", "run", str(laddered_gguf), "--text", str(text), "--k", "1,3,2", "-o", str(out)]) != 0
+    assert "3 counts: give one per MoE layer (4)" in capsys.readouterr().err

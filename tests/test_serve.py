@@ -88,6 +88,17 @@ def test_answers_equal_a_fresh_load_at_that_budget(client, reference):
         assert r.choices[0].text == reference[mid][1], mid
 
 
+def test_a_request_may_name_any_counts(client, reference):
+    # m@k=4,4,4,4 is the model's own k everywhere: the answer of m@full, with no row for it in the file
+    assert _chat(client, "m@k=4,4,4,4") == reference["m@full"][0]
+    assert _chat(client, "m@k=2,1,4,1") == reference["m@0.5"][0]      # the 0.5 row's counts, given by hand
+    from openai import BadRequestError
+    with pytest.raises(BadRequestError) as e:
+        _chat(client, "m@k=4,9,4,4")
+    assert "block 1: k 9 does not fit: give 1..8" in e.value.response.text
+    assert _chat(client, "m") == reference["m"][0]
+
+
 def test_concurrent_requests_queue_and_none_is_lost(client, reference):
     ids = ["m@0.5", "m@full", "m@0.625", "m"]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:

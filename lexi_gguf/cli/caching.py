@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import LexiError
 from .common import (add_device_opts, add_json_opt, budget, budget_name, floats, human, ints, lines, load_options,
-                     names, path, write_json)
+                     names, path, with_counts, write_json)
 
 
 def cmd_trace(args) -> None:
@@ -16,7 +16,7 @@ def cmd_trace(args) -> None:
         raise LexiError("give exactly one of --text FILE (read, no generation) or --prompts FILE (one prompt a line)")
     kw = {"texts": ["\n".join(lines(args.text, "--text"))]} if args.text else \
          {"prompts": [x for x in lines(args.prompts, "--prompts") if x.strip()]}
-    tr = record(args.model, **kw, budget=budget_name(args.budget), no_lexi=args.no_lexi, uniform_k=args.uniform_k,
+    tr = record(args.model, **kw, budget=budget_name(with_counts(args)), no_lexi=args.no_lexi, uniform_k=args.uniform_k,
                 max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                 hidden=args.hidden, n_ctx=args.ctx, options=load_options(args), replay=args.routing_replay)
     out = tr.save(args.output)
@@ -230,6 +230,7 @@ def register(sub) -> None:
     g.add_argument("--budget", type=budget, help="a stored budget, 'full' or 'default'")
     g.add_argument("--no-lexi", action="store_true", help="the model's own k in every layer")
     g.add_argument("--uniform-k", type=int, help="this k in every MoE layer (what --override-kv does)")
+    g.add_argument("--k", type=ints, help="run these counts, one per MoE layer (none stored in the file needed)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated after each prompt (default 32)")
     p.add_argument("--max-new-tokens", dest="max_tokens", type=int, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)     # the spelling before issue 34

@@ -26,17 +26,28 @@ def path(s: str) -> str:
 
 def budget(s: str) -> float | str:
     """A budget: a fraction in (0, 1] of the model's base active experts (MoE layers x base k), or `full`
-    (the model's own k in every layer) or `default` (what the file stores as its default)."""
+    (the model's own k in every layer) or `default` (what the file stores as its default), or
+    `k=K1,K2,...` (any counts, one per MoE layer: run as they are, not allocated)."""
     t = s.strip().lower()
-    if t in (FULL, DEFAULT):
+    if t in (FULL, DEFAULT) or t.startswith("k="):
         return t
     try:
         x = float(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], 'full' or 'default', got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], 'full', 'default' or k=K1,K2,..., got {s!r}") from None
     if not 0 < x <= 1:
         raise argparse.ArgumentTypeError(f"{s} must be a fraction of the base budget in (0, 1]")
     return x
+
+
+def with_counts(args) -> float | str | None:
+    """--budget, or --k K1,K2,... as the budget spec k=K1,K2,... (the counts run as given)."""
+    ks = getattr(args, "k", None)
+    if ks:
+        if getattr(args, "budget", None) is not None or getattr(args, "no_lexi", False):
+            raise LexiError("--k runs the counts given: leave out --budget / --no-lexi")
+        return "k=" + ",".join(str(k) for k in ks)
+    return getattr(args, "budget", None)
 
 
 def budget_name(b: float | str | None) -> str | None:

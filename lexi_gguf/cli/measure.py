@@ -6,12 +6,14 @@ from pathlib import Path
 
 from .. import LexiError, read_json
 from ..runtime.options import PREFETCH_MODES
-from .common import (add_device_opts, add_json_opt, floats, human, load_options, one_prefetch_mode, outputs, path,
-                     prefetch_modes, write_json)
+from .common import (add_device_opts, add_json_opt, floats, human, ints, load_options, one_prefetch_mode, outputs,
+                     path, prefetch_modes, write_json)
 
 
 def cmd_bench(args) -> None:
     from ..measure.bench import bench, plot, switch_bench, switch_table, table
+    if args.k and (args.switch or args.mem_limit):
+        raise LexiError("--k is a configuration of the plain bench: leave out --switch / --mem-limit")
     if args.mem_limit:
         if args.switch or args.n_gpu_layers or args.rpc:
             raise LexiError("--mem-limit runs each configuration in its own memory-limited CPU process: "
@@ -43,7 +45,7 @@ def cmd_bench(args) -> None:
         print(f"json -> {js}", file=human(args))
         return
     res = bench(args.model, args.budgets, n_prompt=args.n_prompt, n_gen=args.n_gen, reps=args.reps, options=options,
-                progress=args.json != "-", replay=args.routing_replay)
+                progress=args.json != "-", replay=args.routing_replay, custom=args.k)
     js, png = outputs(args, "bench")
     print(table(res), file=human(args))
     write_json(res, js)
@@ -92,6 +94,7 @@ def register(sub) -> None:
                    help="decode each configuration in a child inside a memory cgroup of SIZE (e.g. 3G, 3.5GiB; "
                         "needs root), the model mmapped and evicted first: tok/s, major faults and bytes read per token")
     p.add_argument("--warmup", type=int, default=4, help="with --mem-limit: decode tokens before timing (default 4)")
+    p.add_argument("--k", type=ints, help="also run these counts (one per MoE layer), set on the loaded model")
     p.add_argument("--routing-replay", metavar="TRACE", type=path,
                    help="run the experts a trace recorded (`trace run` or `trace import`) instead of the router's, "
                         "each layer keeping its k best; the memory traffic of recorded routing")

@@ -1,7 +1,7 @@
 """`chat`, `serve` and `rpc-server`: a lexi GGUF in use, on one machine or several."""
 from __future__ import annotations
 
-from .common import FULL, add_device_opts, budget, budget_name, load_options, one_prefetch_mode, prefetch_modes
+from .common import FULL, add_device_opts, budget, budget_name, ints, load_options, one_prefetch_mode, prefetch_modes, with_counts
 
 PREFETCH_HELP = ("expert prefetch from the mmapped file (docs/memory.md): off, chosen experts, + guesses for the "
                  "next MoE layer (guess) or two (guess2)")
@@ -9,8 +9,8 @@ PREFETCH_HELP = ("expert prefetch from the mmapped file (docs/memory.md): off, c
 
 def cmd_chat(args) -> None:
     from ..serve.chat import chat
-    b = args.budget           # chat takes a stored fraction, or no_lexi for the model's own k
-    chat(args.model, budget=b if isinstance(b, float) else None, no_lexi=args.no_lexi or b == FULL,
+    b = with_counts(args)     # chat takes a stored fraction, k=..., or no_lexi for the model's own k
+    chat(args.model, budget=None if b in (None, FULL, "default") else b, no_lexi=args.no_lexi or b == FULL,
          options=load_options(args, one_prefetch_mode(args.prefetch)), max_tokens=args.max_tokens, n_ctx=args.ctx,
          temperature=args.temperature, seed=args.seed)
 
@@ -20,14 +20,14 @@ def cmd_serve(args) -> None:
     options = load_options(args, one_prefetch_mode(args.prefetch))
     if args.engine == "llama-server":
         from ..serve import llama_server
-        llama_server.serve(args.model, budget=budget_name(args.budget), host=args.host, port=args.port, n_ctx=args.ctx,
+        llama_server.serve(args.model, budget=budget_name(with_counts(args)), host=args.host, port=args.port, n_ctx=args.ctx,
                            parallel=args.parallel or 4, options=options, api_key=args.api_key)
         return
     if args.parallel not in (None, 1):
         raise LexiError("the python engine answers one request at a time (queued); for parallel slots and "
                         "continuous batching use --engine llama-server")
     from ..serve import serve
-    serve(args.model, budget=budget_name(args.budget), host=args.host, port=args.port, n_ctx=args.ctx,
+    serve(args.model, budget=budget_name(with_counts(args)), host=args.host, port=args.port, n_ctx=args.ctx,
           options=options, api_key=args.api_key)
 
 
@@ -50,6 +50,7 @@ def register(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--budget", type=budget, help="run a budget stored in the file's ladder, 'full' or 'default'")
     g.add_argument("--no-lexi", action="store_true", help="ignore the per-layer counts (model's own k)")
+    g.add_argument("--k", type=ints, help="run these counts, one per MoE layer (none stored in the file needed)")
     add_device_opts(p)
     p.add_argument("--threads", type=int)
     p.add_argument("--max-tokens", type=int, default=256)
@@ -62,6 +63,8 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible local server; every stored budget is a model id")
     p.add_argument("model")
     p.add_argument("--budget", type=budget, help="the budget of the plain model id: a stored fraction, 'full' or 'default'")
+    p.add_argument("--k", type=ints, help="the plain model id runs these counts, one per MoE layer; any request may "
+                   "name its own as MODEL@k=K1,K2,...")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default loopback; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", help="require this bearer token")

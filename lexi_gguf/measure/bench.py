@@ -29,13 +29,18 @@ def _time(fn) -> float:
 
 
 def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=None, prefetch=None,
-            repack: str | None = None, options=None, replay=None, counts: list[int] | None = None) -> dict:
+            repack: str | None = None, options=None, replay=None, counts: list[int] | None = None,
+            set_counts: list[int] | None = None) -> dict:
     """options: how the model is loaded (runtime.options.LoadOptions); threads, n_gpu_layers, prefetch,
     repack: its fields one by one (a value given wins). replay: a trace (or its file) whose routing the
-    model runs instead of its router's (runtime.replay), at `counts` (default: as loaded)."""
+    model runs instead of its router's (runtime.replay), at `counts` (default: as loaded). set_counts:
+    run these per-block counts (runtime.set_expert_counts) instead of the loaded ones."""
     import numpy as np
     llm = load(path, options=options, kv_overrides=kv, n_ctx=n_prompt + n_gen + 16, n_batch=min(512, n_prompt),
                n_threads=threads, n_gpu_layers=n_gpu_layers, prefetch=prefetch, repack=repack)
+    if set_counts is not None:
+        from ..runtime.llama import set_expert_counts
+        set_expert_counts(llm, set_counts)
     rp = None
     if replay is not None:
         from ..runtime.replay import for_model
@@ -73,12 +78,12 @@ def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_
 
 
 def bench(path, budgets, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu_layers=None, progress=True,
-          prefetch=None, options=None, replay=None) -> dict:
+          prefetch=None, options=None, replay=None, custom: list[int] | None = None) -> dict:
     """replay: a trace (or its file) every configuration runs the routing of, each layer at its own k
     (runtime.replay); checked against the file before anything is measured."""
     opts = merged(options, threads=threads, n_gpu_layers=n_gpu_layers, prefetch=prefetch)
     fp = footprint(path)
-    configs = run_configs(path, budgets)
+    configs = run_configs(path, budgets, custom)
     full_bytes = active(fp, configs[0].counts)[0]
     if replay is not None:
         from ..runtime.replay import fits
@@ -90,7 +95,8 @@ def bench(path, budgets, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_gpu
     for c in configs:
         if progress:
             print(f"  bench {c.label:<14} k={c.counts}", flush=True)
-        m = measure(path, c.kv, n_prompt=n_prompt, n_gen=n_gen, reps=reps, options=opts, replay=replay, counts=c.counts)
+        m = measure(path, c.kv, n_prompt=n_prompt, n_gen=n_gen, reps=reps, options=opts, replay=replay, counts=c.counts,
+                    set_counts=c.counts if c.config == "custom" else None)
         b = active(fp, c.counts)[0]
         rows.append({"config": c.config, "budget": c.budget, "avg_k": c.avg_k, "expert_used_count": c.counts,
                      "active_bytes": b, "ideal_speedup": full_bytes / b, **m})

@@ -30,7 +30,9 @@ def uniform_k(budget: float, base: int) -> int:
     return max(1, min(base, round(budget * base)))
 
 
-def run_configs(path: str | Path, budgets: list[float]) -> list[RunConfig]:
+def run_configs(path: str | Path, budgets: list[float], custom: list[int] | None = None) -> list[RunConfig]:
+    """full, then uniform and lexi at each stored budget; custom: also these counts (one per MoE layer
+    or per block), run on the loaded model (config "custom": runtime.set_expert_counts, no kv)."""
     info = model_info(path)
     if not info.is_moe:
         raise LexiError(f"{Path(path).name} has no MoE layers: there is nothing to compare")
@@ -48,4 +50,9 @@ def run_configs(path: str | Path, budgets: list[float]) -> list[RunConfig]:
         out.append(RunConfig("uniform", b, float(k_u), per_layer(k_u), lexi_overrides(info.arch, uniform_k=k_u)))
         counts = row["expert_used_count"]
         out.append(RunConfig("lexi", b, sum(counts) / n_moe, counts, lexi_overrides(budget_index=row["index"])))
+    if custom:
+        from ..runtime.budgets import custom as as_budget
+        counts = as_budget(info, custom).counts
+        avg = sum(counts) / n_moe
+        out.append(RunConfig("custom", avg / base, avg, counts, {}))
     return out

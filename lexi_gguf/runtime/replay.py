@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from .. import LexiError
-from .trace import Trace
+from .tracefile import Trace
 
 ROUTE_FN = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32),
                             ctypes.POINTER(ctypes.c_float), ctypes.c_void_p)

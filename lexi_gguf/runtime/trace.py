@@ -7,63 +7,19 @@ what is recorded, not a torch re-computation. Prompts are evaluated as one batch
 """
 from __future__ import annotations
 
-import json
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .. import LexiError
 from .graph import ggml_lib, read_tensor, tensor_src
+from .tracefile import Trace  # noqa: F401  (the trace format; imported from here by most callers)
 
 # the weights build_moe_ffn finally applies: the last of these it computed for the layer
 WEIGHT_NAMES = ("ffn_moe_weights_replayed", "ffn_moe_weights_scaled", "ffn_moe_weights_norm", "ffn_moe_weights_softmax", "ffn_moe_weights")
 _NAME = re.compile(r"^(ffn_moe_topk|ffn_moe_logits|" + "|".join(WEIGHT_NAMES) + r")-(\d+)$")
-
-
-@dataclass
-class Trace:
-    """Experts per token and MoE layer, in evaluation order. Arrays are indexed [token, moe layer, slot];
-    slots beyond a layer's k hold -1 (experts) and 0 (weights)."""
-    tokens: np.ndarray          # int32 [T]
-    generated: np.ndarray       # bool [T]: produced by greedy decoding (else prompt/text)
-    seq: np.ndarray             # int32 [T]: which prompt or text chunk
-    moe_layers: np.ndarray      # int32 [L]: block index of each MoE layer
-    counts: np.ndarray          # int32 [L]: experts each MoE layer ran
-    experts: np.ndarray         # int16 [T, L, kmax], selection order (highest routing score first)
-    weights: np.ndarray         # float32 [T, L, kmax], the weights the runtime applied
-    hidden: np.ndarray | None = None   # float16 [T, L, n_embd]: each MoE layer's router input
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def n_expert(self) -> int:
-        return int(self.meta["n_expert"])
-
-    def save(self, path) -> Path:
-        from ..gguf.writer import atomic_output
-        arrays = {k: getattr(self, k) for k in ("tokens", "generated", "seq", "moe_layers", "counts", "experts", "weights")}
-        if self.hidden is not None:
-            arrays["hidden"] = self.hidden
-        arrays["meta"] = np.frombuffer(json.dumps(self.meta).encode(), dtype=np.uint8)
-        with atomic_output(path, force=True) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **arrays)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path) -> "Trace":
-        p = Path(path)
-        if not p.exists():
-            raise LexiError(f"{p} does not exist")
-        try:
-            z = np.load(p)
-            meta = json.loads(bytes(z["meta"]).decode())
-            return cls(*(z[k] for k in ("tokens", "generated", "seq", "moe_layers", "counts", "experts", "weights")),
-                       hidden=z["hidden"] if "hidden" in z.files else None, meta=meta)
-        except (KeyError, ValueError, OSError) as e:
-            raise LexiError(f"{p} is not a lexi-gguf trace ({e}); record one with `lexi-gguf trace`") from None
 
 
 class TraceRecorder:
@@ -164,9 +120,9 @@ def record(path, *, prompts: list[str] | None = None, texts: list[str] | None = 
     replay: a trace (or its file) whose routing runs instead of the router's (runtime.replay): what is
     recorded is then the replayed experts at this run's counts.
     options: how the model is loaded (runtime.options.LoadOptions; threads, n_gpu_layers: its fields)."""
-    from ..runtime.budgets import DEFAULT, FULL, Budget, resolve
+    from ..runtime.budgets import DEFAULT, FULL, Budget, resolve, run_budget
     from ..gguf.reader import model_info
-    from ..runtime.llama import ROW_LOADED, lexi_overrides, load, set_lexi_row
+    from ..runtime.llama import ROW_LOADED, lexi_overrides, load
     if sum(x is not None and x is not False for x in (budget, no_lexi, uniform_k)) > 1:
         raise LexiError("--budget, --no-lexi and --uniform-k exclude each other")
     if sum(x is not None for x in (prompts, texts, tokens)) != 1:
@@ -188,7 +144,7 @@ def record(path, *, prompts: list[str] | None = None, texts: list[str] | None = 
     # logits_all: llama.cpp runs the last layer only for tokens that output logits; all of them must
     llm = load(path, options=options, kv_overrides=kv, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
                eval_callback=rec.callback, logits_all=True)
-    set_lexi_row(llm, chosen.row)
+    run_budget(llm, chosen)
     rp = None
     if replay is not None:
         from .replay import for_model

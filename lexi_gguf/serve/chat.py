@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from .. import LexiError
-from ..runtime.budgets import DEFAULT, FULL, resolve
+from ..runtime.budgets import DEFAULT, FULL, resolve, run_budget
 from ..gguf.reader import model_info
-from ..runtime.llama import load, set_lexi_row
+from ..runtime.llama import load
 
 
 def switch_budget(llm, info, args: list[str], current, name: str, stdout):
@@ -20,7 +20,7 @@ def switch_budget(llm, info, args: list[str], current, name: str, stdout):
     if args:
         try:
             new = resolve(info, args[0], name)
-            set_lexi_row(llm, new.row)
+            run_budget(llm, new)
             current = new
         except LexiError as e:
             stdout.write(f"[{e}]\n")
@@ -39,10 +39,11 @@ def chat(path, *, budget=None, no_lexi=False, options=None, n_gpu_layers=None, t
     if budget is not None and no_lexi:
         raise LexiError("--budget and --no-lexi exclude each other")
     info = model_info(path)
-    current = resolve(info, FULL if no_lexi else f"{budget:g}" if budget is not None else DEFAULT, Path(path).name)
+    spec = FULL if no_lexi else DEFAULT if budget is None else budget if isinstance(budget, str) else f"{budget:g}"
+    current = resolve(info, spec, Path(path).name)
     llm = load(path, options=options, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, seed=seed,
                prefetch=prefetch)
-    set_lexi_row(llm, current.row)   # the file's counts stay loaded; the context runs the chosen row
+    run_budget(llm, current)   # the file's counts stay loaded; the context runs the chosen row
     interactive = stdin.isatty()
     messages: list[dict] = []
     stats = []
@@ -109,7 +110,7 @@ def continue_text(path, prompt: str, *, budget=None, options=None, max_tokens=64
     info = model_info(path)
     current = resolve(info, f"{budget:g}" if budget is not None else DEFAULT, Path(path).name)
     llm = load(path, options=options, n_ctx=n_ctx, seed=seed)
-    set_lexi_row(llm, current.row)
+    run_budget(llm, current)
     t0 = time.perf_counter()
     first, pieces = None, []
     for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 from .. import LexiError
-from ..runtime.budgets import DEFAULT, FULL, Budget, budgets, resolve
+from ..runtime.budgets import COUNTS, DEFAULT, FULL, Budget, budgets, resolve, run_budget
 from ..gguf.reader import model_info
 from ..runtime.binding import create_server_app
-from ..runtime.llama import load, set_lexi_row
+from ..runtime.llama import load
 
 SERVER_DEPS = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
 
@@ -48,17 +48,25 @@ def _importable(mod: str) -> bool:
 
 class LexiProxy:
     """What llama-cpp-python's app asks for a request's model id (its LlamaProxy interface): every id
-    is the one loaded Llama, switched to that id's budget."""
+    is the one loaded Llama, switched to that id's budget. `NAME@k=8,6,...` runs any counts (one per MoE
+    layer) for that request, without a row in the file."""
 
-    def __init__(self, llm, ids: dict[str, Budget], default_id: str):
-        self._llm, self._ids, self._default_id = llm, ids, default_id
+    def __init__(self, llm, ids: dict[str, Budget], default_id: str, info=None):
+        self._llm, self._ids, self._default_id, self._info = llm, ids, default_id, info
 
     def __call__(self, model: str | None = None):
         from fastapi import HTTPException
         mid = model or self._default_id
+        if self._info is not None and mid.startswith(f"{self._default_id}@{COUNTS}"):
+            try:
+                b = resolve(self._info, mid.split("@", 1)[1], self._default_id)
+            except LexiError as e:
+                raise HTTPException(status_code=400, detail=f"model {mid!r}: {e}") from None
+            run_budget(self._llm, b)
+            return self._llm
         if mid not in self._ids:
             raise HTTPException(status_code=404, detail=f"model {mid!r} is not served here; model ids: {', '.join(self._ids)}")
-        set_lexi_row(self._llm, self._ids[mid].row)
+        run_budget(self._llm, self._ids[mid])
         return self._llm
 
     def __iter__(self):
@@ -148,8 +156,8 @@ def build_app(path, *, budget: str | None = None, n_ctx: int = 2048, threads: in
     default = resolve(info, budget or DEFAULT, path.name)
     ids = model_ids(name, info, default)
     llm = load(path, options=options, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, prefetch=prefetch)
-    set_lexi_row(llm, default.row)
-    proxy = LexiProxy(llm, ids, name)
+    run_budget(llm, default)
+    proxy = LexiProxy(llm, ids, name, info)
     # requests queue (interrupt_requests would cut a streaming answer when the next request arrives)
     server_settings = ServerSettings(api_key=api_key, interrupt_requests=False)
     settings = ModelSettings(model=str(path), model_alias=name, n_ctx=n_ctx)

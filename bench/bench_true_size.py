@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""A released MoE's shape at the size users run, decoded with replayed routing: in RAM, and under
+memory limits of 1/2 and 1/4 of the file; each measured run beside the clocked simulator's prediction
+for the same trace, disk and compute (issue 29: the simulator checked against the runtime).
+
+File: `lexi-gguf synth --like qwen3-30b-a3b --quant Q4_K_M` (48 MoE blocks x 128 experts, k 8, the
+real vocabulary, random weights in valid blocks, ~17.3 GiB; synth's cache). Routing: replayed
+(`--routing-replay`), so the bytes each token reads follow a trace and not the random router: by
+default a SYNTHETIC trace at this shape (lexi_gguf.caching.synthroute, DeepSeek-V2-Lite's stated
+statistics: ~28 % of a layer's experts shared between tokens; not a recording), or `--trace FILE` (any
+trace that fits: `trace import --like qwen3-30b-a3b`). Each layer keeps its k_j best recorded experts.
+
+Measured (lexi_gguf.measure): in RAM, `bench` full / uniform / LExI 0.75 / 0.5 (tok/s, the ideal from
+active bytes); under each limit, `bench --mem-limit` full and LExI 0.75, stock mmap (prefetch off) and
+prefetch chosen (tok/s, MB read per token). Simulated (lexi_gguf.caching.clock, stated cost model): the
+same trace rows (warm-up, then the timed tokens), the experts' cache = the limit less the non-expert
+weights and the process's anonymous memory, the compute per MoE layer = the in-RAM decode time of that
+configuration / MoE layers, the link = the disk as measured on this file: stock mmap = demand LRU where
+a miss is one page fault per expert tensor, each reading the measured fault window (read-around) at the
+measured fault rate, the same memory holding that many fewer experts; prefetch chosen = demand LRU
+over the measured sequential rate with 4K-read latency and 32 requests in flight. Belady's bytes per
+token give the disk-bound rate (sequential rate / Belady bytes per token). Needs root (memory cgroups).
+
+    sudo .venv/bin/python bench/bench_true_size.py [--limits 0.5,0.25] [--n-gen 16] [--trace FILE]
+--quick: the shape's first 4 blocks, one limit, 4 tokens.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):          # run as a file: python bench/bench_true_size.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
+
+WARMUP = 4
+N_TENSORS = 3          # gate, up, down: one expert's slices, each faulted separately by stock mmap
+
+
+def routing(args, shape, out_dir: Path, n_tokens: int) -> Path:
+    from lexi_gguf.caching.synthroute import synth_trace
+    from lexi_gguf.testbeds import shapes
+    if args.trace:
+        return Path(args.trace)
+    eb = shapes.expert_bytes(shape, args.quant)
+    tr = synth_trace("deepseek-v2-lite", seqs=1, tokens=n_tokens, seed=0, layers=len(shape.moe_layers),
+                     first_moe=shape.moe_layers[0], experts=shape.experts, k=shape.k, expert_bytes=eb[0])
+    tr.meta["model"] = f"SYNTHETIC routing (DeepSeek-V2-Lite statistics) at the {shape.name} shape"
+    tr.meta["expert_bytes"] = list(eb)
+    return tr.save(out_dir / f"routing-{shape.name}-{n_tokens}.npz")
+
+
+def simulate(trace, counts_moe: list[int], *, capacity: float, link: str, depth: int, compute_s: float,
+             n_gen: int, policy: str = "lru", miss_bytes: float | None = None) -> dict:
+    """ms per timed token and bytes per timed token: the warm-up rows, then the timed rows, cold start.
+    miss_bytes: what one miss reads instead of the expert's bytes (stock mmap: its fault windows); the
+    same memory then holds fewer experts (capacity scaled by expert bytes / miss bytes)."""
+    import numpy as np
+
+    from lexi_gguf.caching.clock import simulate_clocked
+    from lexi_gguf.caching.simulate import with_counts
+    from lexi_gguf.runtime.trace import Trace
+    tr = with_counts(trace, counts_moe)
+    if miss_bytes is not None:
+        eb = list(tr.meta["expert_bytes"])
+        capacity *= (sum(eb) / len(eb)) / miss_bytes
+        tr.meta = dict(tr.meta, expert_bytes=[miss_bytes] * len(eb))
+
+    def first(n: int) -> dict:
+        sub = Trace(tr.tokens[:n], np.ones(n, bool), np.zeros(n, np.int32), tr.moe_layers, tr.counts,
+                    tr.experts[:n], tr.weights[:n], None, tr.meta)
+        return simulate_clocked(sub, capacity, policy, link=link, compute_s=compute_s, phase="all",
+                                queue_depth=depth).row()
+    a, b = first(WARMUP), first(WARMUP + n_gen)
+    ms = (b["ms_per_token"] * (WARMUP + n_gen) - a["ms_per_token"] * WARMUP) / n_gen
+    mb = (b["mb_per_token"] * (WARMUP + n_gen) - a["mb_per_token"] * WARMUP) / n_gen
+    return {"ms_per_token": ms, "mb_per_token": mb, "hit_rate": b["hit_rate"]}
+
+
+def main() -> int:
+    ap = C.parser(__doc__)
+    ap.add_argument("--like", default="qwen3-30b-a3b")
+    ap.add_argument("--quant", default="Q4_K_M")
+    ap.add_argument("--limits", default="0.5,0.25", help="memory limits as fractions of the file")
+    ap.add_argument("--n-gen", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3, help="in-RAM repetitions")
+    ap.add_argument("--trace", help="a trace that fits the shape (default: synthetic routing)")
+    args = ap.parse_args()
+    from lexi_gguf.testbeds import shapes, synth
+    full_shape = shapes.get(args.like)
+    shape = shapes.reduced(full_shape, layers=4) if args.quick else full_shape
+    limits = [float(x) for x in args.limits.split(",")][: 1 if args.quick else None]
+    n_gen = 4 if args.quick else args.n_gen
+    run = C.Run(args, "true-size", None if args.like == "qwen3-30b-a3b" else args.like)
+    work = C.WORK / "true-size"
+    work.mkdir(parents=True, exist_ok=True)
+
+    from lexi_gguf.gguf.reader import footprint, model_info
+    from lexi_gguf.measure.bench import bench
+    from lexi_gguf.measure.memlimit import bench_mem_limited
+    from lexi_gguf.runtime.trace import Trace
+    made = synth.synth(shape, args.quant, full_layers=full_shape.layers)
+    path = Path(made["path"])
+    size = path.stat().st_size
+    info = model_info(path)
+    fp = footprint(path)
+    trace_path = routing(args, shape, work, 512)
+    trace = Trace.load(trace_path)
+    print(f"file {path.name}: {size / 2**30:.1f} GiB; routing: {trace.meta.get('model')}", flush=True)
+
+    # in RAM: every configuration, replayed routing (the decode speed-up at true size, issue 32); the
+    # file read once first, so the first configuration does not pay for the page cache
+    import subprocess
+    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+    ram = bench(path, [0.75, 0.5], n_prompt=16, n_gen=16 if args.quick else 32, reps=1 if args.quick else args.reps,
+                threads=args.threads, replay=trace)
+    n_moe = len(info.moe_layers)
+    compute = {(r["config"], r["budget"]): 1.0 / r["tg_tps"] / n_moe for r in ram["rows"]}
+    expert_total = sum(fp["expert_bytes"][i] * info.expert_count for i in info.moe_layers)
+    non_expert = size - expert_total
+
+    limited, sims = [], []
+    for frac in limits:
+        limit = int(size * frac)
+        res = bench_mem_limited(path, [0.75], mem_limit=limit, n_gen=n_gen, warmup=WARMUP, threads=args.threads,
+                                prefetch=("off", "chosen"), only=["full", "lexi 0.75"], replay=trace_path,
+                                rates=True, reps=1)
+        res["fraction"] = frac
+        limited.append(res)
+        d = res["disk_rates"]
+        seq, r4k = d.get("seq_read_bytes_per_s"), d.get("random_4k_reads_per_s")
+        mm = d.get("mmap_read_bytes_per_s") or seq
+        # stock mmap: a missing expert is one fault per tensor slice, each reading the measured fault
+        # window (read-around) over the measured fault rate; prefetch chosen: whole experts, sequential
+        # rate, a 4K read's latency, a deep queue (madvise WILLNEED)
+        per_fault = d.get("mmap_bytes_per_fault") or 0
+        links = {"off": (f"{mm / 1e9:.4f},0", 1, N_TENSORS * per_fault or None),
+                 "chosen": (f"{seq / 1e9:.4f},{1e6 / r4k:.1f}", 32, None)}
+        for r in res["rows"]:
+            med = r["reps"][0]
+            room = limit - non_expert - (med.get("rss_anon_bytes") or 0)
+            cap = max(room, 0) / expert_total
+            counts_moe = [r["expert_used_count"][i] for i in info.moe_layers]
+            link, depth, miss = links[r["prefetch"]]
+            s = simulate(trace, counts_moe, capacity=cap, link=link, depth=depth,
+                         compute_s=compute[(r["config"], r["budget"])], n_gen=n_gen, miss_bytes=miss)
+            bel = simulate(trace, counts_moe, capacity=cap, link=link, depth=depth,
+                           compute_s=compute[(r["config"], r["budget"])], n_gen=n_gen, policy="belady")
+            meas_ms = 1e3 / r["tg_tps"]
+            sims.append({"fraction": frac, "config": r["config"], "budget": r["budget"], "prefetch": r["prefetch"],
+                         "capacity": cap, "link": link, "queue_depth": depth, "miss_bytes": miss,
+                         "measured_ms_per_token": meas_ms, "simulated_ms_per_token": s["ms_per_token"],
+                         "sim_error": s["ms_per_token"] / meas_ms - 1,
+                         "measured_mb_per_token": (r.get("read_bytes_per_token") or 0) / 1e6,
+                         "simulated_mb_per_token": s["mb_per_token"], "simulated_hit_rate": s["hit_rate"],
+                         "belady_mb_per_token": bel["mb_per_token"],
+                         "disk_bound_tps": seq / max(bel["mb_per_token"] * 1e6, 1.0),
+                         "measured_tps": r["tg_tps"]})
+
+    print("\n| limit | config | mode | tok/s | MB read/tok | disk-bound tok/s (Belady) | simulated ms/tok | measured ms/tok | sim error |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for s in sims:
+        print(f"| {s['fraction']:g} x file | {s['config']} {s['budget']:g} | {s['prefetch']} | {s['measured_tps']:.2f} | "
+              f"{s['measured_mb_per_token']:.0f} | {s['disk_bound_tps']:.2f} | {s['simulated_ms_per_token']:.0f} | "
+              f"{s['measured_ms_per_token']:.0f} | {s['sim_error']:+.0%} |")
+    res = {"file": path.name, "file_bytes": size, "shape": shape.name, "quant": args.quant, "blocks": shape.layers,
+           "non_expert_bytes": non_expert, "expert_bytes_total": expert_total, "synth_seconds": made["seconds"],
+           "routing": trace.meta.get("model"), "synthetic_routing": bool(trace.meta.get("synthetic")),
+           "warmup": WARMUP, "n_gen": n_gen, "threads": args.threads, "in_ram": ram, "limited": limited, "sim": sims,
+           "targets_met": {"simulated within 25 % of measured (every mode)": all(abs(s["sim_error"]) <= 0.25 for s in sims),
+                           "LExI 0.75 >= 0.9 of its ideal decode speed-up in RAM": _ideal_share(ram) >= 0.9}}
+    run.save(res)
+    plot(run, res)
+    return 0
+
+
+def _ideal_share(ram: dict) -> float:
+    r = next(r for r in ram["rows"] if r["config"] == "lexi" and r["budget"] == 0.75)
+    return r["tg_speedup"] / r["ideal_speedup"]
+
+
+def plot(run, res: dict) -> None:
+    plt = C.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for i, s in enumerate(res["sim"]):
+        lab = f"{s['fraction']:g}x {s['config']} {s['budget']:g} {s['prefetch']}"
+        ax.barh(i - 0.2, s["measured_ms_per_token"], 0.4, color="C0", label="measured" if i == 0 else None)
+        ax.barh(i + 0.2, s["simulated_ms_per_token"], 0.4, color="C1", label="simulated" if i == 0 else None)
+        ax.text(0, i, f" {lab}", va="center", fontsize=7)
+    ax.set_yticks([])
+    ax.set_xlabel("ms per token (decode, replayed routing)")
+    ax.set_title(f"{res['shape']} {res['quant']} ({res['file_bytes'] / 2**30:.1f} GiB) under memory limits, "
+                 f"{C.machine()['cpu_class']}", fontsize=8)
+    ax.legend(fontsize=7)
+    run.plot(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
