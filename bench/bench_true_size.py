@@ -38,16 +38,18 @@ N_TENSORS = 3          # gate, up, down: one expert's slices, each faulted separ
 
 
 def routing(args, shape, out_dir: Path, n_tokens: int) -> Path:
-    from lexi_gguf.caching.synthroute import synth_trace
+    from lexi_gguf.caching.synthroute import PRESETS, synth_trace
     from lexi_gguf.testbeds import shapes
     if args.trace:
         return Path(args.trace)
     eb = shapes.expert_bytes(shape, args.quant)
-    tr = synth_trace("deepseek-v2-lite", seqs=1, tokens=n_tokens, seed=0, layers=len(shape.moe_layers),
+    # the preset of the same routing shape where there is one (mixtral), else DeepSeek-V2-Lite's statistics
+    preset = shape.name if shape.name in PRESETS else "deepseek-v2-lite"
+    tr = synth_trace(preset, seqs=1, tokens=n_tokens, seed=0, layers=len(shape.moe_layers),
                      first_moe=shape.moe_layers[0], experts=shape.experts, k=shape.k, expert_bytes=eb[0])
-    tr.meta["model"] = f"SYNTHETIC routing (DeepSeek-V2-Lite statistics) at the {shape.name} shape"
+    tr.meta["model"] = f"SYNTHETIC routing ({preset} statistics) at the {shape.name} shape"
     tr.meta["expert_bytes"] = list(eb)
-    return tr.save(out_dir / f"routing-{shape.name}-{n_tokens}.npz")
+    return tr.save(out_dir / f"routing-{shape.name}-{shape.layers}L-{n_tokens}.npz")
 
 
 def simulate(trace, counts_moe: list[int], *, capacity: float, link: str, depth: int, compute_s: float,
@@ -109,13 +111,23 @@ def main() -> int:
     print(f"file {path.name}: {size / 2**30:.1f} GiB; routing: {trace.meta.get('model')}", flush=True)
 
     # in RAM: every configuration, replayed routing (the decode speed-up at true size, issue 32); the
-    # file read once first, so the first configuration does not pay for the page cache
+    # file read once first, so the first configuration does not pay for the page cache. A file larger
+    # than the memory there is: its first blocks that fit (compute per MoE layer is the same)
+    ram_path, ram_blocks = path, shape.layers
+    avail = _mem_available()
+    if size > 0.8 * avail:
+        per_block = (size - fp["fixed_bytes"]) / shape.layers
+        ram_blocks = max(1, int((0.6 * avail) // per_block))
+        ram_path = Path(synth.synth(shapes.reduced(shape, layers=ram_blocks), args.quant,
+                                    full_layers=full_shape.layers)["path"])
+        print(f"in RAM: the first {ram_blocks} of {shape.layers} blocks ({ram_path.stat().st_size / 2**30:.1f} GiB)")
     import subprocess
-    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
-    ram = bench(path, [0.75, 0.5], n_prompt=16, n_gen=16 if args.quick else 32, reps=1 if args.quick else args.reps,
-                threads=args.threads, replay=trace)
-    n_moe = len(info.moe_layers)
-    compute = {(r["config"], r["budget"]): 1.0 / r["tg_tps"] / n_moe for r in ram["rows"]}
+    subprocess.run(["cat", str(ram_path)], stdout=subprocess.DEVNULL, check=True)
+    ram = bench(ram_path, [0.75, 0.5], n_prompt=16, n_gen=16 if args.quick else 32, reps=1 if args.quick else args.reps,
+                threads=args.threads, replay=trace if ram_blocks == shape.layers else _first_layers(trace, ram_blocks))
+    ram["blocks"] = ram_blocks
+    n_ram_moe = len([i for i in info.moe_layers if i < ram_blocks])
+    compute = {(r["config"], r["budget"]): 1.0 / r["tg_tps"] / n_ram_moe for r in ram["rows"]}
     expert_total = sum(fp["expert_bytes"][i] * info.expert_count for i in info.moe_layers)
     non_expert = size - expert_total
 
@@ -172,6 +184,22 @@ def main() -> int:
     run.save(res)
     plot(run, res)
     return 0
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _first_layers(trace, n_blocks: int):
+    """The trace's columns of the MoE layers among the first n_blocks blocks."""
+    from lexi_gguf.runtime.trace import Trace
+    keep = [j for j, il in enumerate(trace.moe_layers) if il < n_blocks]
+    return Trace(trace.tokens, trace.generated, trace.seq, trace.moe_layers[keep], trace.counts[keep],
+                 trace.experts[:, keep], trace.weights[:, keep], None,
+                 dict(trace.meta, expert_bytes=[trace.meta["expert_bytes"][j] for j in keep]))
 
 
 def _ideal_share(ram: dict) -> float:
