@@ -1,0 +1,30 @@
+"""Report renderer of bench_true_size: a released MoE's shape with replayed routing, in RAM and under
+memory limits, each limited run beside the clocked simulator's prediction."""
+from __future__ import annotations
+
+from .markdown import family, num, table, targets
+
+
+@family("true-size", "True-size files: replayed routing in RAM and under memory limits", "bench/bench_true_size.py",
+        "docs/memory.md", "decode tok/s and bytes read per token of a released MoE's shape (synth, random weights, "
+        "routing replayed), measured and simulated")
+def _true_size(d: dict) -> list[str]:
+    ram = d.get("in_ram") or {}
+    out = [f"`{d.get('file')}` ({num(d.get('file_bytes', 0) / 2**30, '.1f')} GiB; non-expert weights "
+           f"{num(d.get('non_expert_bytes', 0) / 2**30, '.2f')} GiB); routing: {d.get('routing')}; "
+           f"{d.get('threads')} threads; warm-up {d.get('warmup')} tokens, then {d.get('n_gen')} timed.",
+           "In RAM (page cache warm), median of " + str(ram.get("reps", "?")) + ":",
+           table(["config", "k per MoE layer (avg)", "tg t/s", "speed-up", "ideal (active bytes)", "of ideal"],
+                 [[f"{r['config']} {r['budget']:g}", num(r.get("avg_k")), num(r["tg_tps"]), num(r.get("tg_speedup")) + "x",
+                   num(r.get("ideal_speedup")) + "x",
+                   num(r["tg_speedup"] / r["ideal_speedup"], ".0%") if r.get("ideal_speedup") else "-"]
+                  for r in ram.get("rows", [])]),
+           "Under memory limits (cgroup, file evicted first); simulated = `cache-sim --clock` on the same trace rows "
+           "with the disk's measured rates and the in-RAM compute (bench docstring: the cost model):",
+           table(["limit", "config", "mode", "tok/s", "MB read / token", "disk-bound tok/s (Belady)",
+                  "simulated ms / token", "measured ms / token", "simulated / measured - 1"],
+                 [[f"{s['fraction']:g} x file", f"{s['config']} {s['budget']:g}", s["prefetch"], num(s["measured_tps"]),
+                   num(s["measured_mb_per_token"], ".0f"), num(s["disk_bound_tps"]),
+                   num(s["simulated_ms_per_token"], ".0f"), num(s["measured_ms_per_token"], ".0f"),
+                   num(s["sim_error"], "+.0%")] for s in d.get("sim", [])])]
+    return out + targets(d)
