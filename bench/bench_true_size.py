@@ -87,6 +87,8 @@ def main() -> int:
     ap.add_argument("--n-gen", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3, help="in-RAM repetitions")
     ap.add_argument("--trace", help="a trace that fits the shape (default: synthetic routing)")
+    ap.add_argument("--reuse-ram", metavar="JSON", help="take the in-RAM measurements from this earlier result of "
+                    "the same file instead of measuring them again (only the limited runs are measured)")
     args = ap.parse_args()
     from lexi_gguf.testbeds import shapes, synth
     full_shape = shapes.get(args.like)
@@ -113,19 +115,29 @@ def main() -> int:
     # in RAM: every configuration, replayed routing (the decode speed-up at true size, issue 32); the
     # file read once first, so the first configuration does not pay for the page cache. A file larger
     # than the memory there is: its first blocks that fit (compute per MoE layer is the same)
-    ram_path, ram_blocks = path, shape.layers
-    avail = _mem_available()
-    if size > 0.8 * avail:
-        per_block = (size - fp["fixed_bytes"]) / shape.layers
-        ram_blocks = max(1, int((0.6 * avail) // per_block))
-        ram_path = Path(synth.synth(shapes.reduced(shape, layers=ram_blocks), args.quant,
-                                    full_layers=full_shape.layers)["path"])
-        print(f"in RAM: the first {ram_blocks} of {shape.layers} blocks ({ram_path.stat().st_size / 2**30:.1f} GiB)")
+    import json
     import subprocess
-    subprocess.run(["cat", str(ram_path)], stdout=subprocess.DEVNULL, check=True)
-    ram = bench(ram_path, [0.75, 0.5], n_prompt=16, n_gen=16 if args.quick else 32, reps=1 if args.quick else args.reps,
-                threads=args.threads, replay=trace if ram_blocks == shape.layers else _first_layers(trace, ram_blocks))
-    ram["blocks"] = ram_blocks
+    if args.reuse_ram:
+        prev = json.loads(Path(args.reuse_ram).read_text())
+        if prev.get("file") != path.name:
+            raise SystemExit(f"--reuse-ram: {args.reuse_ram} measured {prev.get('file')}, not {path.name}")
+        ram = dict(prev["in_ram"], reused_from=f"{prev.get('commit')} {prev.get('date')}")
+        ram.setdefault("blocks", shape.layers)
+    else:
+        ram_path, ram_blocks = path, shape.layers
+        avail = _mem_available()
+        if size > 0.8 * avail:
+            per_block = (size - fp["fixed_bytes"]) / shape.layers
+            ram_blocks = max(1, int((0.6 * avail) // per_block))
+            ram_path = Path(synth.synth(shapes.reduced(shape, layers=ram_blocks), args.quant,
+                                        full_layers=full_shape.layers)["path"])
+            print(f"in RAM: the first {ram_blocks} of {shape.layers} blocks ({ram_path.stat().st_size / 2**30:.1f} GiB)")
+        subprocess.run(["cat", str(ram_path)], stdout=subprocess.DEVNULL, check=True)
+        ram = bench(ram_path, [0.75, 0.5], n_prompt=16, n_gen=16 if args.quick else 32,
+                    reps=1 if args.quick else args.reps, threads=args.threads,
+                    replay=trace if ram_blocks == shape.layers else _first_layers(trace, ram_blocks))
+        ram["blocks"] = ram_blocks
+    ram_blocks = ram["blocks"]
     n_ram_moe = len([i for i in info.moe_layers if i < ram_blocks])
     compute = {(r["config"], r["budget"]): 1.0 / r["tg_tps"] / n_ram_moe for r in ram["rows"]}
     expert_total = sum(fp["expert_bytes"][i] * info.expert_count for i in info.moe_layers)
