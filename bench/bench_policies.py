@@ -64,7 +64,7 @@ def frequency_oracle(trace):
     frequency- or recency-based policy could at best know)."""
     import numpy as np
 
-    from lexi_gguf.caching.policies import ReuseModel
+    from lexi_gguf.runtime.policies import ReuseModel
     from lexi_gguf.caching.simulate import steps
     L, E = len(trace.moe_layers), trace.n_expert
     toks = steps(trace, "decode")

@@ -151,7 +151,7 @@ def test_k_truncation_keeps_the_highest_weight_experts():
 
 
 def test_every_policy_evicts_what_victim_names():
-    from lexi_gguf.caching import policies as P
+    from lexi_gguf.runtime import policies as P
     rng = np.random.default_rng(0)
     for kind in P.EVICTION:
         pool = P.make_pools(None, 5, kind, 2, 8, [2, 2])[0]

@@ -179,7 +179,7 @@ def test_demand_first_cannot_pass_prefetches_already_moving_polite_ones_wait():
 
 
 def test_gated_prefetch_never_issues_a_transfer_expected_to_lose():
-    from lexi_gguf.caching.policies import PrefetchGate
+    from lexi_gguf.runtime.policies import PrefetchGate
     from lexi_gguf.caching.predict import random_predictions
     rng = np.random.default_rng(5)
     hot = [rng.choice(16, 4, replace=False) for _ in range(4)]

@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import LexiError
 from ..runtime.trace import Trace
-from .policies import PrefetchGate
+from ..runtime.policies import PrefetchGate
 from .simulate import LINKS, lookahead_targets, parse_policy, replay_setup
 
 

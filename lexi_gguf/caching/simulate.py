@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import LexiError
 from ..runtime.trace import Trace
-from .policies import EVICTION, make_pools
+from ..runtime.policies import EVICTION, make_pools
 
 # (bandwidth bytes/s, latency s) of the link an expert miss is served over
 LINKS = {"pcie4x16": (25e9, 10e-6), "nvme": (3.0e9, 80e-6), "emmc": (0.25e9, 300e-6)}

@@ -1,5 +1,5 @@
-"""Expert-cache policies: one implementation for the simulators (simulate.py, clock.py) and a runtime
-cache (issue 30). A cache is a pool of (layer, expert) slots, keyed `layer * n_expert + expert`.
+"""Expert-cache policies: one implementation for the simulators (caching.simulate, caching.clock) and the
+runtime's expert cache (runtime.expertcache, issue 30); it lives in runtime/ so that the runtime may use it. A cache is a pool of (layer, expert) slots, keyed `layer * n_expert + expert`.
 
 The interface every policy has (class Policy):
   key in cache                          resident?
@@ -8,6 +8,7 @@ The interface every policy has (class Policy):
   touch(key, now, next_use=None)        a demand hit
   admit(key, now, next_use=None)        a demand miss read in: evicts victim() first when full, returns it
   victim()                              the key admit would evict now (None while there is room)
+  evict()                               drop victim() now and return it (a cache that counts bytes, not slots)
   prefetched(key, now, conf) / promote(key, now, conf)   a guess read in / a guess already resident
   reuse(key)                            P(key is used at its layer's next run), None when unknown
 `now` is the request counter; `next_use` only Belady (offline) reads.
@@ -37,13 +38,18 @@ class Policy:
         return None
 
     def admit(self, key, now, next_use=None):
-        out = self.victim() if len(self) >= self.cap else None
-        if out is not None:
-            self._drop(out)
+        out = self.evict() if len(self) >= self.cap else None
         self._add(key, now, next_use)
         return out
 
     insert = admit
+
+    def evict(self):
+        """Drop the victim now, whatever the room (None when empty)."""
+        out = self.victim()
+        if out is not None:
+            self._drop(out)
+        return out
 
     def prefetched(self, key, now, conf: float = 1.0):
         return self.admit(key, now)
@@ -76,10 +82,15 @@ class LRU(Policy):
 
 
 class LFU(Policy):
-    """Least frequently used (counts over the whole history), least recently used among ties."""
+    """Least frequently used (counts over the whole history), least recently used among ties; the
+    experts the running layer needs (on_layer) are never victims."""
 
     def __init__(self, cap: int):
         self.cap, self.res, self.count, self.heap = cap, {}, {}, []
+        self.needed: set = set()
+
+    def on_layer(self, token, layer, needed):
+        self.needed = set(needed)
 
     def __contains__(self, key):
         return key in self.res
@@ -93,12 +104,15 @@ class LFU(Policy):
         heapq.heappush(self.heap, (self.count[key], now, key))
 
     def victim(self):
-        while self.heap:
-            c, t, k = self.heap[0]
-            if k in self.res and self.res[k] == t and self.count[k] == c:
-                return k
-            heapq.heappop(self.heap)
-        return None
+        held, out = [], None
+        while self.heap and out is None:
+            c, t, k = heapq.heappop(self.heap)
+            if k in self.res and self.res[k] == t and self.count[k] == c:      # else stale: dropped
+                held.append((c, t, k))
+                out = None if k in self.needed else k
+        for h in held:
+            heapq.heappush(self.heap, h)
+        return out if out is not None or not held else held[0][2]   # only needed ones left: the least used goes
 
     def _drop(self, key):
         del self.res[key]
