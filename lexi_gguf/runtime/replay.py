@@ -10,17 +10,13 @@ trace starts again (`wrapped` counts how often).
 """
 from __future__ import annotations
 
-import ctypes
 import time
 
 import numpy as np
 
 from .. import LexiError
+from .hooks import ORDER_REPLAY, RoutingHooks
 from .tracefile import Trace
-
-ROUTE_FN = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32),
-                            ctypes.POINTER(ctypes.c_float), ctypes.c_void_p)
-
 
 def layer_map(trace: Trace, moe_layers: list[int], n_expert: int, what: str) -> dict[int, int]:
     """block index of each of the model's MoE layers -> the trace's layer column, or a one-line refusal.
@@ -66,13 +62,12 @@ class RoutingReplay:
         self.wrapped = 0
         self.seconds = 0.0     # time spent in the callback
         self.error: Exception | None = None
-        self._fn = ROUTE_FN(self._cb)
         self._llm = None
 
     def _rows(self, n: int) -> np.ndarray:
         return (self.base + np.arange(n)) % self.T
 
-    def _cb(self, il, n_tokens, n_used, ids, weights, _user) -> None:
+    def _cb(self, il, n_tokens, n_used, ids, weights) -> None:
         # an exception cannot cross the C callback: keep the first and raise it after the decode
         t0 = time.perf_counter()
         try:
@@ -93,13 +88,13 @@ class RoutingReplay:
             self.seconds += time.perf_counter() - t0
 
     def install(self, llm) -> "RoutingReplay":
-        _set_routing(llm, ctypes.cast(self._fn, ctypes.c_void_p))
+        RoutingHooks.of(llm).add(self._cb, ORDER_REPLAY)
         self._llm = llm
         return self
 
     def remove(self) -> None:
-        if self._llm is not None and self._llm.ctx is not None:
-            _set_routing(self._llm, None)
+        if self._llm is not None:
+            RoutingHooks.of(self._llm).remove(self._cb)
         self._llm = None
 
     def check(self) -> None:
@@ -120,11 +115,6 @@ def fits(trace: Trace, path, counts: list[int], what: str = "--routing-replay") 
     if not info.is_moe:
         raise LexiError(f"{what}: {path} has no MoE layers to replay routing into")
     return RoutingReplay(trace, list(info.moe_layers), info.expert_count, counts, what=what)
-
-
-def _set_routing(llm, fn) -> None:
-    from .llama import lexi_fn
-    lexi_fn("llama_lexi_set_routing", None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p])(llm.ctx, fn, None)
 
 
 def for_model(llm, path, trace: Trace | str, counts: list[int] | None = None, *,
