@@ -226,6 +226,10 @@ def add_device_opts(p) -> None:
     p.add_argument("--repack", default="auto", choices=["auto", "on", "off"],
                    help="ggml's repacked CPU weight layouts: off = read every weight in place from the mapped "
                    "file (pages, prefetch); auto (default) = off with --prefetch or a model larger than memory")
+    p.add_argument("--expert-cache", metavar="SIZE", help="keep routed experts in memory within SIZE (4G, 3.5GiB, "
+                   "or auto: what MemAvailable spares), evicting by --cache-policy (docs/memory.md); no cgroup, no root")
+    p.add_argument("--cache-policy", choices=["nextuse", "lru", "lfu"],
+                   help="the expert cache's eviction policy (default nextuse: docs/caching.md)")
 
 
 def load_options(args, prefetch: str = "off"):
@@ -235,4 +239,5 @@ def load_options(args, prefetch: str = "off"):
     from ..runtime.options import LoadOptions
     ngl = args.n_gpu_layers if args.n_gpu_layers is not None else -1 if args.rpc else 0
     return LoadOptions(n_gpu_layers=ngl, rpc=args.rpc or (), tensor_split=args.tensor_split, repack=args.repack,
-                       prefetch=prefetch, threads=getattr(args, "threads", None))
+                       prefetch=prefetch, threads=getattr(args, "threads", None),
+                       expert_cache=getattr(args, "expert_cache", None), cache_policy=getattr(args, "cache_policy", None))

@@ -15,6 +15,8 @@ def cmd_bench(args) -> None:
     if args.k and (args.switch or args.mem_limit):
         raise LexiError("--k is a configuration of the plain bench: leave out --switch / --mem-limit")
     if args.mem_limit:
+        if args.expert_cache:
+            raise LexiError("--expert-cache bounds expert memory itself, with no cgroup: leave out --mem-limit")
         if args.switch or args.n_gpu_layers or args.rpc:
             raise LexiError("--mem-limit runs each configuration in its own memory-limited CPU process: "
                             "leave out --switch, --n-gpu-layers and --rpc")

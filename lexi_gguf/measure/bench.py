@@ -72,6 +72,10 @@ def measure(path, kv: dict, *, n_prompt=512, n_gen=128, reps=3, threads=None, n_
         rp.check()
         rp.remove()
         replayed = {"replay": rp.summary()}
+    cache = getattr(llm, "_lexi_expert_cache", None)       # runtime.expertcache (LoadOptions.expert_cache)
+    if cache is not None:
+        cache.check()
+        replayed["expert_cache"] = cache.summary()
     llm.close()  # free the model before the next configuration loads
     return {"pp_tps": statistics.median(pp), "pp_min": min(pp), "pp_max": max(pp),
             "tg_tps": statistics.median(tg), "tg_min": min(tg), "tg_max": max(tg), **replayed}

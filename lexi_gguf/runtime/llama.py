@@ -152,10 +152,13 @@ def load(path: str | Path, *, options: LoadOptions | None = None, kv_overrides: 
     _log_echo = verbose
     if opts.prefetch != "off" and opts.rpc and opts.n_gpu_layers != 0:
         _say_prefetch_skips(path, opts.n_gpu_layers)
-    repack_on = placement.decide(path, opts.repack, opts.prefetch)
+    repack_on = placement.decide(path, opts.repack, opts.prefetch, cache=opts.expert_cache is not None)
     model_fields = {} if repack_on else {"use_extra_bufts": False}
     if devices is not None:
         model_fields["devices"] = ctypes.addressof(devices)
+    if opts.expert_cache is not None:
+        from .expertmap import mapping_bases
+        bases_before = mapping_bases(path)
     try:
         with llama_params_with(eval_callback, model_fields or None):
             llm = llama_cpp.Llama(str(path), kv_overrides=kv_overrides or None, n_ctx=n_ctx, n_threads=opts.threads,
@@ -167,6 +170,13 @@ def load(path: str | Path, *, options: LoadOptions | None = None, kv_overrides: 
         llm._lexi_options = opts
         if opts.prefetch != "off":
             set_prefetch(llm, opts.prefetch)
+        if opts.expert_cache is not None:       # runtime.expertcache: bounded expert memory, the project's policy
+            from .expertcache import install
+            try:
+                install(llm, path, opts.expert_cache, opts.cache_policy, bases_before, n_expert_active(llm))
+            except LexiError:
+                llm.close()
+                raise
         return llm
     except ValueError:
         with _log_lock:

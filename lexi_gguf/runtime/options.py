@@ -26,13 +26,17 @@ class LoadOptions:
     tensor_split: each device's share of the offloaded layers, in that order. repack: auto | on | off,
     whether ggml may copy CPU weights into its repacked layouts (runtime.placement). prefetch: expert
     prefetch from the mapped file (runtime.llama.set_prefetch). threads: CPU threads (None: llama.cpp's
-    default)."""
+    default). expert_cache: a size (4G, 3.5GiB, bytes, auto) of routed-expert memory the runtime's expert
+    cache keeps to (runtime.expertcache; None: the page cache decides); cache_policy: its eviction
+    policy (None: the recommended one)."""
     n_gpu_layers: int = 0
     rpc: tuple[str, ...] = ()
     tensor_split: tuple[float, ...] | None = None
     repack: str = "auto"
     prefetch: str = "off"
     threads: int | None = None
+    expert_cache: str | None = None
+    cache_policy: str | None = None
 
     def __post_init__(self):
         rpc = self.rpc.strip() if isinstance(self.rpc, str) else list(self.rpc or ())
@@ -51,6 +55,22 @@ class LoadOptions:
             raise LexiError(f"unknown prefetch mode {self.prefetch!r}: use {', '.join(PREFETCH_MODES)}")
         if not isinstance(self.n_gpu_layers, int):
             raise LexiError(f"n_gpu_layers {self.n_gpu_layers!r}: give an integer (-1: every layer)")
+        if self.expert_cache is not None or self.cache_policy is not None:
+            self._check_cache()
+
+    def _check_cache(self) -> None:
+        from .expertcache import CACHE_POLICIES, parse_size
+        if self.cache_policy is not None and self.cache_policy not in CACHE_POLICIES:
+            raise LexiError(f"--cache-policy {self.cache_policy!r}: use one of {', '.join(CACHE_POLICIES)}")
+        if self.expert_cache is None:
+            raise LexiError("--cache-policy needs --expert-cache SIZE (the cache it runs)")
+        parse_size(self.expert_cache)
+        why = ("it offloads layers (--n-gpu-layers / --rpc): the cache manages experts read from this machine's "
+               "mapped file" if self.n_gpu_layers != 0 or self.rpc else
+               "ggml's repacked copies are not the mapped file: use --repack off or auto" if self.repack == "on" else
+               "the cache asks for its own experts: leave out --prefetch" if self.prefetch != "off" else None)
+        if why:
+            raise LexiError(f"--expert-cache: {why}")
 
     def updated(self, **fields) -> LoadOptions:
         """These options with the fields given (a None value leaves the field as it is)."""

@@ -79,15 +79,16 @@ def model_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in (shard_name(prefix, i, count) for i in range(count)) if p.exists())
 
 
-def decide(path: Path, mode: str | None, prefetch: str) -> bool:
-    """Whether llama.cpp may repack (mode: a load's LoadOptions.repack; None is auto); an auto decision
-    to turn it off is said once (stderr)."""
+def decide(path: Path, mode: str | None, prefetch: str, cache: bool = False) -> bool:
+    """Whether llama.cpp may repack (mode: a load's LoadOptions.repack; None is auto; off with --prefetch
+    or an expert cache); an auto decision to turn it off is said once (stderr)."""
     mode = mode or "auto"
     check(mode)
     if mode != "auto":
         return mode == "on"
-    if prefetch != "off":
-        why = "--prefetch reads experts from the mapped file"
+    if prefetch != "off" or cache:
+        why = ("--prefetch reads experts from the mapped file" if prefetch != "off" else
+               "--expert-cache manages experts in the mapped file")
     else:
         avail, size = available_bytes(), model_bytes(path)
         if avail is None or size <= avail:

@@ -1,0 +1,264 @@
+"""The runtime expert cache (issue 30, design (a) in docs/memory.md): bounded routed-expert memory over
+llama.cpp's mapping of the GGUF, with the project's eviction policy (runtime.policies), no cgroup and no
+C++ beyond the routing hook.
+
+At install: MADV_RANDOM on the expert tensors (no fault read-around bringing in experts nobody chose)
+and every expert page dropped. On each MoE layer's ids (runtime.replay.RoutingHooks, after any replay):
+the policy sees the experts the layer needs; hits are touched, misses admitted and asked for
+(MADV_WILLNEED on their gate/up/down slices) once victims (never an expert this layer needs) have been
+dropped (MADV_PAGEOUT, then posix_fadvise DONTNEED for pages not mapped here; MADV_DONTNEED where
+PAGEOUT is missing) until the admitted experts' bytes fit SIZE. The matmuls are untouched: outputs are
+those of a run without the cache. A ubatch needing more than SIZE at one layer (a long prefill) reads
+the rest on demand and drops it at the next layer."""
+from __future__ import annotations
+
+import atexit
+import os
+import weakref
+import re
+import sys
+import time
+
+import numpy as np
+
+from .. import LexiError
+from . import expertmap as xm
+from .policies import make_pools
+from .hooks import ORDER_CACHE, RoutingHooks
+
+CACHE_POLICIES = ("nextuse", "lru", "lfu")
+DEFAULT_POLICY = "nextuse"          # docs/caching.md: transfer >> compute (experts read from disk)
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text) -> int | str:
+    """'4G', '3.5GiB', '512M', '123456' (bytes) -> bytes; 'auto' stays 'auto'."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    s = str(text).strip().lower()
+    if s == "auto":
+        return "auto"
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?", s)
+    if not m or (m.group(3) and not m.group(2) and m.group(3) != "b"):
+        raise LexiError(f"--expert-cache {text!r}: give a size such as 4G, 3.5GiB or 512M, or auto")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def auto_size(other_bytes: int) -> int:
+    """What the machine can spare: MemAvailable less the non-expert weights and a margin (1 GiB or 10 %)."""
+    avail = None
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    if avail is None:
+        raise LexiError("--expert-cache auto: /proc/meminfo has no MemAvailable; give a size such as 4G")
+    return int(avail - other_bytes - max(2**30, 0.1 * avail))
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+class ExpertCache:
+    """Installed on a loaded model by runtime.llama.load (LoadOptions.expert_cache) or by hand with
+    `ExpertCache(llm, path, size, policy, base).install()`."""
+
+    def __init__(self, llm, path, size, policy: str = DEFAULT_POLICY, base: int | None = None,
+                 counts: list[int] | None = None, *, quiet: bool = False):
+        if policy not in CACHE_POLICIES:
+            raise LexiError(f"--cache-policy {policy!r}: use one of {', '.join(CACHE_POLICIES)}")
+        self.llm, self.path, self.policy_name, self.quiet = llm, str(path), policy, quiet
+        self.lay = lay = xm.layout(path)
+        self.j_of = {il: j for j, il in enumerate(lay.moe_layers)}
+        bases = xm.mapping_bases(path) if base is None else {base}
+        if len(bases) != 1:
+            raise LexiError(f"--expert-cache: {path} is {'not mmapped' if not bases else 'mapped more than once'} in "
+                            "this process; load it with mmap (the default) and once")
+        self.base = bases.pop()
+        size = parse_size(size)
+        self.auto = size == "auto"
+        total = sum(b * lay.n_expert for b in lay.expert_bytes)
+        size = min(auto_size(lay.other_bytes), total) if self.auto else size
+        self.counts = counts or [lay.n_expert] * len(lay.moe_layers)
+        one_token = sum(k * b for k, b in zip(self.counts, lay.expert_bytes))
+        if size < one_token:
+            raise LexiError(f"--expert-cache {_gib(size)} is below one token's experts ({_gib(one_token)} at these "
+                            f"counts{', what MemAvailable leaves' if self.auto else ''}): give at least "
+                            f"{one_token / 2**30:.2f}G, or run without --expert-cache (stock mmap)")
+        self.size, self.total, self.one_token = int(size), total, one_token
+        mean = float(np.mean(lay.expert_bytes))
+        self.slots = int(size // mean)
+        L, E = len(lay.moe_layers), lay.n_expert
+        self.pol = make_pools(None, 1 << 62, policy, L, E, self.counts)[0]    # room is counted in bytes here
+        self.used = 0
+        self.step = self.now = 0
+        self.overflow: list[int] = []
+        self.stats = dict(tokens=0, requests=0, hits=0, admits=0, evictions=0, overflow=0, asked_bytes=0)
+        self.seconds = 0.0
+        self.evict_call = "pageout"
+        self.error: Exception | None = None
+        self.fd = None
+        self._done = False
+
+    # ------------------------------------------------------------------ bytes
+    def _drop_spans(self, spans) -> None:
+        for off, n in spans:
+            a, m = xm.page_within(self.base + off, n)
+            if m == 0:
+                continue
+            if self.evict_call == "pageout" and xm.madvise(a, m, xm.MADV_PAGEOUT) != 0:
+                self.evict_call = "dontneed"        # Linux < 5.4, or a file this process may not write
+            if self.evict_call == "dontneed":
+                xm.madvise(a, m, xm.MADV_DONTNEED)
+            os.posix_fadvise(self.fd, a - self.base, m, os.POSIX_FADV_DONTNEED)
+
+    def _drop(self, key: int) -> None:
+        j, e = divmod(key, self.lay.n_expert)
+        self._drop_spans(self.lay.spans(j, e))
+
+    def _ask(self, key: int) -> None:
+        j, e = divmod(key, self.lay.n_expert)
+        for off, n in self.lay.spans(j, e):
+            xm.madvise(*xm.page_in(self.base + off, n), xm.MADV_WILLNEED)
+
+    def _bytes(self, key: int) -> int:
+        return self.lay.expert_bytes[key // self.lay.n_expert]
+
+    # ------------------------------------------------------------------ the hook
+    def _cb(self, il, n_tokens, n_used, ids, weights) -> None:
+        if not ids:
+            return
+        t0 = time.perf_counter()
+        try:
+            j = self.j_of.get(il)
+            if j is None:
+                return
+            self.on_ids(j, np.ctypeslib.as_array(ids, shape=(n_tokens, n_used)), n_tokens)
+        except Exception as e:      # noqa: BLE001
+            self.error = self.error or e
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def on_ids(self, j: int, ids: np.ndarray, n_tokens: int) -> None:
+        """MoE layer j is about to run `ids` ([n_tokens][n_used]): admit, evict, ask."""
+        E, pol, st = self.lay.n_expert, self.pol, self.stats
+        if j == 0:
+            self.step += 1
+            st["tokens"] += n_tokens
+        for k in self.overflow:              # read on demand by the layer before: out again
+            if k not in pol:
+                self._drop(k)
+        self.overflow = []
+        keys = [j * E + int(e) for e in np.unique(ids) if 0 <= e < E]
+        need = set(keys)
+        pol.on_layer(self.step, j, keys)
+        hits = [k for k in keys if k in pol]
+        st["requests"] += len(keys)
+        st["hits"] += len(hits)
+        for k in hits:
+            pol.touch(k, self.now)
+            self.now += 1
+        for k in keys:
+            if k in pol:
+                continue
+            b = self._bytes(k)
+            while self.used + b > self.size:
+                v = pol.victim()
+                if v is None or v in need:
+                    break
+                pol.evict()
+                self.used -= self._bytes(v)
+                self._drop(v)
+                st["evictions"] += 1
+            self._ask(k)
+            st["asked_bytes"] += b
+            if self.used + b > self.size:    # this layer's experts alone fill the cache: a demand read
+                self.overflow.append(k)
+                st["overflow"] += 1
+                continue
+            pol.admit(k, self.now)
+            self.now += 1
+            self.used += b
+            st["admits"] += 1
+
+    # ------------------------------------------------------------------ life
+    def install(self) -> "ExpertCache":
+        self.fd = os.open(self.path, os.O_RDONLY)
+        for off, n in self.lay.ranges:
+            xm.madvise(*xm.page_in(self.base + off, n), xm.MADV_RANDOM)
+            self._drop_spans([(off, n)])
+        RoutingHooks.of(self.llm).add(self._cb, ORDER_CACHE)
+        if not self.quiet:
+            print(self.load_line(), file=sys.stderr, flush=True)
+        llm_close = self.llm.close
+
+        def close():                 # the exit line while the mapping is still there to count
+            self.close()
+            llm_close()
+        self.llm.close = close
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() is not None and ref().close())
+        return self
+
+    def load_line(self) -> str:
+        sizes = sorted(set(self.lay.expert_bytes))
+        per = (f"{self.slots} slots of {sizes[0] / 2**20:.2f} MiB" if len(sizes) == 1 else
+               f"~{self.slots} slots (experts of {sizes[0] / 2**20:.2f}-{sizes[-1] / 2**20:.2f} MiB by layer; bytes counted)")
+        return (f"lexi-gguf: expert cache: madvise manager over the mapped file, {_gib(self.size)}"
+                f"{' (auto)' if self.auto else ''} = {per}, one pool over {len(self.lay.moe_layers)} MoE layers, "
+                f"policy {self.policy_name}; experts {_gib(self.total)} in all, one token's {_gib(self.one_token)}")
+
+    def resident_expert_bytes(self) -> int | None:
+        """Expert bytes in memory now (mincore over every expert tensor); None once the model is freed."""
+        if self.llm.ctx is None or self.base not in xm.mapping_bases(self.path):
+            return None
+        return xm.resident_total(self.base, self.lay.ranges)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise LexiError(f"expert cache failed inside the routing callback: {self.error!r}")
+
+    def summary(self) -> dict:
+        st = self.stats
+        return {"mode": "madvise", "size_bytes": self.size, "auto": self.auto, "slots": self.slots,
+                "policy": self.policy_name, "evict_call": self.evict_call, **st,
+                "hit_rate": st["hits"] / st["requests"] if st["requests"] else None,
+                "mb_asked_per_token": st["asked_bytes"] / 1e6 / st["tokens"] if st["tokens"] else None,
+                "admitted_bytes": self.used, "resident_expert_bytes": self.resident_expert_bytes(),
+                "callback_seconds": round(self.seconds, 4)}
+
+    def exit_line(self) -> str:
+        s = self.summary()
+        hr = "n/a" if s["hit_rate"] is None else f"{s['hit_rate']:.3f}"
+        mb = "n/a" if s["mb_asked_per_token"] is None else f"{s['mb_asked_per_token']:.1f}"
+        res = s["resident_expert_bytes"]
+        return (f"lexi-gguf: expert cache: {s['tokens']} tokens, hit rate {hr}, {mb} MB asked for per token, "
+                f"{s['evictions']} evictions ({s['evict_call']}), resident experts "
+                f"{'n/a' if res is None else _gib(res)} of {_gib(self.size)}")
+
+    def close(self) -> None:
+        """Say how it went (once), leave the hook and close the file."""
+        if self._done:
+            return
+        self._done = True
+        if not self.quiet:
+            print(self.exit_line(), file=sys.stderr, flush=True)
+        if self.llm.ctx is not None:
+            RoutingHooks.of(self.llm).remove(self._cb)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def install(llm, path, size, policy: str | None, bases_before: set[int], counts: list[int], *,
+            quiet: bool = False) -> ExpertCache:
+    """The cache on a model just loaded: its mapping is the one of `path` that was not there before the
+    load (bases_before); counts: what each block runs (runtime.llama.n_expert_active)."""
+    bases = xm.mapping_bases(path) - bases_before
+    if len(bases) != 1:
+        raise LexiError(f"--expert-cache: llama.cpp did not mmap {path} (or mapped it twice); load it with mmap")
+    moe = xm.layout(path).moe_layers
+    cache = ExpertCache(llm, path, size, policy or DEFAULT_POLICY, bases.pop(), [counts[il] for il in moe], quiet=quiet)
+    llm._lexi_expert_cache = cache
+    return cache.install()
