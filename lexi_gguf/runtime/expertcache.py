@@ -79,10 +79,14 @@ class ExpertCache:
         size = parse_size(size)
         self.auto = size == "auto"
         total = sum(b * lay.n_expert for b in lay.expert_bytes)
-        size = min(auto_size(lay.other_bytes), total) if self.auto else size
+        self.fd, self.evict_call = os.open(self.path, os.O_RDONLY), "pageout"
+        if self.auto:             # the file's expert pages count as available: drop them before asking
+            self._drop_spans(lay.ranges)
+            size = min(auto_size(lay.other_bytes), total)
         self.counts = counts or [lay.n_expert] * len(lay.moe_layers)
         one_token = sum(k * b for k, b in zip(self.counts, lay.expert_bytes))
         if size < one_token:
+            os.close(self.fd)
             raise LexiError(f"--expert-cache {_gib(size)} is below one token's experts ({_gib(one_token)} at these "
                             f"counts{', what MemAvailable leaves' if self.auto else ''}): give at least "
                             f"{one_token / 2**30:.2f}G, or run without --expert-cache (stock mmap)")
@@ -96,9 +100,7 @@ class ExpertCache:
         self.overflow: list[int] = []
         self.stats = dict(tokens=0, requests=0, hits=0, admits=0, evictions=0, overflow=0, asked_bytes=0)
         self.seconds = 0.0
-        self.evict_call = "pageout"
         self.error: Exception | None = None
-        self.fd = None
         self._done = False
 
     # ------------------------------------------------------------------ bytes
@@ -184,7 +186,6 @@ class ExpertCache:
 
     # ------------------------------------------------------------------ life
     def install(self) -> "ExpertCache":
-        self.fd = os.open(self.path, os.O_RDONLY)
         for off, n in self.lay.ranges:
             xm.madvise(*xm.page_in(self.base + off, n), xm.MADV_RANDOM)
             self._drop_spans([(off, n)])
