@@ -31,8 +31,12 @@ def decode(spec: dict) -> dict:
     path = spec["model"]
     ev = evict(path)
     c0 = counters(group)
+    options = None
+    if spec.get("expert_cache"):      # the runtime's expert cache (runtime.expertcache) inside the same limit
+        from ...runtime.options import LoadOptions
+        options = LoadOptions(expert_cache=str(spec["expert_cache"]), cache_policy=spec.get("cache_policy"))
     llm = load(path, kv_overrides=spec["kv"] or None, n_ctx=spec["warmup"] + spec["n_gen"] + 16, n_batch=32,
-               n_threads=spec["threads"], n_gpu_layers=0, use_mmap=True, use_mlock=False,
+               n_threads=spec["threads"], n_gpu_layers=0, use_mmap=True, use_mlock=False, options=options,
                prefetch=spec.get("prefetch", "off"), repack=spec.get("repack", "auto"))
     rp = None
     if spec.get("replay"):        # recorded routing instead of the router's (runtime.replay)
@@ -102,6 +106,9 @@ def decode(spec: dict) -> dict:
         rp.check()
         out["replay"] = rp.summary()
         rp.remove()
+    if getattr(llm, "_lexi_expert_cache", None) is not None:
+        llm._lexi_expert_cache.check()
+        out["expert_cache"] = llm._lexi_expert_cache.summary()
     llm.close()
     return out
 

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""The runtime expert cache (issue 30: `--expert-cache`, runtime.expertcache) on a true-size file with
+replayed routing, beside stock mmap and prefetch chosen under the same memory.
+
+File: `lexi-gguf synth --like qwen3-30b-a3b --quant Q4_K_M` (48 MoE blocks x 128 experts, k 8, ~17.3
+GiB, random weights; synth's cache). Routing: replayed from the same SYNTHETIC trace bench_true_size.py
+makes (DeepSeek-V2-Lite's statistics at this shape; not a recording). Full k.
+
+Each run is one memory-limited child (lexi_gguf.measure.memlimit: a fresh memory cgroup of 1/2 or 1/4
+of the file, the file evicted first, warm-up, then timed decode tokens; tok/s, MB read from storage per
+token, the group's peak). The cache runs INSIDE the same limit, with SIZE = the limit less the
+non-expert weights and a margin for the process's anonymous memory, so the comparison is at equal
+memory; its own counters (hit rate, MB asked for per token, evictions) and the resident expert bytes
+(mincore) after the decode are kept. Stock mmap and prefetch chosen at the same limits are taken from
+bench_true_size's result for the same file and trace (`--baseline`, default
+bench/results/true-size-<machine>.json) when it has them, else measured here (`--measure-baseline`).
+Targets (issue 30): file 2x the cache >= 5x stock mmap tok/s; file 4x: >= 5x stock and >= 0.6 of the
+disk-bound rate; the policy >= 1.3x prefetch chosen at 4x; memory never above SIZE + 5 %.
+
+    sudo .venv/bin/python bench/bench_expert_cache.py [--limits 0.5,0.25] [--policies nextuse,lru] [--n-gen 8]
+--quick: the shape's first 4 blocks, one limit, one policy, 4 tokens.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):          # run as a file: python bench/bench_expert_cache.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common as C  # noqa: E402
+
+WARMUP = 4
+ANON_MARGIN = 768 * 2**20      # the process's anonymous memory inside the limit (KV, compute buffers, Python)
+
+
+def baselines(path: Path, fractions, args) -> dict:
+    """(fraction, prefetch) -> the full-k row of bench_true_size's limited runs of this file."""
+    f = Path(args.baseline) if args.baseline else C.result_path("true-size")
+    if not f.exists():
+        return {}
+    d = json.loads(f.read_text())
+    if d.get("file") != path.name:
+        return {}
+    out = {}
+    for lim in d.get("limited", []):
+        for r in lim.get("rows", []):
+            if r.get("config") == "full" and lim.get("fraction") in fractions:
+                out[(lim["fraction"], r["prefetch"])] = {"tok_s": r["tg_tps"],
+                                                         "mb_read_per_token": (r.get("read_bytes_per_token") or 0) / 1e6,
+                                                         "from": f"{f.name} ({d.get('commit')}, {d.get('date')})"}
+    return out
+
+
+def main() -> int:
+    ap = C.parser(__doc__)
+    ap.add_argument("--limits", default="0.5,0.25", help="memory limits as fractions of the file")
+    ap.add_argument("--policies", default="nextuse,lru")
+    ap.add_argument("--n-gen", type=int, default=8)
+    ap.add_argument("--baseline", help="a bench_true_size result of the same file (stock mmap and prefetch rows)")
+    ap.add_argument("--measure-baseline", action="store_true", help="measure stock mmap and prefetch chosen here")
+    args = ap.parse_args()
+    from lexi_gguf.gguf.reader import footprint, model_info
+    from lexi_gguf.measure.memlimit import bench_mem_limited
+    from lexi_gguf.measure.memlimit.cgroup import memory_cgroup
+    from lexi_gguf.measure.memlimit.child import run_child
+    from lexi_gguf.testbeds import shapes, synth
+    from bench.bench_true_size import routing
+    full_shape = shapes.get("qwen3-30b-a3b")
+    shape = shapes.reduced(full_shape, layers=4) if args.quick else full_shape
+    limits = [float(x) for x in args.limits.split(",")][: 1 if args.quick else None]
+    policies = args.policies.split(",")[: 1 if args.quick else None]
+    n_gen = 4 if args.quick else args.n_gen
+    run = C.Run(args, "expert-cache")
+    work = C.WORK / "true-size"
+    work.mkdir(parents=True, exist_ok=True)
+    args.trace, args.quant = None, "Q4_K_M"
+    path = Path(synth.synth(shape, "Q4_K_M", full_layers=full_shape.layers)["path"])
+    size = path.stat().st_size
+    info, fp = model_info(path), footprint(path)
+    trace_path = routing(args, shape, work, 512)
+    expert_total = sum(fp["expert_bytes"][i] * info.expert_count for i in info.moe_layers)
+    non_expert = size - expert_total
+    counts = [info.expert_used_count if i in info.moe_layers else 0 for i in range(info.block_count)]
+    base = {} if args.measure_baseline else baselines(path, limits, args)
+    rows = []
+    for frac in limits:
+        limit = int(size * frac)
+        if args.measure_baseline or not any(k[0] == frac for k in base):
+            res = bench_mem_limited(path, [0.75], mem_limit=limit, n_gen=n_gen, warmup=WARMUP, threads=args.threads,
+                                    prefetch=("off", "chosen"), only=["full"], replay=trace_path, rates=False)
+            for r in res["rows"]:
+                base[(frac, r["prefetch"])] = {"tok_s": r["tg_tps"], "from": "measured here",
+                                               "mb_read_per_token": (r.get("read_bytes_per_token") or 0) / 1e6}
+        cache = limit - non_expert - ANON_MARGIN
+        for pol in policies:
+            with memory_cgroup(limit) as g:
+                spec = {"model": str(path), "kv": {}, "n_gen": n_gen, "warmup": WARMUP, "threads": args.threads,
+                        "seed": 0, "cgroup": str(g.path), "version": g.version, "limit": limit, "prefetch": "off",
+                        "repack": "auto", "replay": str(trace_path), "counts": counts,
+                        "expert_cache": str(cache), "cache_policy": pol}
+                r = run_child(spec)
+                peak = g.peak()
+            tok_s = n_gen / r["decode_s"]
+            ec = r["expert_cache"]
+            row = {"fraction": frac, "limit_bytes": limit, "cache_bytes": cache, "policy": pol, "tok_s": tok_s,
+                   "mb_read_per_token": r["read_bytes"] / 1e6 / n_gen, "peak_bytes": peak,
+                   "resident_expert_bytes": ec["resident_expert_bytes"], "hit_rate": ec["hit_rate"],
+                   "mb_asked_per_token": ec["mb_asked_per_token"], "evictions": ec["evictions"],
+                   "evict_call": ec["evict_call"], "callback_seconds": ec["callback_seconds"],
+                   "load_s": r["load_s"], "token_ms": r["token_ms"]}
+            row["within_budget"] = ec["resident_expert_bytes"] <= 1.05 * cache
+            for pf in ("off", "chosen"):
+                b = base.get((frac, pf))
+                row[f"vs_{'stock' if pf == 'off' else 'prefetch'}"] = tok_s / b["tok_s"] if b else None
+            rows.append(row)
+            print(f"  1/{1 / frac:g} of the file, cache {cache / 2**30:.2f} GiB, {pol}: {tok_s:.3f} tok/s, "
+                  f"{row['mb_read_per_token']:.0f} MB read/token, hit rate {ec['hit_rate']:.3f}, resident experts "
+                  f"{ec['resident_expert_bytes'] / 2**30:.2f} GiB", flush=True)
+    res = {"file": path.name, "file_bytes": size, "blocks": shape.layers, "non_expert_bytes": non_expert,
+           "expert_bytes_total": expert_total, "routing": "SYNTHETIC (bench_true_size.routing)", "warmup": WARMUP,
+           "n_gen": n_gen, "threads": args.threads, "anon_margin_bytes": ANON_MARGIN, "rows": rows,
+           "baselines": [{"fraction": k[0], "prefetch": k[1], **v} for k, v in sorted(base.items())],
+           "targets_met": _targets(rows)}
+    run.save(res)
+    _plot(run, res)
+    return 0
+
+
+def _targets(rows) -> dict:
+    def best(frac, key):
+        xs = [r[key] for r in rows if r["fraction"] == frac and r.get(key)]
+        return max(xs) if xs else None
+    out = {"memory never above SIZE + 5 %": all(r["within_budget"] for r in rows)}
+    for frac, name in ((0.5, "file 2x"), (0.25, "file 4x")):
+        s = best(frac, "vs_stock")
+        if s is not None:
+            out[f"{name}: >= 5x stock mmap"] = s >= 5
+    p = best(0.25, "vs_prefetch")
+    if p is not None:
+        out["file 4x: >= 1.3x prefetch chosen"] = p >= 1.3
+    return out
+
+
+def _plot(run, res) -> None:
+    plt = C.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fr = sorted({r["fraction"] for r in res["rows"]}, reverse=True)
+    x = range(len(fr))
+    for i, (label, get) in enumerate([("stock mmap", lambda f: _b(res, f, "off")),
+                                      ("prefetch chosen", lambda f: _b(res, f, "chosen"))] +
+                                     [(f"cache {p}", (lambda p: lambda f: next((r["tok_s"] for r in res["rows"]
+                                       if r["fraction"] == f and r["policy"] == p), 0))(p))
+                                      for p in sorted({r["policy"] for r in res["rows"]})]):
+        ax.bar([xi + 0.2 * i for xi in x], [get(f) or 0 for f in fr], width=0.2, label=label)
+    ax.set_xticks([xi + 0.3 for xi in x], [f"limit 1/{1 / f:g} of the file" for f in fr])
+    ax.set_ylabel("decode tok/s")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{res['file']}: expert cache vs stock mmap, same memory")
+    fig.tight_layout()
+    run.plot(fig)
+
+
+def _b(res, f, pf):
+    return next((b["tok_s"] for b in res["baselines"] if b["fraction"] == f and b["prefetch"] == pf), None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
