@@ -13,7 +13,10 @@ def _true_size(d: dict) -> list[str]:
     out = [f"`{d.get('file')}` ({num(d.get('file_bytes', 0) / 2**30, '.1f')} GiB; non-expert weights "
            f"{num(d.get('non_expert_bytes', 0) / 2**30, '.2f')} GiB); routing: {d.get('routing')}; "
            f"{d.get('threads')} threads; warm-up {d.get('warmup')} tokens, then {d.get('n_gen')} timed.",
-           "In RAM (page cache warm), median of " + str(ram.get("reps", "?")) + ":",
+           "In RAM (page cache warm), median of " + str(ram.get("reps", "?"))
+           + (f" (measured by the run of {ram['reused_from']}, `--reuse-ram`)" if ram.get("reused_from") else "")
+           + (f"; the file's first {ram['blocks']} blocks (it does not fit in RAM)"
+              if ram.get("blocks") and ram.get("blocks") != d.get("blocks") else "") + ":",
            table(["config", "k per MoE layer (avg)", "tg t/s", "speed-up", "ideal (active bytes)", "of ideal"],
                  [[f"{r['config']} {r['budget']:g}", num(r.get("avg_k")), num(r["tg_tps"]), num(r.get("tg_speedup")) + "x",
                    num(r.get("ideal_speedup")) + "x",
