@@ -89,7 +89,7 @@ class ExpertCache:
             os.close(self.fd)
             raise LexiError(f"--expert-cache {_gib(size)} is below one token's experts ({_gib(one_token)} at these "
                             f"counts{', what MemAvailable leaves' if self.auto else ''}): give at least "
-                            f"{one_token / 2**30:.2f}G, or run without --expert-cache (stock mmap)")
+                            f"{-(-one_token * 100 // 2**30) / 100:.2f}G, or run without --expert-cache (stock mmap)")
         self.size, self.total, self.one_token = int(size), total, one_token
         mean = float(np.mean(lay.expert_bytes))
         self.slots = int(size // mean)
