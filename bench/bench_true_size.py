@@ -87,6 +87,8 @@ def main() -> int:
     ap.add_argument("--n-gen", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3, help="in-RAM repetitions")
     ap.add_argument("--trace", help="a trace that fits the shape (default: synthetic routing)")
+    ap.add_argument("--resimulate", metavar="JSON", help="measure nothing: the simulator's columns of this result "
+                    "again with today's cost model (the measured rows are kept; the JSON says so)")
     ap.add_argument("--reuse-ram", metavar="JSON", help="take the in-RAM measurements from this earlier result of "
                     "the same file instead of measuring them again (only the limited runs are measured)")
     args = ap.parse_args()
@@ -112,10 +114,24 @@ def main() -> int:
     trace = Trace.load(trace_path)
     print(f"file {path.name}: {size / 2**30:.1f} GiB; routing: {trace.meta.get('model')}", flush=True)
 
+    import json
+    if args.resimulate:
+        prev = json.loads(Path(args.resimulate).read_text())
+        if prev.get("file") != path.name:
+            raise SystemExit(f"--resimulate: {args.resimulate} measured {prev.get('file')}, not {path.name}")
+        ram = prev["in_ram"]
+        n_ram = len([i for i in info.moe_layers if i < ram.get("blocks", shape.layers)])
+        sims = []
+        for lim in prev["limited"]:
+            sims += simulate_limit(lim, trace, info, prev["expert_bytes_total"], prev["non_expert_bytes"],
+                                   _compute(ram, n_ram), prev["n_gen"])
+        keep = {k: v for k, v in prev.items() if k not in ("kind", "variant", "quick", "targets_met", "sim")}
+        keep["measured"] = {k: prev.get(k) for k in ("commit", "date", "dirty")}
+        return _finish(run, {**keep, "sim": sims}, ram)
+
     # in RAM: every configuration, replayed routing (the decode speed-up at true size, issue 32); the
     # file read once first, so the first configuration does not pay for the page cache. A file larger
     # than the memory there is: its first blocks that fit (compute per MoE layer is the same)
-    import json
     import subprocess
     if args.reuse_ram:
         prev = json.loads(Path(args.reuse_ram).read_text())
@@ -140,12 +156,7 @@ def main() -> int:
         ram["blocks"] = ram_blocks
     ram_blocks = ram["blocks"]
     n_ram_moe = len([i for i in info.moe_layers if i < ram_blocks])
-
-    def compute(r: dict) -> float:
-        """seconds per MoE layer in RAM of the same configuration at the nearest average k"""
-        same = [x for x in ram["rows"] if x["config"] == r["config"]]
-        x = min(same, key=lambda x: abs(x["avg_k"] - r["avg_k"]))
-        return 1.0 / x["tg_tps"] / n_ram_moe
+    compute = _compute(ram, n_ram_moe)
     expert_total = sum(fp["expert_bytes"][i] * info.expert_count for i in info.moe_layers)
     non_expert = size - expert_total
 
@@ -158,51 +169,73 @@ def main() -> int:
                                 rates=True, reps=1)
         res["fraction"] = frac
         limited.append(res)
-        d = res["disk_rates"]
-        seq, r4k = d.get("seq_read_bytes_per_s"), d.get("random_4k_reads_per_s")
-        mm = d.get("mmap_read_bytes_per_s") or seq
-        # stock mmap: a missing expert is one fault per tensor slice, each reading the measured fault
-        # window (read-around) over the measured fault rate; prefetch chosen: whole experts, sequential
-        # rate, a 4K read's latency, a deep queue (madvise WILLNEED)
-        per_fault = d.get("mmap_bytes_per_fault") or 0
-        links = {"off": (f"{mm / 1e9:.4f},0", 1, N_TENSORS * per_fault or None),
-                 "chosen": (f"{seq / 1e9:.4f},{1e6 / r4k:.1f}", 32, None)}
-        for r in res["rows"]:
-            med = r["reps"][0]
-            room = limit - non_expert - (med.get("rss_anon_bytes") or 0)
-            cap = max(room, 0) / expert_total
-            counts_moe = [r["expert_used_count"][i] for i in info.moe_layers]
-            link, depth, miss = links[r["prefetch"]]
-            s = simulate(trace, counts_moe, capacity=cap, link=link, depth=depth,
-                         compute_s=compute(r), n_gen=n_gen, miss_bytes=miss)
-            bel = simulate(trace, counts_moe, capacity=cap, link=link, depth=depth,
-                           compute_s=compute(r), n_gen=n_gen, policy="belady")
-            meas_ms = 1e3 / r["tg_tps"]
-            sims.append({"fraction": frac, "config": r["config"], "budget": r["budget"], "prefetch": r["prefetch"],
-                         "capacity": cap, "link": link, "queue_depth": depth, "miss_bytes": miss,
-                         "measured_ms_per_token": meas_ms, "simulated_ms_per_token": s["ms_per_token"],
-                         "sim_error": s["ms_per_token"] / meas_ms - 1,
-                         "measured_mb_per_token": (r.get("read_bytes_per_token") or 0) / 1e6,
-                         "simulated_mb_per_token": s["mb_per_token"], "simulated_hit_rate": s["hit_rate"],
-                         "belady_mb_per_token": bel["mb_per_token"],
-                         "disk_bound_tps": seq / max(bel["mb_per_token"] * 1e6, 1.0),
-                         "measured_tps": r["tg_tps"]})
+        sims += simulate_limit(res, trace, info, expert_total, non_expert, compute, n_gen)
+    res = {"file": path.name, "file_bytes": size, "shape": shape.name, "quant": args.quant, "blocks": shape.layers,
+           "non_expert_bytes": non_expert, "expert_bytes_total": expert_total, "synth_seconds": made["seconds"],
+           "routing": trace.meta.get("model"), "synthetic_routing": bool(trace.meta.get("synthetic")),
+           "warmup": WARMUP, "n_gen": n_gen, "threads": args.threads, "in_ram": ram, "limited": limited, "sim": sims}
+    return _finish(run, res, ram)
 
+
+def _compute(ram: dict, n_ram_moe: int):
+    def compute(r: dict) -> float:
+        """seconds per MoE layer in RAM of the same configuration at the nearest average k"""
+        same = [x for x in ram["rows"] if x["config"] == r["config"]]
+        x = min(same, key=lambda x: abs(x["avg_k"] - r["avg_k"]))
+        return 1.0 / x["tg_tps"] / n_ram_moe
+    return compute
+
+
+def _finish(run, res: dict, ram: dict) -> int:
+    sims = res["sim"]
     print("\n| limit | config | mode | tok/s | MB read/tok | disk-bound tok/s (Belady) | simulated ms/tok | measured ms/tok | sim error |")
     print("|---|---|---|---|---|---|---|---|---|")
     for s in sims:
         print(f"| {s['fraction']:g} x file | {s['config']} {s['budget']:g} | {s['prefetch']} | {s['measured_tps']:.2f} | "
               f"{s['measured_mb_per_token']:.0f} | {s['disk_bound_tps']:.2f} | {s['simulated_ms_per_token']:.0f} | "
               f"{s['measured_ms_per_token']:.0f} | {s['sim_error']:+.0%} |")
-    res = {"file": path.name, "file_bytes": size, "shape": shape.name, "quant": args.quant, "blocks": shape.layers,
-           "non_expert_bytes": non_expert, "expert_bytes_total": expert_total, "synth_seconds": made["seconds"],
-           "routing": trace.meta.get("model"), "synthetic_routing": bool(trace.meta.get("synthetic")),
-           "warmup": WARMUP, "n_gen": n_gen, "threads": args.threads, "in_ram": ram, "limited": limited, "sim": sims,
-           "targets_met": {"simulated within 25 % of measured (every mode)": all(abs(s["sim_error"]) <= 0.25 for s in sims),
-                           "LExI 0.75 >= 0.9 of its ideal decode speed-up in RAM": _ideal_share(ram) >= 0.9}}
+    res["targets_met"] = {"simulated within 25 % of measured (every mode)": all(abs(s["sim_error"]) <= 0.25 for s in sims),
+                          "LExI 0.75 >= 0.9 of its ideal decode speed-up in RAM": _ideal_share(ram) >= 0.9}
     run.save(res)
     plot(run, res)
     return 0
+
+
+def simulate_limit(res: dict, trace, info, expert_total: float, non_expert: float, compute, n_gen: int) -> list[dict]:
+    """The clocked simulator beside each measured row of one memory limit (the cost model: module doc)."""
+    import math
+    limit, frac = res["mem_limit_bytes"], res["fraction"]
+    d = res["disk_rates"]
+    seq, r4k = d.get("seq_read_bytes_per_s"), d.get("random_4k_reads_per_s")
+    mm = d.get("mmap_read_bytes_per_s") or seq
+    # stock mmap: each tensor slice of a missing expert is faulted in window by window (the measured
+    # read-around window), at the measured fault read rate; prefetch chosen: whole experts, the
+    # sequential rate, a 4K read's latency, a deep queue (madvise WILLNEED)
+    window = d.get("mmap_bytes_per_fault") or 0
+    eb = [x for x in trace.meta["expert_bytes"]]
+    slice_b = sum(eb) / len(eb) / N_TENSORS
+    miss_off = N_TENSORS * math.ceil(slice_b / window) * window if window else None
+    links = {"off": (f"{mm / 1e9:.4f},0", 1, miss_off), "chosen": (f"{seq / 1e9:.4f},{1e6 / r4k:.1f}", 32, None)}
+    out = []
+    for r in res["rows"]:
+        med = r["reps"][0]
+        cap = max(limit - non_expert - (med.get("rss_anon_bytes") or 0), 0) / expert_total
+        counts_moe = [r["expert_used_count"][i] for i in info.moe_layers]
+        link, depth, miss = links[r["prefetch"]]
+        sim = simulate(trace, counts_moe, capacity=cap, link=link, depth=depth, compute_s=compute(r), n_gen=n_gen,
+                       miss_bytes=miss)
+        bel = simulate(trace, counts_moe, capacity=cap, link=link, depth=depth, compute_s=compute(r), n_gen=n_gen,
+                       policy="belady")
+        meas_ms = 1e3 / r["tg_tps"]
+        out.append({"fraction": frac, "config": r["config"], "budget": r["budget"], "prefetch": r["prefetch"],
+                    "capacity": cap, "link": link, "queue_depth": depth, "miss_bytes": miss,
+                    "measured_ms_per_token": meas_ms, "simulated_ms_per_token": sim["ms_per_token"],
+                    "sim_error": sim["ms_per_token"] / meas_ms - 1,
+                    "measured_mb_per_token": (r.get("read_bytes_per_token") or 0) / 1e6,
+                    "simulated_mb_per_token": sim["mb_per_token"], "simulated_hit_rate": sim["hit_rate"],
+                    "belady_mb_per_token": bel["mb_per_token"], "disk_bound_tps": seq / max(bel["mb_per_token"] * 1e6, 1.0),
+                    "measured_tps": r["tg_tps"]})
+    return out
 
 
 def _stored_near(path, wanted: list[float]) -> list[float]:

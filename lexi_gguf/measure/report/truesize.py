@@ -23,7 +23,10 @@ def _true_size(d: dict) -> list[str]:
                    num(r["tg_speedup"] / r["ideal_speedup"], ".0%") if r.get("ideal_speedup") else "-"]
                   for r in ram.get("rows", [])]),
            "Under memory limits (cgroup, file evicted first); simulated = `cache-sim --clock` on the same trace rows "
-           "with the disk's measured rates and the in-RAM compute (bench docstring: the cost model):",
+           "with the disk's measured rates and the in-RAM compute (bench docstring: the cost model)"
+           + (f"; measured at commit {d['measured'].get('commit')} ({d['measured'].get('date')}), the simulated "
+              "columns recomputed with the cost model of the commit stamped above (`--resimulate`)"
+              if d.get("measured") else "") + ":",
            table(["limit", "config", "mode", "tok/s", "MB read / token", "disk-bound tok/s (Belady)",
                   "simulated ms / token", "measured ms / token", "simulated / measured - 1"],
                  [[f"{s['fraction']:g} x file", f"{s['config']} {s['budget']:g}", s["prefetch"], num(s["measured_tps"]),
