@@ -70,6 +70,7 @@ def test_resident_expert_bytes_stay_within_the_size(model, expert_bytes):
     llm.close()
     assert s["evictions"] > 0 and s["tokens"] >= 8
     assert resident <= 1.05 * size, (resident, size)
+    assert s["admitted_bytes"] > 0.9 * size                    # warm: what the load mapped in, up to SIZE
     assert resident >= 0.9 * s["admitted_bytes"]          # what it admitted is really in memory
     # without the cache llama.cpp's load maps every expert in (MAP_POPULATE): the cache is what bounds it
     evict(model)
@@ -107,6 +108,7 @@ def test_eviction_follows_lru_on_scripted_routing(model, expert_bytes):
     from lexi_gguf.runtime.replay import for_model
     rp = for_model(llm, model, script)
     cache = llm._lexi_expert_cache
+    cache.clear()                                # from empty (the load's pages were admitted as a warm start)
     for tok in (464, 2068, 7586):                # one token a ubatch: one trace row each
         llm.eval([tok])
     rp.check()
@@ -135,8 +137,9 @@ def test_replay_and_the_cache_share_the_hook(model, expert_bytes, tmp_path):
     rp = for_model(llm, model, script)
     hooks = llm._lexi_routing_hooks
     assert [o for o, _ in hooks.clients] == [0, 10]            # replay first, then the cache
-    llm.eval([464])                                            # one token: row 0
     cache = llm._lexi_expert_cache
+    cache.clear()
+    llm.eval([464])                                            # one token: row 0
     assert set(cache.pol.d) == {j * E + e for j in (0, 1) for e in rows[0][j]}
     rp.remove()
     assert [o for o, _ in hooks.clients] == [10]               # the cache stays on the router's routing
@@ -170,3 +173,16 @@ def test_bench_reports_the_cache(model, expert_bytes, tmp_path):
     c = row["expert_cache"]
     assert c["policy"] == "lru" and c["tokens"] > 0 and 0 <= c["hit_rate"] <= 1 and c["mb_asked_per_token"] > 0
     assert c["resident_expert_bytes"] <= 1.05 * c["size_bytes"]
+
+
+def test_a_warm_start_keeps_what_the_load_mapped_in_up_to_the_size(model, expert_bytes):
+    """llama.cpp's load maps every expert in; the cache admits them up to SIZE (mincore) and drops the rest,
+    so memory is within SIZE before the first token, and that token finds hits."""
+    size = 18 * expert_bytes
+    llm = runtime.load(model, n_ctx=64, n_threads=2, options=LoadOptions(expert_cache=str(size), cache_policy="lru"))
+    cache = llm._lexi_expert_cache
+    assert cache.used == size and len(cache.pol) == 18
+    assert cache.resident_expert_bytes() <= 1.05 * size
+    llm.eval([464])
+    assert cache.stats["hits"] > 0
+    llm.close()

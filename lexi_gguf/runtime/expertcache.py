@@ -188,7 +188,7 @@ class ExpertCache:
     def install(self) -> "ExpertCache":
         for off, n in self.lay.ranges:
             xm.madvise(*xm.page_in(self.base + off, n), xm.MADV_RANDOM)
-            self._drop_spans([(off, n)])
+        self._warm()
         RoutingHooks.of(self.llm).add(self._cb, ORDER_CACHE)
         if not self.quiet:
             print(self.load_line(), file=sys.stderr, flush=True)
@@ -201,6 +201,35 @@ class ExpertCache:
         ref = weakref.ref(self)
         atexit.register(lambda: ref() is not None and ref().close())
         return self
+
+    def _warm(self) -> None:
+        """A warm start: the experts the load left in memory (llama.cpp maps the file in: MAP_POPULATE) are
+        admitted, layer by layer, up to SIZE; every other expert page is dropped."""
+        E, PAGE = self.lay.n_expert, xm.PAGE
+        for j, sl in enumerate(self.lay.slices):
+            frac = np.zeros(E)
+            for off, stride in sl:
+                a, m = xm.page_in(self.base + off, stride * E)
+                cs = np.concatenate([[0], np.cumsum(xm.resident_pages(a, m))])
+                lo = self.base + off + np.arange(E) * stride - a
+                first, last = lo // PAGE, (lo + stride - 1) // PAGE + 1
+                frac += (cs[last] - cs[first]) / (last - first) / len(sl)
+            b = self.lay.expert_bytes[j]
+            for e in np.flatnonzero(frac > 0.9):
+                if self.used + b > self.size:
+                    break
+                self.pol.admit(j * E + int(e), self.now)
+                self.now, self.used = self.now + 1, self.used + b
+        for j in range(len(self.lay.slices)):
+            for e in range(E):
+                if j * E + e not in self.pol:
+                    self._drop(j * E + e)
+
+    def clear(self) -> None:
+        """Drop every admitted expert: an empty cache, as at a cold start."""
+        while (v := self.pol.evict()) is not None:
+            self._drop(v)
+        self.used = 0
 
     def load_line(self) -> str:
         sizes = sorted(set(self.lay.expert_bytes))
