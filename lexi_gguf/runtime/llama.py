@@ -254,7 +254,8 @@ def set_expert_counts(llm, counts: list[int] | None, *, keep_cache: bool = False
     arr = (ctypes.c_int32 * len(row))(*row)
     if lexi_fn("llama_lexi_set_counts", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32])(
             llm.ctx, arr, len(row)) != 0:
-        raise LexiError(f"the runtime refused counts {counts}: {captured_log().strip().splitlines()[-1:]}")
+        said = captured_log().strip().splitlines()
+        raise LexiError(f"the runtime refused counts {counts}" + (f": {said[-1]}" if said else ""))
     if not keep_cache:
         llm.reset()
 
