@@ -193,6 +193,13 @@ def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, 
         writer.add_tensor_info(t.name, d.shape, d.dtype, d.nbytes, t.tensor_type)
         meant_tensors.append(Written(t.name, _ne(t, d, same_shapes), int(t.tensor_type), int(d.nbytes)))
     check = ReadBack(tmp, meant_tensors, meant, reader.alignment, shown) if read_back else None
+    _stream(writer, check, (tensor_data(t) for t in reader.tensors), total, "write + read back" if check else "write",
+            progress, reader.endianess)
+
+
+def _stream(writer, check, datas, total: int, desc: str, progress: bool, endianess=None) -> None:
+    """Header, then each tensor's data in order, each compared with what was given right after it is
+    written (check: a verify.ReadBack, or None); the temp file discarded on any error."""
     bar = None
     try:
         writer.write_header_to_file()
@@ -203,10 +210,9 @@ def _write_gguf(reader, tmp: Path, new: dict, drop_prefix: str, progress: bool, 
             check.header()
         if progress:
             from tqdm import tqdm
-            bar = tqdm(desc="write + read back" if check else "write", total=total, unit="B", unit_scale=True)
-        for i, t in enumerate(reader.tensors):
-            d = tensor_data(t)
-            writer.write_tensor_data(d, tensor_endianess=reader.endianess)
+            bar = tqdm(desc=desc, total=total, unit="B", unit_scale=True)
+        for i, d in enumerate(datas):
+            writer.write_tensor_data(d, **({"tensor_endianess": endianess} if endianess is not None else {}))
             if check:
                 writer.flush()
                 check.data(i, d)
@@ -261,30 +267,6 @@ def write_new(out: str | Path, arch: str, kv: dict, tensors: list[tuple[str, tup
             writer.add_tensor_info(name, shape, plain or np.uint8, nb, raw_dtype=qt)
             written.append(Written(name, tuple(ne), int(ty), int(nb)))
         check = ReadBack(tmp, written, meant, writer.data_alignment, out.name)
-        bar = None
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            writer.flush()
-            check.header()
-            if progress:
-                from tqdm import tqdm
-                bar = tqdm(desc=f"write + read back {out.name}", total=sum(t[3] for t in tensors), unit="B",
-                           unit_scale=True)
-            for i in range(len(tensors)):
-                d = data_of(i)
-                writer.write_tensor_data(d)
-                writer.flush()
-                check.data(i, d)
-                if bar:
-                    bar.update(int(d.nbytes))
-        except BaseException:
-            check.discard()
-            raise
-        finally:
-            writer.close()
-            if bar:
-                bar.close()
-        check.close()
+        _stream(writer, check, (data_of(i) for i in range(len(tensors))), sum(t[3] for t in tensors),
+                f"write + read back {out.name}", progress)
     return out
