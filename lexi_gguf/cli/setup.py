@@ -28,6 +28,14 @@ def cmd_doctor(args) -> None:
         print(f"RPC backend (--rpc): {'compiled in' if d['rpc'] else 'not compiled in: rebuild with `make setup`'}; "
               f"ggml-rpc-server: {tools['ggml-rpc-server'] or 'not built'}")
         print(f"llama-server (serve --engine llama-server): {tools['llama-server'] or 'built on first use'}")
+    if "gpu_devices" in d:
+        from ..runtime.devices import describe, vulkan_hint
+        devs, backend = d["gpu_devices"], (d["runtime"] or {}).get("backend")
+        shown = describe(devs) if devs else f"none ({backend or 'cpu'} build)"
+        print(f"GPU devices (--n-gpu-layers): {shown}")
+        hint = vulkan_hint(backend, devs)
+        if hint:
+            print(f"note: {hint}")
     if not d["patched"]:
         raise LexiError("the llama_cpp in use is not the lexi-patched build; run `make setup`")
     print("ok: the llama_cpp in use honours lexi.expert_used_count")
@@ -35,7 +43,7 @@ def cmd_doctor(args) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("build-runtime", help="build the patched llama-cpp-python and llama.cpp tools (cached)")
-    p.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "metal"])
+    p.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "metal", "vulkan"])
     p.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
     p.add_argument("--no-tools", action="store_true", help="skip llama-bench/llama-perplexity/llama-quantize")
     p.set_defaults(func=cmd_build_runtime)

@@ -37,6 +37,9 @@ BACKEND_CMAKE = {
     "cpu": [],
     "cuda": ["-DGGML_CUDA=ON"],
     "metal": ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"],
+    # any Vulkan 1.2 device: AMD / Intel / NVIDIA GPUs, and Mesa's lavapipe, a software device on the
+    # CPU (the one the tests run on here: docs/backends.md). Needs the system packages in runtime.syspkgs
+    "vulkan": ["-DGGML_VULKAN=ON"],
 }
 # ggml's AMX matmul path (ggml-cpu/amx/, used for quantized and F16 weights in batches >= 16 when a
 # native build lands on an AMX CPU) crashes (SIGILL/SIGSEGV in ldtilecfg/tilezero; upstream #20824).
@@ -250,6 +253,8 @@ def build_runtime(backend: str = "cpu", jobs: int | None = None, tools: bool = T
     for exe in ("patch", "cmake"):
         if not shutil.which(exe):
             raise LexiError(f"'{exe}' is not on PATH; install it (apt-get install {exe}) and retry")
+    from .syspkgs import ensure
+    ensure(backend, log=_log)                 # e.g. Vulkan's headers and shader compiler (installed if root + apt)
     pin = read_pin()
     jobs = jobs or os.cpu_count() or 2
     rdir = runtime_dir(pin, backend)

@@ -150,8 +150,8 @@ def load(path: str | Path, *, options: LoadOptions | None = None, kv_overrides: 
         kw.setdefault("tensor_split", list(opts.tensor_split))
     clear_log()
     _log_echo = verbose
-    if opts.prefetch != "off" and opts.rpc and opts.n_gpu_layers != 0:
-        _say_prefetch_skips(path, opts.n_gpu_layers)
+    from .devices import say_offload_notes
+    say_offload_notes(path, opts)      # prefetch / repack options that do not reach offloaded layers: one line
     repack_on = placement.decide(path, opts.repack, opts.prefetch, cache=opts.expert_cache is not None)
     model_fields = {} if repack_on else {"use_extra_bufts": False}
     if devices is not None:
@@ -184,16 +184,6 @@ def load(path: str | Path, *, options: LoadOptions | None = None, kv_overrides: 
         raise ModelLoadError(path, errors) from None
     finally:
         _log_echo = False
-
-
-def _say_prefetch_skips(path: Path, n_gpu_layers: int) -> None:
-    """Prefetch reads experts from this machine's mmapped file; offloaded layers (on RPC servers) are
-    not in it: the graph adds no prefetch for them. Said once, at load."""
-    from ..gguf.reader import model_info
-    n_layer = model_info(path).n_main
-    remote = n_layer if n_gpu_layers < 0 else min(n_gpu_layers, n_layer)
-    print(f"lexi-gguf: prefetch: {remote} of {n_layer} layers are on RPC servers and are not prefetched (their "
-          f"experts live in the servers' memory); the {n_layer - remote} layers held here are", file=sys.stderr, flush=True)
 
 
 # rows for set_lexi_row besides the ladder's own 0..n-1 (llama.h: LLAMA_LEXI_ROW_MODEL / _LOADED)
@@ -335,6 +325,8 @@ def doctor() -> dict:
     out["ggml_cpu_paths"] = info
     out["amx_matmul_compiled"] = cpu.amx_matmul_compiled(info)
     out["rpc"] = bool(llama_cpp.llama_supports_rpc())
+    from .devices import gpu_devices
+    out["gpu_devices"] = gpu_devices()      # Vulkan / CUDA / Metal devices ggml registered ([] on a CPU build)
     out["tools"] = {t: str(Path(rec["bin_dir"]) / t) if rec and rec.get("bin_dir") and (Path(rec["bin_dir"]) / t).exists()
                     else None for t in ("ggml-rpc-server", "llama-server")}   # llama-server: built on first use
     return out

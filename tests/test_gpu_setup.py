@@ -1,0 +1,124 @@
+"""GPU backends on a machine without one: the Vulkan build's system packages (present, installed by the
+set-up as root with apt-get, or named in one line), `doctor`'s device line, and the one line a load
+says where prefetch / repack options meet offloaded layers. The Vulkan build itself and its logits run
+in `make test-vulkan` (tests/vulkan_offload.py): too slow for this suite."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from lexi_gguf import LexiError, cli
+from lexi_gguf.runtime import build, devices, syspkgs
+from lexi_gguf.runtime.options import LoadOptions
+
+
+@pytest.fixture
+def fake_needs(tmp_path, monkeypatch):
+    """Vulkan's needs pointed at files under tmp_path: absent until made."""
+    needs = tuple(syspkgs.Need(n.package, n.what, (str(tmp_path / n.package),)) for n in syspkgs.NEEDS["vulkan"])
+    monkeypatch.setitem(syspkgs.NEEDS, "vulkan", needs)
+    monkeypatch.delenv("VULKAN_SDK", raising=False)
+    return tmp_path
+
+
+def test_every_backend_has_cmake_flags_and_a_cli_choice():
+    assert build.cmake_args("vulkan")[0] == "-DGGML_VULKAN=ON"
+    assert "vulkan" in build.runtime_dir(build.read_pin(), "vulkan").name
+    assert syspkgs.missing("cpu") == []        # nothing beyond a compiler and CMake
+    assert {n.package for n in syspkgs.NEEDS["vulkan"]} == {"libvulkan-dev", "glslc", "spirv-headers",
+                                                            "mesa-vulkan-drivers"}
+
+
+def test_missing_packages_named_in_one_line_without_root(fake_needs, monkeypatch):
+    (fake_needs / "glslc").touch()
+    monkeypatch.setattr(syspkgs, "can_install", lambda: False)
+    assert [n.package for n in syspkgs.missing("vulkan")] == ["libvulkan-dev", "spirv-headers", "mesa-vulkan-drivers"]
+    with pytest.raises(LexiError) as e:
+        syspkgs.ensure("vulkan")
+    msg = str(e.value)
+    assert "\n" not in msg and "glslc" not in msg
+    assert "apt-get install -y --no-install-recommends libvulkan-dev spirv-headers mesa-vulkan-drivers" in msg
+
+
+def test_root_with_apt_installs_them(fake_needs, monkeypatch):
+    ran = []
+
+    def fake_run(cmd, **kw):
+        ran.append(cmd)
+        if cmd[:2] == ["apt-get", "install"] and len(ran) > 1:     # the first install fails: stale index
+            for p in cmd[4:]:
+                (fake_needs / p).touch()
+        return subprocess.CompletedProcess(cmd, 0 if len(ran) > 1 else 100)
+    monkeypatch.setattr(syspkgs, "can_install", lambda: True)
+    monkeypatch.setattr(syspkgs.subprocess, "run", fake_run)
+    monkeypatch.delenv("LEXI_GGUF_NO_APT", raising=False)
+    got = syspkgs.ensure("vulkan", log=lambda s: None)
+    assert got == [n.package for n in syspkgs.NEEDS["vulkan"]]
+    assert [c[:2] for c in ran] == [["apt-get", "install"], ["apt-get", "update"], ["apt-get", "install"]]
+    assert syspkgs.missing("vulkan") == []
+    assert syspkgs.ensure("vulkan") == []      # present: nothing run
+    assert len(ran) == 3
+
+
+def test_build_runtime_refuses_before_building(fake_needs, monkeypatch, capsys):
+    monkeypatch.setenv("LEXI_GGUF_NO_APT", "1")           # as on a machine where the set-up may not install
+
+    def no_build(*a, **k):
+        raise AssertionError("the build started although its packages are missing")
+    monkeypatch.setattr(build, "prepare_source", no_build)
+    assert cli.main(["build-runtime", "--backend", "vulkan", "--no-tools"]) == 2
+    err = capsys.readouterr().err
+    assert "the vulkan build needs system packages" in err and "glslc" in err and "Traceback" not in err
+
+
+def test_doctor_reports_gpu_devices(capsys):
+    from lexi_gguf.runtime.llama import doctor
+    d = doctor()
+    backend = (d["runtime"] or {}).get("backend")
+    assert isinstance(d["gpu_devices"], list)
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("GPU devices (--n-gpu-layers): "))
+    if backend in (None, "cpu"):        # this suite's runtime: no GPU backend compiled in
+        assert d["gpu_devices"] == [] and line.endswith(f"none ({backend or 'cpu'} build)")
+    else:
+        assert all(x["name"] in line for x in d["gpu_devices"])
+
+
+def test_hint_for_lavapipe(monkeypatch):
+    monkeypatch.delenv("GGML_VK_VISIBLE_DEVICES", raising=False)
+    assert "GGML_VK_VISIBLE_DEVICES=0" in devices.vulkan_hint("vulkan", [])
+    assert devices.vulkan_hint("cpu", []) is None
+    assert devices.vulkan_hint("vulkan", [{"name": "Vulkan0", "description": "x"}]) is None
+    monkeypatch.setenv("GGML_VK_VISIBLE_DEVICES", "0")
+    assert "mesa-vulkan-drivers" in devices.vulkan_hint("vulkan", [])
+
+
+LAVAPIPE = [{"backend": "Vulkan", "name": "Vulkan0", "description": "llvmpipe (LLVM 15.0.6, 256 bits)", "type": "gpu"}]
+
+
+@pytest.mark.parametrize("opts,devs,said", [
+    (LoadOptions(n_gpu_layers=99, prefetch="chosen"), [], []),              # a CPU build: all layers stay here
+    (LoadOptions(n_gpu_layers=0, prefetch="chosen", repack="on"), LAVAPIPE, []),
+    (LoadOptions(n_gpu_layers=99), LAVAPIPE, []),                            # nothing asked that does not apply
+    (LoadOptions(n_gpu_layers=-1, prefetch="guess"), LAVAPIPE,
+     ["lexi-gguf: prefetch: 4 of 4 layers are on Vulkan0 (llvmpipe (LLVM 15.0.6, 256 bits)) and are not prefetched "
+      "(their experts live in the device's memory); it has nothing to do"]),
+    (LoadOptions(n_gpu_layers=3, prefetch="chosen", repack="off"), LAVAPIPE,
+     ["lexi-gguf: prefetch: 3 of 4 layers are on Vulkan0 (llvmpipe (LLVM 15.0.6, 256 bits)) and are not prefetched "
+      "(their experts live in the device's memory); it acts on the 1 held here",
+      "lexi-gguf: --repack off: 3 of 4 layers are on Vulkan0 (llvmpipe (LLVM 15.0.6, 256 bits)), in the device's own "
+      "layouts; it applies to the weights kept on the CPU (1 of 4 layers, and the token embeddings)"]),
+])
+def test_offload_notes(laddered_gguf, monkeypatch, capsys, opts, devs, said):
+    monkeypatch.setattr(devices, "gpu_devices", lambda: devs)
+    monkeypatch.setattr(devices, "_said", set())
+    for _ in range(2):                   # said once
+        devices.say_offload_notes(laddered_gguf, opts)
+    assert capsys.readouterr().err.splitlines() == said
+
+
+def test_expert_cache_refused_with_offload():
+    with pytest.raises(LexiError, match="--expert-cache: it offloads layers"):
+        LoadOptions(n_gpu_layers=99, expert_cache="1G")
