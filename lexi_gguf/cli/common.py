@@ -153,8 +153,9 @@ def allowed_k(args) -> list[int] | None:
     from ..method.backends import safe_k
     allowed = args.allowed_k
     if getattr(args, "backend_safe", None):
-        s = safe_k(args.backend_safe)
-        allowed = sorted(set(allowed) & s) if allowed else sorted(s) if s else allowed
+        s = safe_k(args.backend_safe)        # None: the backend runs any k
+        if s is not None:
+            allowed = sorted(set(allowed) & s) if allowed else sorted(s)
     return allowed
 
 
@@ -199,8 +200,9 @@ def add_solver_opts(p) -> None:
     """How a budget is allocated: solver, which k are allowed, the smallest k, the seed."""
     p.add_argument("--solver", default="exact", choices=["exact", "evolutionary"])
     p.add_argument("--allowed-k", type=ints, help="only these k, e.g. 1,2,4,8")
-    p.add_argument("--backend-safe", choices=["cpu", "cuda", "metal"],
-                   help="only k values this backend runs (metal: 1,2,4,5,6,8,10,16,22)")
+    p.add_argument("--backend-safe", choices=["cpu", "cuda", "metal", "vulkan"],
+                   help="only k values this backend's MoE kernels run (metal: 1,2,4,5,6,8,10,16,22; the others: "
+                   "any k); docs/backends.md")
     p.add_argument("--min-k", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
 
