@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.lexi-setup-$(BACKEND)
 # compiles the few modules it imports on first use
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup runtime demo test docs report bench clean distclean
+.PHONY: setup runtime demo test test-vulkan docs report bench clean distclean
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml patches/pin.toml patches/*.patch lexi_gguf/runtime/buil
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q --no-compile "$(TORCH)"
 	$(VPY) -m pip install -q --no-compile -e ".[test]"
-	$(LEXI) build-runtime --backend $(BACKEND)
+	$(LEXI) build-runtime --backend $(BACKEND) $(RUNTIME_ARGS)
 	$(LEXI) doctor >/dev/null
 	touch $@
 
@@ -31,6 +31,18 @@ demo: setup
 
 test: setup
 	$(VPY) -m pytest -q
+
+# the Vulkan backend's tests (tests/vulkan_offload.py: per-layer k with every layer on the device, against the same
+# build's CPU backend) on the first Vulkan device: where there is no GPU, Mesa's lavapipe (software, on the CPU; the
+# set-up installs it as root with apt-get, else names the packages). Opt-in: the Vulkan build compiles ggml's shaders
+# (~25 min on 2 cores), too long for `make test`. Its own venv, .venv-vulkan (the Vulkan runtime without llama.cpp's
+# tools), so that .venv keeps the CPU runtime `make test` uses; the result goes to bench/results/vulkan-<machine>.json
+# and docs/results.md. VULKAN_ARGS: --quick (the tiny model only, results to out/bench-quick/), --force
+VK_VENV := .venv-vulkan
+test-vulkan:
+	$(MAKE) setup VENV=$(VK_VENV) BACKEND=vulkan RUNTIME_ARGS=--no-tools
+	GGML_VK_VISIBLE_DEVICES=$${GGML_VK_VISIBLE_DEVICES-0} $(VK_VENV)/bin/python bench/vulkan_tests.py $(VULKAN_ARGS)
+	$(VK_VENV)/bin/python -m lexi_gguf.cli report
 
 # docs/architectures.md: the per-architecture tests, then the table rendered from their results
 ARCH_TESTS := stage1_matches_transformers_moe_block or convert_and_apply_every_arch or per_layer_k_matches_transformers
@@ -59,4 +71,4 @@ clean:
 	rm -rf out build .pytest_cache
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-vulkan

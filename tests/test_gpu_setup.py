@@ -122,3 +122,18 @@ def test_offload_notes(laddered_gguf, monkeypatch, capsys, opts, devs, said):
 def test_expert_cache_refused_with_offload():
     with pytest.raises(LexiError, match="--expert-cache: it offloads layers"):
         LoadOptions(n_gpu_layers=99, expert_cache="1G")
+
+
+def test_vulkan_results_render():
+    """The results `make test-vulkan` saves render into docs/results.md: device, counts, each measured diff."""
+    from lexi_gguf.measure.report import RENDERERS
+    d = {"device": "llvmpipe (LLVM 15.0.6, 256 bits)", "driver": {"driverName": "llvmpipe", "driverInfo": "Mesa 22.3.6"},
+         "counts": {"tests": 3, "passed": 2, "failures": 1, "errors": 0, "skipped": 0}, "wall_s": 100.0, "threads": 2,
+         "tests": [{"test": "t[a]", "outcome": "passed", "seconds": 1.25}, {"test": "t[b]", "outcome": "failed", "seconds": 2}],
+         "measured": [{"test": "custom counts", "model": "m", "max_diff": 1.5e-5, "tol": 1e-3, "one_layer_k_change_min": 0.25}],
+         "targets_met": {"every test passes": False}}
+    text = "\n".join(RENDERERS["vulkan"].render(d))
+    assert "Device: llvmpipe (LLVM 15.0.6, 256 bits) (llvmpipe: Mesa 22.3.6" in text
+    assert "2 of 3 tests passed, 1 failed in 100 s" in text
+    assert "| `t[b]` | failed | 2.0 |" in text and "| custom counts | m | 1.50e-05 | 1e-03 | 0.250 |" in text
+    assert "| every test passes | **not met** |" in text

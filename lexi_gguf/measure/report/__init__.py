@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from ... import LexiError
-from . import expertcache, quality, speed, truesize  # noqa: F401  (they register their families)
+from . import expertcache, quality, speed, truesize, vulkan  # noqa: F401  (they register their families)
 from .markdown import LEGACY_MACHINE, MACHINE_ID, NR, RENDERERS, Family, family, generic, stamp, table
 
 __all__ = ["RENDERERS", "Family", "family", "family_of", "generic", "render", "stamp", "write_report"]
