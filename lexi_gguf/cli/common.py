@@ -225,6 +225,11 @@ def add_device_opts(p) -> None:
                    help="llama.cpp RPC servers (`lexi-gguf rpc-server` there) to put the offloaded layers on")
     p.add_argument("--tensor-split", type=floats, metavar="W,W,...",
                    help="share of the offloaded layers per device (RPC servers first, in --rpc order)")
+    p.add_argument("--n-cpu-moe", type=int, default=0, metavar="N",
+                   help="keep the routed experts of the first N layers on the CPU while --n-gpu-layers offloads the "
+                   "rest of them (llama.cpp's --n-cpu-moe; 99: every layer's); per-layer k is unchanged")
+    p.add_argument("--override-tensor", "-ot", action="append", metavar="PATTERN=BUFFER",
+                   help="put tensors matching PATTERN in that buffer type (llama.cpp's -ot, e.g. exps=CPU; repeatable)")
     p.add_argument("--repack", default="auto", choices=["auto", "on", "off"],
                    help="ggml's repacked CPU weight layouts: off = read every weight in place from the mapped "
                    "file (pages, prefetch); auto (default) = off with --prefetch or a model larger than memory")
@@ -242,4 +247,5 @@ def load_options(args, prefetch: str = "off"):
     ngl = args.n_gpu_layers if args.n_gpu_layers is not None else -1 if args.rpc else 0
     return LoadOptions(n_gpu_layers=ngl, rpc=args.rpc or (), tensor_split=args.tensor_split, repack=args.repack,
                        prefetch=prefetch, threads=getattr(args, "threads", None),
-                       expert_cache=getattr(args, "expert_cache", None), cache_policy=getattr(args, "cache_policy", None))
+                       expert_cache=getattr(args, "expert_cache", None), cache_policy=getattr(args, "cache_policy", None),
+                       cpu_moe=getattr(args, "n_cpu_moe", 0) or 0, override_tensor=tuple(getattr(args, "override_tensor", None) or ()))

@@ -156,6 +156,9 @@ def load(path: str | Path, *, options: LoadOptions | None = None, kv_overrides: 
     model_fields = {} if repack_on else {"use_extra_bufts": False}
     if devices is not None:
         model_fields["devices"] = ctypes.addressof(devices)
+    from .moeplace import model_fields as placed
+    placement_fields, overrides = placed(opts.cpu_moe, opts.override_tensor)   # --n-cpu-moe, -ot
+    model_fields.update(placement_fields)
     if opts.expert_cache is not None:
         from .expertmap import mapping_bases
         bases_before = mapping_bases(path)
@@ -166,6 +169,7 @@ def load(path: str | Path, *, options: LoadOptions | None = None, kv_overrides: 
                                   verbose=verbose, seed=seed, n_batch=n_batch, n_ubatch=n_batch, **kw)
         llm._lexi_eval_callback = eval_callback     # ctypes callbacks must outlive the context
         llm._lexi_devices = devices
+        llm._lexi_buft_overrides = overrides        # the array the model params point to
         llm._lexi_repack = repack_on
         llm._lexi_options = opts
         if opts.prefetch != "off":

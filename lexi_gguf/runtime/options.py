@@ -28,7 +28,9 @@ class LoadOptions:
     prefetch from the mapped file (runtime.llama.set_prefetch). threads: CPU threads (None: llama.cpp's
     default). expert_cache: a size (4G, 3.5GiB, bytes, auto) of routed-expert memory the runtime's expert
     cache keeps to (runtime.expertcache; None: the page cache decides); cache_policy: its eviction
-    policy (None: the recommended one)."""
+    policy (None: the recommended one). cpu_moe: the routed experts of the first N layers stay on the CPU
+    (llama.cpp's --n-cpu-moe); override_tensor: PATTERN=BUFFER specs (llama.cpp's -ot, e.g. exps=CPU):
+    runtime.moeplace."""
     n_gpu_layers: int = 0
     rpc: tuple[str, ...] = ()
     tensor_split: tuple[float, ...] | None = None
@@ -37,6 +39,8 @@ class LoadOptions:
     threads: int | None = None
     expert_cache: str | None = None
     cache_policy: str | None = None
+    cpu_moe: int = 0
+    override_tensor: tuple[str, ...] = ()
 
     def __post_init__(self):
         rpc = self.rpc.strip() if isinstance(self.rpc, str) else list(self.rpc or ())
@@ -55,6 +59,13 @@ class LoadOptions:
             raise LexiError(f"unknown prefetch mode {self.prefetch!r}: use {', '.join(PREFETCH_MODES)}")
         if not isinstance(self.n_gpu_layers, int):
             raise LexiError(f"n_gpu_layers {self.n_gpu_layers!r}: give an integer (-1: every layer)")
+        if not isinstance(self.cpu_moe, int) or self.cpu_moe < 0:
+            raise LexiError(f"--n-cpu-moe {self.cpu_moe!r}: give a number of layers >= 0")
+        ot = (self.override_tensor,) if isinstance(self.override_tensor, str) else tuple(self.override_tensor or ())
+        from .moeplace import parse
+        for spec in ot:
+            parse(spec)
+        object.__setattr__(self, "override_tensor", ot)
         if self.expert_cache is not None or self.cache_policy is not None:
             self._check_cache()
 
@@ -79,13 +90,14 @@ class LoadOptions:
 
     def tool_args(self) -> list[str]:
         """The same devices for a llama.cpp tool run as a child (llama-perplexity, llama-server):
-        -ngl, -ts, --rpc. Threads and repacking are each tool's own options."""
+        -ngl, -ts, --rpc, -ot, --n-cpu-moe. Threads and repacking are each tool's own options."""
         args = ["-ngl", str(999 if self.n_gpu_layers < 0 else self.n_gpu_layers)]
         if self.tensor_split:
             args += ["-ts", ",".join(f"{x:g}" for x in self.tensor_split)]
         if self.rpc:
             args += ["--rpc", ",".join(self.rpc)]
-        return args
+        from .moeplace import tool_args
+        return args + tool_args(self.cpu_moe, self.override_tensor)
 
 
 def merged(options: LoadOptions | None = None, **fields) -> LoadOptions:
