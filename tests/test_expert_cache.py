@@ -186,3 +186,40 @@ def test_a_warm_start_keeps_what_the_load_mapped_in_up_to_the_size(model, expert
     llm.eval([464])
     assert cache.stats["hits"] > 0
     llm.close()
+
+
+def test_pages_no_admitted_expert_covers_are_dropped(model, expert_bytes):
+    """Pages of the expert tensors that no admitted expert covers (the kernel's read-ahead reaches into them
+    from outside; a buffered read here, which the kernel reads in large folios that straddle admitted and
+    not-admitted experts) are dropped by the next run of their layer (the scrub), admitted experts stay,
+    and resident expert memory is back within SIZE + 1 %."""
+    import os
+    size = 18 * expert_bytes
+    evict(model)
+    llm = runtime.load(model, n_ctx=64, n_threads=2, options=LoadOptions(expert_cache=str(size), cache_policy="lru"))
+    cache = llm._lexi_expert_cache
+    llm.eval([464])
+    cache.io.flush()
+    assert cache.resident_expert_bytes() <= 1.01 * size
+    lay = cache.lay
+    fd = os.open(model, os.O_RDONLY)
+    try:
+        for off, n in lay.ranges:                   # every expert tensor read through the page cache
+            for o in range(off, off + n, 1 << 20):
+                os.pread(fd, 1 << 20, o)
+    finally:
+        os.close(fd)
+    assert cache.resident_expert_bytes() > 1.5 * size      # the strays are there
+    llm.eval([2068])                                        # each MoE layer runs once more: its tensors scrubbed
+    resident = cache.resident_expert_bytes()
+    s = cache.summary()
+    for j in range(len(lay.moe_layers)):
+        for e in range(E):
+            frac = _resident_fraction(cache, j, e)
+            if j * E + e in cache.pol:
+                assert frac > 0.99, (j, e, frac)
+            else:
+                assert frac < 0.01, (j, e, frac)
+    llm.close()
+    assert resident <= 1.01 * size, (resident, size)
+    assert s["stray_bytes"] > size and s["scrubs"] >= len(lay.ranges)

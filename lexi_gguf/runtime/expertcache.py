@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import LexiError
 from . import expertmap as xm
+from .expertio import ExpertIO
 from .policies import make_pools
 from .hooks import ORDER_CACHE, RoutingHooks
 
@@ -65,7 +66,7 @@ class ExpertCache:
     `ExpertCache(llm, path, size, policy, base).install()`."""
 
     def __init__(self, llm, path, size, policy: str = DEFAULT_POLICY, base: int | None = None,
-                 counts: list[int] | None = None, *, quiet: bool = False):
+                 counts: list[int] | None = None, *, quiet: bool = False, background: bool = True):
         if policy not in CACHE_POLICIES:
             raise LexiError(f"--cache-policy {policy!r}: use one of {', '.join(CACHE_POLICIES)}")
         self.llm, self.path, self.policy_name, self.quiet = llm, str(path), policy, quiet
@@ -98,10 +99,16 @@ class ExpertCache:
         self.used = 0
         self.step = self.now = 0
         self.overflow: list[int] = []
+        self.overflow_set: set[int] = set()
+        self.warm: set[int] = set()        # admitted from the load's pages: maybe in large folios (PAGEOUT splits)
+        at = {off: t for t, (off, _) in enumerate(lay.ranges)}
+        self.lay_tensors = [[at[off] for off, _ in sl] for sl in lay.slices]
+        self.tensor_layer = {t: j for j, ts in enumerate(self.lay_tensors) for t in ts}
         self.stats = dict(tokens=0, requests=0, hits=0, admits=0, evictions=0, overflow=0, asked_bytes=0)
         self.seconds = 0.0
         self.error: Exception | None = None
         self._done = False
+        self.io = ExpertIO(self, background)
 
     # ------------------------------------------------------------------ bytes
     def _drop_spans(self, spans) -> None:
@@ -114,15 +121,6 @@ class ExpertCache:
             if self.evict_call == "dontneed":
                 xm.madvise(a, m, xm.MADV_DONTNEED)
             os.posix_fadvise(self.fd, a - self.base, m, os.POSIX_FADV_DONTNEED)
-
-    def _drop(self, key: int) -> None:
-        j, e = divmod(key, self.lay.n_expert)
-        self._drop_spans(self.lay.spans(j, e))
-
-    def _ask(self, key: int) -> None:
-        j, e = divmod(key, self.lay.n_expert)
-        for off, n in self.lay.spans(j, e):
-            xm.madvise(*xm.page_in(self.base + off, n), xm.MADV_WILLNEED)
 
     def _bytes(self, key: int) -> int:
         return self.lay.expert_bytes[key // self.lay.n_expert]
@@ -143,27 +141,25 @@ class ExpertCache:
             self.seconds += time.perf_counter() - t0
 
     def on_ids(self, j: int, ids: np.ndarray, n_tokens: int) -> None:
-        """MoE layer j is about to run `ids` ([n_tokens][n_used]): admit, evict, ask."""
+        """MoE layer j is about to run `ids` ([n_tokens][n_used]): the policy decides hits, admits and
+        victims here; the worker (runtime.expertio) asks for the admits, then drops the victims."""
         E, pol, st = self.lay.n_expert, self.pol, self.stats
         if j == 0:
             self.step += 1
             st["tokens"] += n_tokens
-        for k in self.overflow:              # read on demand by the layer before: out again
-            if k not in pol:
-                self._drop(k)
+        drops = self.overflow                # read on demand by the layer before: out again
         self.overflow = []
-        keys = [j * E + int(e) for e in np.unique(ids) if 0 <= e < E]
+        keys = (j * E + np.unique(ids[(ids >= 0) & (ids < E)])).tolist()
         need = set(keys)
         pol.on_layer(self.step, j, keys)
-        hits = [k for k in keys if k in pol]
+        asks = [k for k in keys if k not in pol]
         st["requests"] += len(keys)
-        st["hits"] += len(hits)
-        for k in hits:
-            pol.touch(k, self.now)
-            self.now += 1
+        st["hits"] += len(keys) - len(asks)
         for k in keys:
             if k in pol:
-                continue
+                pol.touch(k, self.now)
+                self.now += 1
+        for k in asks:
             b = self._bytes(k)
             while self.used + b > self.size:
                 v = pol.victim()
@@ -171,9 +167,8 @@ class ExpertCache:
                     break
                 pol.evict()
                 self.used -= self._bytes(v)
-                self._drop(v)
+                drops.append(v)
                 st["evictions"] += 1
-            self._ask(k)
             st["asked_bytes"] += b
             if self.used + b > self.size:    # this layer's experts alone fill the cache: a demand read
                 self.overflow.append(k)
@@ -183,6 +178,8 @@ class ExpertCache:
             self.now += 1
             self.used += b
             st["admits"] += 1
+        self.overflow_set = set(self.overflow)
+        self.io.submit(j, asks, drops)
 
     # ------------------------------------------------------------------ life
     def install(self) -> "ExpertCache":
@@ -204,7 +201,7 @@ class ExpertCache:
 
     def _warm(self) -> None:
         """A warm start: the experts the load left in memory (llama.cpp maps the file in: MAP_POPULATE) are
-        admitted, layer by layer, up to SIZE; every other expert page is dropped."""
+        admitted, layer by layer, up to SIZE; every other expert page is dropped (a scrub of every tensor)."""
         E, PAGE = self.lay.n_expert, xm.PAGE
         for j, sl in enumerate(self.lay.slices):
             frac = np.zeros(E)
@@ -219,17 +216,20 @@ class ExpertCache:
                 if self.used + b > self.size:
                     break
                 self.pol.admit(j * E + int(e), self.now)
+                self.warm.add(j * E + int(e))
                 self.now, self.used = self.now + 1, self.used + b
-        for j in range(len(self.lay.slices)):
-            for e in range(E):
-                if j * E + e not in self.pol:
-                    self._drop(j * E + e)
+        for t in range(len(self.lay.ranges)):
+            self.io.scrub(t, force=True)
 
     def clear(self) -> None:
         """Drop every admitted expert: an empty cache, as at a cold start."""
+        self.io.flush()
+        out = []
         while (v := self.pol.evict()) is not None:
-            self._drop(v)
+            out.append(v)
         self.used = 0
+        self.io.drop(self.io.key_pages(out), pageout=True)
+        self.warm.clear()
 
     def load_line(self) -> str:
         sizes = sorted(set(self.lay.expert_bytes))
@@ -243,6 +243,7 @@ class ExpertCache:
         """Expert bytes in memory now (mincore over every expert tensor); None once the model is freed."""
         if self.llm.ctx is None or self.base not in xm.mapping_bases(self.path):
             return None
+        self.io.flush()
         return xm.resident_total(self.base, self.lay.ranges)
 
     def check(self) -> None:
@@ -256,7 +257,8 @@ class ExpertCache:
                 "hit_rate": st["hits"] / st["requests"] if st["requests"] else None,
                 "mb_asked_per_token": st["asked_bytes"] / 1e6 / st["tokens"] if st["tokens"] else None,
                 "admitted_bytes": self.used, "resident_expert_bytes": self.resident_expert_bytes(),
-                "callback_seconds": round(self.seconds, 4)}
+                "callback_seconds": round(self.seconds, 4), "io_seconds": round(self.io.seconds, 4),
+                **self.io.stats}
 
     def exit_line(self) -> str:
         s = self.summary()
@@ -276,6 +278,7 @@ class ExpertCache:
             print(self.exit_line(), file=sys.stderr, flush=True)
         if self.llm.ctx is not None:
             RoutingHooks.of(self.llm).remove(self._cb)
+        self.io.close()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

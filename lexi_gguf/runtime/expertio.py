@@ -1,0 +1,181 @@
+"""The expert cache's system calls (runtime.expertcache), off the decode's critical path: one worker
+thread runs each MoE layer's batch in order, asks first (MADV_WILLNEED on the misses, which the layer's
+matmul is about to read), then drops (the victims), then a scrub of the layer's expert tensors. The
+routing callback only decides (the policy) and queues; it waits only when the worker is more than
+BACKLOG layers behind, which bounds the memory a late drop leaves above SIZE.
+
+Drops are whole pages: a victim's slice that does not start or end on a page shares that page with its
+neighbour, and the page goes with it when the neighbour is not admitted either. MADV_DONTNEED unmaps
+(the file's pages are clean: a read after it faults them back, same bytes) and posix_fadvise(DONTNEED)
+then drops them from the page cache; experts still in the large folios llama.cpp's MAP_POPULATE load
+read (2 MiB) are dropped with MADV_PAGEOUT first, which splits a folio a victim shares with a neighbour.
+
+The scrub: pages of a layer's expert tensors in memory that no admitted expert covers (the kernel's
+read-ahead from the non-expert weights around them reaches into the expert tensors; a large folio an
+unmapped victim shared with a neighbour) are found (cachestat, then mincore when the count is above what
+the admitted experts hold) and dropped; a large folio that a drop cannot split is dropped whole (its
+2 MiB window) and the admitted bytes in it asked for again."""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+
+import numpy as np
+
+from . import expertmap as xm
+
+BACKLOG = 2                   # layers the worker may be behind before the callback waits
+FOLIO = 2 << 20               # the largest page-cache folio (PMD order on x86-64): the refolio window
+
+
+class ExpertIO:
+    def __init__(self, cache, background: bool = True):
+        self.c = cache
+        self.seconds = 0.0    # worker time
+        self.stats = dict(scrubs=0, stray_bytes=0, refolios=0)
+        self.q: queue.Queue | None = None
+        if background:
+            self.q = queue.Queue()
+            self._t = threading.Thread(target=self._run, name="lexi-expert-io", daemon=True)
+            self._t.start()
+
+    # ------------------------------------------------------------------ queue
+    def submit(self, j: int, asks: list[int], drops: list[int]) -> None:
+        if self.q is None:
+            self._batch(j, asks, drops)
+            return
+        if self.q.qsize() > BACKLOG:
+            self.q.join()
+        self.q.put((j, asks, drops))
+
+    def flush(self) -> None:
+        if self.q is not None:
+            self.q.join()
+
+    def close(self) -> None:
+        if self.q is not None:
+            self.q.put(None)
+            self._t.join()
+            self.q = None
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            try:
+                if item is None:
+                    return
+                self._batch(*item)
+            except Exception as e:      # noqa: BLE001
+                self.c.error = self.c.error or e
+            finally:
+                self.q.task_done()
+
+    def _batch(self, j: int, asks: list[int], drops: list[int]) -> None:
+        t0 = time.perf_counter()
+        c = self.c
+        for k in asks:
+            self.ask_key(k)
+        drops = [k for k in drops if k not in c.pol and k not in c.overflow_set]   # re-admitted since: keep
+        warm = [k for k in drops if k in c.warm]
+        c.warm.difference_update(warm)
+        self.drop(self.key_pages(warm), pageout=True)
+        self.drop(self.key_pages([k for k in drops if k not in warm]), pageout=False)
+        if j is not None:
+            for t in c.lay_tensors[j]:
+                self.scrub(t)
+        self.seconds += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ pages
+    def ask_key(self, key: int) -> None:
+        c = self.c
+        j, e = divmod(key, c.lay.n_expert)
+        for off, n in c.lay.spans(j, e):
+            xm.madvise(*xm.page_in(c.base + off, n), xm.MADV_WILLNEED)
+
+    def key_pages(self, keys) -> list[tuple[int, int]]:
+        """The whole pages of these experts' slices, with an edge page shared with a neighbour that is not
+        admitted: (address, length) runs, merged."""
+        c, P, E = self.c, xm.PAGE, self.c.lay.n_expert
+        spans = []
+        for key in keys:
+            j, e = divmod(key, E)
+            left = e > 0 and key - 1 not in c.pol
+            right = e < E - 1 and key + 1 not in c.pol
+            for off, stride in c.lay.slices[j]:
+                lo, hi = c.base + off + e * stride, c.base + off + (e + 1) * stride
+                a = lo - lo % P if left else -(-lo // P) * P
+                b = -(-hi // P) * P if right else hi - hi % P
+                if b > a:
+                    spans.append((a, b))
+        spans.sort()
+        out: list[list[int]] = []
+        for a, b in spans:
+            if out and a <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], b)
+            else:
+                out.append([a, b])
+        return [(a, b - a) for a, b in out]
+
+    def drop(self, runs, pageout: bool, window: bool = False) -> None:
+        c = self.c
+        for a, m in runs:
+            if pageout and c.evict_call == "pageout" and xm.madvise(a, m, xm.MADV_PAGEOUT) != 0 and not window:
+                c.evict_call = "dontneed"      # Linux < 5.4, or a file this process may not write
+            xm.madvise(a, m, xm.MADV_DONTNEED)
+            os.posix_fadvise(c.fd, a - c.base, m, os.POSIX_FADV_DONTNEED)
+
+    # ------------------------------------------------------------------ scrub
+    def covered(self, t: int, a: int, npages: int) -> np.ndarray:
+        """Pages of expert tensor t (mapped at a, npages) that an admitted (or overflowing) expert touches."""
+        c, P, E = self.c, xm.PAGE, self.c.lay.n_expert
+        off, n = c.lay.ranges[t]
+        j, stride = c.tensor_layer[t], n // E
+        keys = np.arange(j * E, (j + 1) * E)
+        held = np.fromiter((k in c.pol or k in c.overflow_set for k in keys.tolist()), bool, E)
+        lo = c.base + off + np.flatnonzero(held) * stride - a
+        d = np.zeros(npages + 1, np.int32)
+        np.add.at(d, lo // P, 1)
+        np.add.at(d, (lo + stride - 1) // P + 1, -1)
+        return np.cumsum(d[:-1]) > 0
+
+    def scrub(self, t: int, force: bool = False) -> int:
+        """Drop tensor t's pages in memory that no admitted expert covers; the bytes dropped."""
+        c, P, E = self.c, xm.PAGE, self.c.lay.n_expert
+        off, n = c.lay.ranges[t]
+        if not force:
+            cached = xm.cachestat(c.fd, off, n)
+            j = c.tensor_layer[t]
+            held = sum(1 for k in range(j * E, (j + 1) * E) if k in c.pol or k in c.overflow_set)
+            if cached is not None and cached <= held * (-(-(n // E) // P) + 1) + 16:
+                return 0
+        self.stats["scrubs"] += 1
+        a, m = xm.page_in(c.base + off, n)
+        stray = xm.resident_pages(a, m) & ~self.covered(t, a, m // P)
+        n_stray = int(stray.sum())
+        if not n_stray:
+            return 0
+        self.drop([(a + s * P, (e - s) * P) for s, e in runs(stray)], pageout=True)
+        left = np.flatnonzero(xm.resident_pages(a, m) & stray)
+        if len(left):            # large folios shared with an admitted expert: drop each whole, ask again
+            self._refolio(t, a, m, sorted({(a + int(i) * P - c.base) // FOLIO for i in left}))
+        self.stats["stray_bytes"] += n_stray * P
+        return n_stray * P
+
+    def _refolio(self, t: int, a: int, m: int, windows) -> None:
+        c, P = self.c, xm.PAGE
+        cov = self.covered(t, a, m // P)
+        for w in windows:
+            lo, hi = c.base + w * FOLIO, c.base + (w + 1) * FOLIO
+            self.drop([(lo, FOLIO)], pageout=True, window=True)
+            i0, i1 = max(0, (lo - a) // P), min(m // P, (hi - a) // P)
+            for s, e in runs(cov[i0:i1]):
+                xm.madvise(a + (i0 + s) * P, (e - s) * P, xm.MADV_WILLNEED)
+            self.stats["refolios"] += 1
+
+
+def runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of True in a bool array."""
+    d = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist()))
