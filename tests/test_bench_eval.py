@@ -89,6 +89,28 @@ def test_eval_full_against_itself_and_rows(converted, tmp_path):
     assert lexi["kld_mean"] == pytest.approx(kld, rel=1e-4) and kld > 1e-4   # fewer experts do change the output
 
 
+def test_eval_runs_any_counts_given_with_k(converted, tmp_path, capsys):
+    """eval --k: counts no ladder row stores, set on the loaded model; the same counts as the stored 0.5 row
+    score the same, others differently; counts that do not fit are refused in one line."""
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"token {i} of the evaluation text, number {i * 7 % 13}." for i in range(400)))
+    base = evaluate(converted, text.read_text(), [0.5], ctx=64, threads=2, max_chunks=2, progress=False)
+    lexi = base["rows"][2]["expert_used_count"]
+    js = tmp_path / "e.json"
+    assert cli.main(["eval", str(converted), "--text", str(text), "--budgets", "0.5", "--ctx", "64", "--chunks", "2",
+                     "--threads", "2", "--k", ",".join(map(str, lexi)), "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert rows[-1]["config"] == "custom" and rows[-1]["expert_used_count"] == lexi
+    assert rows[-1]["kld_mean"] == pytest.approx(rows[2]["kld_mean"], rel=1e-5) and rows[-1]["kld_mean"] > 1e-4
+    other = [4, 1, 1, 4] if lexi != [4, 1, 1, 4] else [1, 4, 4, 1]
+    res = evaluate(converted, text.read_text(), [0.5], ctx=64, threads=2, max_chunks=2, progress=False, custom=other)
+    assert res["rows"][-1]["avg_k"] == 2.5 and res["rows"][-1]["kld_mean"] != pytest.approx(rows[2]["kld_mean"], rel=1e-3)
+    capsys.readouterr()
+    assert cli.main(["eval", str(converted), "--text", str(text), "--k", "1,9,2,2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "9" in err and len(err.splitlines()) == 1
+
+
 def test_budget_not_stored_is_refused(converted, capsys):
     with pytest.raises(LexiError, match=r"budget 0.3 is not stored .*stored budgets: 1, 0.875, 0.75, 0.625, 0.5"):
         bench(converted, [0.3], progress=False)

@@ -62,7 +62,7 @@ def cmd_eval(args) -> None:
         raise LexiError(f"{text_path} does not exist; give a UTF-8 text file with --text")
     options = load_options(args)
     res = evaluate(args.model, text_path.read_text(errors="replace"), args.budgets, ctx=args.ctx, options=options,
-                   max_chunks=args.chunks, progress=args.json != "-")
+                   max_chunks=args.chunks, progress=args.json != "-", custom=args.k)
     if args.cross_check:
         res["llama_perplexity"] = cross_check(args.model, text_path, args.ctx, chunks=res["chunks"], options=options)
         print(f"llama-perplexity (full model): PPL {res['llama_perplexity']['ppl']:.4f}  ours {res['rows'][0]['ppl']:.4f}",
@@ -114,6 +114,7 @@ def register(sub) -> None:
     p.add_argument("--budgets", type=floats, default=[0.75, 0.5])
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, help="at most this many chunks")
+    p.add_argument("--k", type=ints, help="also run these counts (one per MoE layer), set on the loaded model")
     p.add_argument("--threads", type=int)
     add_device_opts(p)
     p.add_argument("--cross-check", action="store_true", help="also run llama-perplexity on the full model")

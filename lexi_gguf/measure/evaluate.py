@@ -12,16 +12,17 @@ import numpy as np
 from .. import LexiError
 from .configs import run_configs
 from ..runtime.procs import run_child
-from ..runtime.llama import load
+from ..runtime.llama import load, set_expert_counts
 from ..runtime.options import merged
 from ..runtime.scoring import chunk_logprobs, text_chunks, token_kld
 
 
 def evaluate(path, text: str, budgets: list[float], *, ctx=512, threads=None, n_gpu_layers=None, max_chunks=None,
-             progress=True, options=None) -> dict:
-    """options: how the model is loaded (runtime.options.LoadOptions); threads, n_gpu_layers: its fields."""
+             progress=True, options=None, custom: list[int] | None = None) -> dict:
+    """options: how the model is loaded (runtime.options.LoadOptions); threads, n_gpu_layers: its fields.
+    custom: also these counts (one per MoE layer or per block), set on the loaded model (config "custom")."""
     opts = merged(options, threads=threads, n_gpu_layers=n_gpu_layers)
-    configs = run_configs(path, budgets)
+    configs = run_configs(path, budgets, custom)
     rows = []
     with tempfile.TemporaryDirectory() as td:
         base = None
@@ -30,6 +31,8 @@ def evaluate(path, text: str, budgets: list[float], *, ctx=512, threads=None, n_
             if progress:
                 print(f"  eval  {c.label:<14} k={c.counts}", flush=True)
             llm = load(path, options=opts, kv_overrides=c.kv, n_ctx=ctx, n_batch=min(ctx, 512), logits_all=True)
+            if c.config == "custom":
+                set_expert_counts(llm, c.counts)
             if chunks is None:
                 chunks = text_chunks(llm, text, ctx)[:max_chunks]
                 per = ctx - 1 - ctx // 2
