@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf.quants import dequantize
 
 from lexi_gguf import cli
 from lexi_gguf.export.hf_to_gguf import convert_to_gguf
 from lexi_gguf.gguf import keys
 from lexi_gguf.gguf.reader import model_info, open_reader
+from lexi_gguf.method.gguf_weights import GGUFSource
 from lexi_gguf.runtime import llama as runtime
 from lexi_gguf.runtime.llama import tool
 from lexi_gguf.testbeds.tinymodels import fp8_checkpoint, make_checkpoint
@@ -67,6 +69,10 @@ def test_apply_reads_every_quant_type(f32_model, quant, tmp_path, capsys):
     assert sum(k_got) == sum(k_ref)
     assert k_got == k_ref or objective(dev, k_got, moe) <= 1.10 * objective(dev, k_ref, moe), (k_got, k_ref)
     assert g.lexi[keys.SENS_SOURCE].startswith("gguf:") and TYPES[quant] in g.lexi[keys.SENS_SOURCE]
+    # the profiler reads experts through ggml's dequantizer: the values gguf-py's reference gives
+    t = {x.name: x for x in open_reader(q).tensors}["blk.1.ffn_down_exps.weight"]
+    got = GGUFSource(q).layer(1).down[3]
+    assert got.dtype == torch.float32 and np.array_equal(got.numpy(), dequantize(t.data[3], t.tensor_type))
     # tensor data of the output bit-identical to the input, and the file runs
     a, b = open_reader(q), open_reader(out)
     assert all(x.name == y.name and x.tensor_type == y.tensor_type and np.array_equal(x.data, y.data)
@@ -75,6 +81,22 @@ def test_apply_reads_every_quant_type(f32_model, quant, tmp_path, capsys):
     text = llm("The", max_tokens=4, temperature=0.0)["choices"][0]["text"]
     llm.close()
     assert isinstance(text, str) and text
+
+
+def test_nan_in_a_gguf_expert_is_refused(f32_model, tmp_path, capsys):
+    """A NaN in one expert of a downloaded file: apply names the tensor and the expert, exits 2 (a refused input), writes nothing."""
+    f32 = f32_model[0]
+    bad = tmp_path / "nan.gguf"
+    bad.write_bytes(f32.read_bytes())
+    t = {x.name: x for x in open_reader(bad).tensors}["blk.1.ffn_up_exps.weight"]
+    row = t.data.shape[1] * t.data.shape[2] * 4                     # f32 bytes of one expert
+    with open(bad, "r+b") as f:
+        f.seek(int(t.data_offset) + 5 * row + 8)
+        f.write(np.array([np.nan], np.float32).tobytes())
+    out = tmp_path / "out.gguf"
+    assert cli.main(["apply", str(bad), "-o", str(out), "--budget", "0.5", "--samples", "256"]) == 2
+    assert "blk.1.ffn_up_exps.weight expert 5 contains NaN" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_fp8_release_profiles_and_converts(llama_cpp_dir, tmp_path):

@@ -3,6 +3,8 @@ GGUF through gguf-py's memory map and dequantizer, one layer at a time, in the H
 profiler uses. Routing comes from the GGUF's own metadata, as llama.cpp reads it."""
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -59,6 +61,46 @@ def tensor_to_torch(t) -> torch.Tensor:
     return dequantize(t.data, t.tensor_type)
 
 
+class Experts(Sequence):
+    """The E experts of one GGUF expert tensor ([E, rows, row bytes]), each dequantized by ggml (the runtime's
+    own dequantizer, lexi_gguf.runtime.dequant) to f32 when it is read and checked for NaN / Inf there: a
+    layer's experts are never all in memory, and the profiler reads each once per chunk of tokens.
+    rows: the [lo, hi) output rows to keep (one half of a fused gate_up tensor). `dtype` is what the
+    values fit losslessly (bf16 for <= 6-bit types, _BF16_OK), so the profiler may compute in it."""
+    checks_on_read = True
+
+    def __init__(self, t, name: str, rows: tuple[int, int] | None = None):
+        self.t, self.name, self.rows = t, name, rows
+        self.dtype = torch.bfloat16 if t.tensor_type.name in _BF16_OK else torch.float32
+
+    def __len__(self) -> int:
+        return int(self.t.data.shape[0])
+
+    def __getitem__(self, e):
+        if isinstance(e, slice):
+            return [self[i] for i in range(*e.indices(len(self)))]
+        from ..runtime.dequant import to_f32
+        data = self.t.data[e] if self.rows is None else self.t.data[e][self.rows[0]:self.rows[1]]
+        if self.t.tensor_type.name in ("F32", "F16", "BF16"):
+            w = dequantize(data, self.t.tensor_type).float()
+        else:
+            w = torch.from_numpy(to_f32(data, int(self.t.tensor_type), threads=torch.get_num_threads()))
+        if not math.isfinite(float(w.sum())):
+            raise LexiError(f"{self.name} expert {e} contains NaN or Inf; the file is corrupt, re-download or "
+                            "re-quantize it")
+        return w
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the experts take in memory at `dtype` (without reading them)."""
+        rows = self.rows[1] - self.rows[0] if self.rows else int(self.t.data.shape[1])
+        cols = int(self.t.shape[0])              # gguf-py lists dimensions innermost first
+        return len(self) * rows * cols * (2 if self.dtype == torch.bfloat16 else 4)
+
+    def to(self, device: str) -> list[torch.Tensor]:
+        return [w.to(self.dtype).to(device) for w in self]
+
+
 class GGUFSource:
     def __init__(self, path):
         self.reader = open_reader(path)
@@ -83,38 +125,42 @@ class GGUFSource:
                              for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps")
                              if f"blk.{i}.{n}.weight" in self.tensors})
 
-    def _get(self, name: str, per_expert: bool = False):
-        """A tensor as torch, or (per_expert) an [E, ...] expert tensor as E tensors dequantized one expert
-        at a time: peak memory is the layer's experts, never an f32 copy of a whole quantized tensor."""
+    def _get(self, name: str):
+        """A whole (small) tensor as torch: routers, biases, norms."""
         t = self.tensors.get(name)
         if t is None:
             raise LexiError(f"tensor {name} is missing from {self.info.path}")
         try:
-            if per_expert:
-                return [dequantize(t.data[e], t.tensor_type) for e in range(t.data.shape[0])]
             return tensor_to_torch(t)
         except NotImplementedError as e:
             raise LexiError(f"{name} is stored as {t.tensor_type.name}, which gguf-py cannot dequantize ({e}); "
                             "profile the safetensors checkpoint instead") from None
+
+    def _experts(self, name: str, rows: tuple[int, int] | None = None) -> Experts:
+        t = self.tensors.get(name)
+        if t is None:
+            raise LexiError(f"tensor {name} is missing from {self.info.path}")
+        return Experts(t, name, rows)
 
     def layer(self, i: int) -> LayerWeights:
         p = f"blk.{i}."
         router = self._get(p + "ffn_gate_inp.weight")                # [E, H]
         bias = self._get(p + "exp_probs_b.bias") if p + "exp_probs_b.bias" in self.tensors else None
         if p + "ffn_gate_up_exps.weight" in self.tensors:
-            gu = self._get(p + "ffn_gate_up_exps.weight", per_expert=True)     # E x [2F, H]
-            f = gu[0].shape[0] // 2
-            gate, up = [x[:f] for x in gu], [x[f:] for x in gu]
+            name = p + "ffn_gate_up_exps.weight"                     # E x [2F, H], gate rows first
+            f = int(self.tensors[name].data.shape[1]) // 2
+            gate, up = self._experts(name, (0, f)), self._experts(name, (f, 2 * f))
         else:
-            gate = self._get(p + "ffn_gate_exps.weight", per_expert=True)      # E x [F, H]
-            up = self._get(p + "ffn_up_exps.weight", per_expert=True)
-        down = self._get(p + "ffn_down_exps.weight", per_expert=True)          # E x [H, F]
+            gate = self._experts(p + "ffn_gate_exps.weight")          # E x [F, H]
+            up = self._experts(p + "ffn_up_exps.weight")
+        down = self._experts(p + "ffn_down_exps.weight")              # E x [H, F]
         # one dtype for the layer: f32 if any of its tensors needs it (a Q4_K_M layer mixes Q4_K and Q6_K)
-        dt = torch.bfloat16 if all(x[0].dtype == torch.bfloat16 for x in (gate, up, down)) else torch.float32
+        dt = torch.bfloat16 if all(x.dtype == torch.bfloat16 for x in (gate, up, down)) else torch.float32
+        for x in (gate, up, down):
+            x.dtype = dt
         opt = lambda name: self._get(p + name).float() if p + name in self.tensors else None
         rows = lambda t: None if t is None else list(t)
-        lw = LayerWeights(router.float(), bias, [g.to(dt) for g in gate], [u.to(dt) for u in up],
-                          [d.to(dt) for d in down], router_bias=opt("ffn_gate_inp.bias"),
+        lw = LayerWeights(router.float(), bias, gate, up, down, router_bias=opt("ffn_gate_inp.bias"),
                           gate_bias=rows(opt("ffn_gate_exps.bias")), up_bias=rows(opt("ffn_up_exps.bias")),
                           down_bias=rows(opt("ffn_down_exps.bias")))
         if self.info.arch == "gemma4":   # see archs.py: router and experts see their own normed input

@@ -23,7 +23,10 @@ from .weights import LayerWeights
 
 DEFAULT_SAMPLES = 8192      # token vectors per layer; see docs/method.md for the doubling check
 DEFAULT_DRAW_TOKENS = 16    # one draw = 16 token vectors (B x L = 1 x 16)
-CHUNK_TOKENS = 1024         # tokens processed at once (bounds the [k, tokens, H] deviation buffer)
+# tokens routed and run through the experts at once: every expert's weights are read (and, from a GGUF,
+# dequantized) once per chunk, so a chunk is as large as its [tokens, k, H] f32 outputs allow
+CHUNK_BYTES = 512 << 20
+DEV_TOKENS = 1024           # tokens per step of the deviation sum (bounds its [tokens, k, H] buffer)
 
 
 def route(x: torch.Tensor, lw: LayerWeights, r: Routing, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,26 +184,30 @@ def profile_layer(lw: LayerWeights, model: MoEModel, samples: int, seed: int, la
     n_draws = samples // draw_tokens
     act = activation(model.spec.experts.activation, model.config)
     eps = float(model.config.get("rms_norm_eps", 1e-6))
+    chunk = max(draw_tokens, CHUNK_BYTES // (kb * h * 4) // draw_tokens * draw_tokens)
+    step = max(draw_tokens, DEV_TOKENS // draw_tokens * draw_tokens)
     t0 = time.perf_counter()
     done = 0
     while done < samples:
-        n = min(CHUNK_TOKENS - CHUNK_TOKENS % draw_tokens, samples - done)
+        n = min(chunk, samples - done)
         x = (inputs[done:done + n].float() if inputs is not None else torch.randn(n, h, generator=gen)).to(device)
         if input_mode == "rmsnorm" and norm_weight is not None:
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight.float().to(device)
         xr, xe = block_inputs(x, lw, eps)
         idx, p = route(xr, lw, r, kb)
         o = expert_outputs(xe, idx, lw, cdt, act)
-        w_base = weights_for_k(p, r, kb)
-        # deviation weights per k: (w_k padded with zeros) - w_base, shape [kb, n, kb]
-        dw = torch.zeros(kb, n, kb, device=x.device)
-        for k in range(1, kb + 1):
-            dw[k - 1, :, :k] = weights_for_k(p, r, k, weight_norm)
-        dw -= w_base
-        dev = torch.bmm(dw.transpose(0, 1), o)                          # [n, kb, H]: Y_k - Y_base
-        norms = dev.view(n // draw_tokens, draw_tokens, kb, h).pow(2).sum((1, 3)).sqrt().T.double().cpu()
-        sums += norms.sum(1)
-        sqs += norms.pow(2).sum(1)
+        for s in range(0, n, step):
+            m_, ps = min(step, n - s), p[s:s + step]
+            # deviation weights per k: (w_k padded with zeros) - w_base, shape [kb, m, kb]
+            dw = torch.zeros(kb, m_, kb, device=x.device)
+            for k in range(1, kb + 1):
+                dw[k - 1, :, :k] = weights_for_k(ps, r, k, weight_norm)
+            dw -= weights_for_k(ps, r, kb)
+            dev = torch.bmm(dw.transpose(0, 1), o[s:s + m_])                # [m, kb, H]: Y_k - Y_base
+            norms = dev.view(m_ // draw_tokens, draw_tokens, kb, h).pow(2).sum((1, 3)).sqrt().T.double().cpu()
+            sums += norms.sum(1)
+            sqs += norms.pow(2).sum(1)
+        del o
         done += n
     mean = sums / n_draws
     var = (sqs / n_draws - mean.pow(2)).clamp_min(0) * n_draws / max(n_draws - 1, 1)

@@ -33,21 +33,25 @@ class LayerWeights:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.up[0].dtype
+        """The dtype the experts hold their values in (a lazily read source says it without reading)."""
+        return getattr(self.up, "dtype", None) or self.up[0].dtype
 
     def fields(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     def to(self, device: str) -> "LayerWeights":
         move = lambda t: None if t is None else [x.to(device) for x in t] if isinstance(t, list) else t.to(device)
+        # a lazily read expert sequence (gguf_weights.Experts) moves as a list: .to reads every expert
         return LayerWeights(**{k: move(v) for k, v in self.fields().items()})
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*(self.gate or []), *self.up, *self.down))
+        def size(ts):
+            return ts.nbytes if hasattr(ts, "nbytes") else sum(t.numel() * t.element_size() for t in ts)
+        return sum(size(ts) for ts in (self.gate or [], self.up, self.down))
 
     def check_finite(self, where: str) -> None:
         for name, ts in self.fields().items():
-            if ts is None:
+            if ts is None or getattr(ts, "checks_on_read", False):   # checked as each expert is read
                 continue
             for e, t in enumerate(ts if isinstance(ts, list) else [ts]):
                 if not torch.isfinite(t).all():
