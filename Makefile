@@ -67,6 +67,13 @@ bench: setup
 		$(VPY) $$b --quick || failed="$$failed $$b"; done; \
 	if [ -n "$$failed" ]; then echo "bench: failed:$$failed"; exit 1; fi
 
+# what bench/gpu_check.sh carries to a lent CUDA machine (out/gpu-check/), then the same script on this
+# CPU: the trimmed source built here and the fidelity check run on it (minutes: a llama.cpp build).
+# docs/backends.md; the suite checks the trimming and the layout only (tests/test_gpu_check.py)
+gpu-check-prepare: setup
+	$(VPY) bench/gpu_check_prepare.py
+	bash bench/gpu_check.sh --cpu
+
 clean:
 	rm -rf out build .pytest_cache
 
