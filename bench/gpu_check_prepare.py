@@ -60,9 +60,9 @@ target_compile_features(${TARGET} PRIVATE cxx_std_17)
 # Each edit is (anchor, replacement): an anchor the pinned file lacks fails the preparation, so a version
 # bump that moves llama-bench's code is noticed here, not on the GPU machine.
 BENCH_EDITS = [
-    ("struct cmd_params_instance {",
+    ("struct cmd_params {",
      "static std::vector<llama_model_kv_override> lexi_kv_overrides;   // lexi-gguf gpu_check: --override-kv\n\n"
-     "struct cmd_params_instance {"),
+     "struct cmd_params {"),
     ("        mparams.use_extra_bufts = repack;\n",
      "        mparams.use_extra_bufts = repack;\n"
      "        if (!lexi_kv_overrides.empty()) {\n"

@@ -48,6 +48,17 @@ def test_trimmed_tree_keeps_what_the_builds_need_and_nothing_else(trimmed):
     assert "llama.cpp/tools/lexi-fidelity/lexi-fidelity.cpp" in names and "llama.cpp/CMakeLists.txt" in names
 
 
+def test_the_edited_and_added_sources_compile(trimmed):
+    """lexi-fidelity.cpp and the edited llama-bench.cpp against the trimmed tree's headers (syntax and
+    types only, seconds; the build itself is `make gpu-check-prepare`)."""
+    tree = trimmed / "llama.cpp"
+    inc = [f"-I{tree / d}" for d in ("include", "ggml/include", "common", "vendor", "tools/llama-bench")]
+    for src in ("tools/lexi-fidelity/lexi-fidelity.cpp", "tools/llama-bench/llama-bench.cpp"):
+        r = subprocess.run(["c++", "-std=c++17", "-fsyntax-only", "-Wall", *inc, str(tree / src)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and "warning" not in r.stderr, f"{src}:\n{r.stderr[-3000:]}"
+
+
 def test_llama_bench_edit_fails_loudly_when_its_anchor_moves(tmp_path, llama_cpp_dir):
     src = (llama_cpp_dir / "tools" / "llama-bench" / "llama-bench.cpp").read_text()
     f = tmp_path / "llama-bench.cpp"

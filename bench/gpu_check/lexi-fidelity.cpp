@@ -29,7 +29,7 @@ static bool on_tensor(struct ggml_tensor * t, bool ask, void * ud) {
     return true;
 }
 
-static void die(const char * msg) { fprintf(stderr, "lexi-fidelity: %s\n", msg); exit(2); }
+static void fail(const char * msg) { fprintf(stderr, "lexi-fidelity: %s\n", msg); exit(2); }
 
 static std::vector<int> parse_ints(const char * s) {
     std::vector<int> out;
@@ -68,7 +68,7 @@ int main(int argc, char ** argv) {
     std::vector<llama_model_tensor_buft_override> ot;
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
-        auto next = [&]() { if (++i >= argc) die(("missing value after " + a).c_str()); return argv[i]; };
+        auto next = [&]() { if (++i >= argc) fail(("missing value after " + a).c_str()); return argv[i]; };
         if (a == "-m") model_path = next();
         else if (a == "--ref") ref_path = next();
         else if (a == "--label") label = next();
@@ -80,19 +80,19 @@ int main(int argc, char ** argv) {
         else if (a == "--max-kl") max_kl = atof(next());
         else if (a == "--min-top1") min_top1 = atof(next());
         else if (a == "--expect-counts") expect = parse_ints(next());
-        else if (a == "-ov" || a == "--override-kv") { if (!string_parse_kv_override(next(), kv)) die("bad --override-kv"); }
-        else die(("unknown option " + a).c_str());
+        else if (a == "-ov" || a == "--override-kv") { if (!string_parse_kv_override(next(), kv)) fail("bad --override-kv"); }
+        else fail(("unknown option " + a).c_str());
     }
-    if (model_path.empty() || ref_path.empty()) die("usage: lexi-fidelity -m MODEL --ref REF.bin [options]");
+    if (model_path.empty() || ref_path.empty()) fail("usage: lexi-fidelity -m MODEL --ref REF.bin [options]");
 
     FILE * f = fopen(ref_path.c_str(), "rb");
-    if (!f) die("cannot open the reference file");
+    if (!f) fail("cannot open the reference file");
     char magic[8]; int32_t hdr[3];
-    if (fread(magic, 1, 8, f) != 8 || memcmp(magic, "LEXIFID1", 8) != 0 || fread(hdr, 4, 3, f) != 3) die("not a LEXIFID1 file");
+    if (fread(magic, 1, 8, f) != 8 || memcmp(magic, "LEXIFID1", 8) != 0 || fread(hdr, 4, 3, f) != 3) fail("not a LEXIFID1 file");
     const int n_prompt = hdr[0], n_gen = hdr[1], n_vocab_ref = hdr[2], n_tok = n_prompt + n_gen;
     std::vector<llama_token> toks(n_tok);
     std::vector<float> ref((size_t) n_tok * n_vocab_ref);
-    if (fread(toks.data(), 4, n_tok, f) != (size_t) n_tok || fread(ref.data(), 4, ref.size(), f) != ref.size()) die("truncated reference");
+    if (fread(toks.data(), 4, n_tok, f) != (size_t) n_tok || fread(ref.data(), 4, ref.size(), f) != ref.size()) fail("truncated reference");
     fclose(f);
 
     llama_backend_init();
@@ -104,9 +104,9 @@ int main(int argc, char ** argv) {
     if (ncmoe > 0) llm_add_n_cpu_ffn_overrides(ncmoe, LLM_FFN_EXPS_REGEX, ot);
     if (!ot.empty()) { ot.push_back({nullptr, nullptr}); mp.tensor_buft_overrides = ot.data(); }
     llama_model * model = llama_model_load_from_file(model_path.c_str(), mp);
-    if (!model) die("the model did not load");
+    if (!model) fail("the model did not load");
     const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
-    if (n_vocab != n_vocab_ref) die("the reference was made with another vocabulary");
+    if (n_vocab != n_vocab_ref) fail("the reference was made with another vocabulary");
     const int n_layer = llama_model_n_layer(model);
 
     llama_context_params cp = llama_context_default_params();
@@ -116,13 +116,13 @@ int main(int argc, char ** argv) {
     cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     std::vector<float> got;
     llama_context * ctx = llama_init_from_model(model, cp);
-    if (!ctx || !run(ctx, toks, n_prompt, n_vocab, &got)) die("decode failed");
+    if (!ctx || !run(ctx, toks, n_prompt, n_vocab, &got)) fail("decode failed");
     llama_free(ctx);
 
     trace_t tr;                                   // a second context that reports the topk shapes
     cp.cb_eval = on_tensor; cp.cb_eval_user_data = &tr;
     ctx = llama_init_from_model(model, cp);
-    if (!ctx || !run(ctx, toks, n_prompt, n_vocab, nullptr)) die("decode with the eval callback failed");
+    if (!ctx || !run(ctx, toks, n_prompt, n_vocab, nullptr)) fail("decode with the eval callback failed");
     llama_free(ctx);
 
     double kl_sum = 0, kl_max = 0, max_abs = 0; int top1 = 0;
