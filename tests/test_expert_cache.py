@@ -140,10 +140,12 @@ def test_replay_and_the_cache_share_the_hook(model, expert_bytes, tmp_path):
     cache = llm._lexi_expert_cache
     cache.clear()
     llm.eval([464])                                            # one token: row 0
+    cache.check()                                              # the worker has caught up
     assert set(cache.pol.d) == {j * E + e for j in (0, 1) for e in rows[0][j]}
     rp.remove()
     assert [o for o, _ in hooks.clients] == [10]               # the cache stays on the router's routing
     llm.eval([2068])
+    cache.check()
     assert cache.stats["tokens"] == 2
     llm.close()
 
@@ -184,6 +186,7 @@ def test_a_warm_start_keeps_what_the_load_mapped_in_up_to_the_size(model, expert
     assert cache.used == size and len(cache.pol) == 18
     assert cache.resident_expert_bytes() <= 1.05 * size
     llm.eval([464])
+    cache.check()
     assert cache.stats["hits"] > 0
     llm.close()
 

@@ -134,25 +134,29 @@ class ExpertCache:
             j = self.j_of.get(il)
             if j is None:
                 return
-            self.on_ids(j, np.ctypeslib.as_array(ids, shape=(n_tokens, n_used)), n_tokens)
+            ids = np.ctypeslib.as_array(ids, shape=(n_tokens, n_used))
+            E = self.lay.n_expert
+            self.io.submit(j, (j * E + np.unique(ids[(ids >= 0) & (ids < E)])).tolist(), n_tokens)
         except Exception as e:      # noqa: BLE001
             self.error = self.error or e
         finally:
             self.seconds += time.perf_counter() - t0
 
-    def on_ids(self, j: int, ids: np.ndarray, n_tokens: int) -> None:
-        """MoE layer j is about to run `ids` ([n_tokens][n_used]): the policy decides hits, admits and
-        victims here; the worker (runtime.expertio) asks for the admits, then drops the victims."""
-        E, pol, st = self.lay.n_expert, self.pol, self.stats
+    def decide(self, j: int, keys: list[int], n_tokens: int, ask) -> list[int]:
+        """MoE layer j is about to run `keys` (layer * n_expert + expert): the misses are asked for first
+        (ask), then the policy admits them and picks victims; returns the keys to drop. Runs on the
+        worker thread (runtime.expertio), the only one that changes the policy."""
+        pol, st = self.pol, self.stats
         if j == 0:
             self.step += 1
             st["tokens"] += n_tokens
         drops = self.overflow                # read on demand by the layer before: out again
         self.overflow = []
-        keys = (j * E + np.unique(ids[(ids >= 0) & (ids < E)])).tolist()
         need = set(keys)
-        pol.on_layer(self.step, j, keys)
         asks = [k for k in keys if k not in pol]
+        for k in asks:
+            ask(k)
+        pol.on_layer(self.step, j, keys)
         st["requests"] += len(keys)
         st["hits"] += len(keys) - len(asks)
         for k in keys:
@@ -179,7 +183,7 @@ class ExpertCache:
             self.used += b
             st["admits"] += 1
         self.overflow_set = set(self.overflow)
-        self.io.submit(j, asks, drops)
+        return drops
 
     # ------------------------------------------------------------------ life
     def install(self) -> "ExpertCache":
@@ -247,6 +251,7 @@ class ExpertCache:
         return xm.resident_total(self.base, self.lay.ranges)
 
     def check(self) -> None:
+        self.io.flush()
         if self.error is not None:
             raise LexiError(f"expert cache failed inside the routing callback: {self.error!r}")
 

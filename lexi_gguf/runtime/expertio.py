@@ -1,8 +1,8 @@
-"""The expert cache's system calls (runtime.expertcache), off the decode's critical path: one worker
-thread runs each MoE layer's batch in order, asks first (MADV_WILLNEED on the misses, which the layer's
-matmul is about to read), then drops (the victims), then a scrub of the layer's expert tensors. The
-routing callback only decides (the policy) and queues; it waits only when the worker is more than
-BACKLOG layers behind, which bounds the memory a late drop leaves above SIZE.
+"""The expert cache's work (runtime.expertcache), off the decode's critical path: the routing callback
+only queues each MoE layer's experts; one worker thread takes the layers in order and for each asks for
+the misses first (MADV_WILLNEED: the layer's matmul is about to read them), then runs the policy (admits,
+victims: ExpertCache.decide), drops the victims and scrubs the layer's expert tensors. The callback waits
+only when the worker is more than BACKLOG layers behind, which bounds what a late drop leaves above SIZE.
 
 Drops are whole pages: a victim's slice that does not start or end on a page shares that page with its
 neighbour, and the page goes with it when the neighbour is not admitted either. MADV_DONTNEED unmaps
@@ -42,13 +42,13 @@ class ExpertIO:
             self._t.start()
 
     # ------------------------------------------------------------------ queue
-    def submit(self, j: int, asks: list[int], drops: list[int]) -> None:
+    def submit(self, j: int, keys: list[int], n_tokens: int) -> None:
         if self.q is None:
-            self._batch(j, asks, drops)
+            self._batch(j, keys, n_tokens)
             return
         if self.q.qsize() > BACKLOG:
             self.q.join()
-        self.q.put((j, asks, drops))
+        self.q.put((j, keys, n_tokens))
 
     def flush(self) -> None:
         if self.q is not None:
@@ -72,19 +72,17 @@ class ExpertIO:
             finally:
                 self.q.task_done()
 
-    def _batch(self, j: int, asks: list[int], drops: list[int]) -> None:
+    def _batch(self, j: int, keys: list[int], n_tokens: int) -> None:
         t0 = time.perf_counter()
         c = self.c
-        for k in asks:
-            self.ask_key(k)
+        drops = c.decide(j, keys, n_tokens, self.ask_key)
         drops = [k for k in drops if k not in c.pol and k not in c.overflow_set]   # re-admitted since: keep
         warm = [k for k in drops if k in c.warm]
         c.warm.difference_update(warm)
         self.drop(self.key_pages(warm), pageout=True)
         self.drop(self.key_pages([k for k in drops if k not in warm]), pageout=False)
-        if j is not None:
-            for t in c.lay_tensors[j]:
-                self.scrub(t)
+        for t in c.lay_tensors[j]:
+            self.scrub(t)
         self.seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ pages

@@ -193,6 +193,7 @@ class ReuseModel:
         self.layer_of = np.arange(L * E) // E
         self.t, self.j, self.needed = 0, -1, np.zeros(L * E, bool)
         self._at = None
+        self.ver = 0                                             # bumped whenever a distance may change
 
     def _buckets(self, keys, t):
         age = t - self.last[keys]
@@ -204,6 +205,7 @@ class ReuseModel:
         if self._at == (token, layer):
             return
         self._at = (token, layer)
+        self.ver += 1
         if self.restart:
             self.uses[:], self.t0, self.restart = 0.0, token, False
         keys = np.arange(layer * self.E, (layer + 1) * self.E)
@@ -244,6 +246,7 @@ class NextUse(Policy):
 
     def __init__(self, cap: int, model: ReuseModel):
         self.cap, self.m, self.res = cap, model, {}      # res: key -> last touch (ties: least recent goes)
+        self._order, self._ver, self._i = None, None, 0  # victims in order, while no distance changes
 
     def __contains__(self, key):
         return key in self.res
@@ -259,33 +262,48 @@ class NextUse(Policy):
 
     def touch(self, key, now, next_use=None):
         self.res[key] = now
+        self._changed(key)
+
+    def _changed(self, key):
+        if not self.m.needed[key]:               # a needed key is never ranked before a finite one
+            self._order = None
 
     def victim(self):
+        """The farthest next use (ties: least recently touched). Distances change only with the model
+        (on_layer, a guess's confidence) or a key touched that the running layer does not need, so the
+        ranking is kept between those and each victim is the next one in it (what a fresh ranking gives)."""
         if not self.res:
             return None
-        keys = np.fromiter(self.res, np.int64, len(self.res))
-        d = self.m.distance(keys)
-        if np.isneginf(d).all():                  # smaller than one layer's experts: least recent goes
+        if self._order is None or self._ver != self.m.ver:
+            keys = np.fromiter(self.res, np.int64, len(self.res))
+            d = self.m.distance(keys)
+            t = np.fromiter((self.res[k] for k in keys.tolist()), np.int64, len(keys))
+            rank = np.lexsort((t, -d))
+            self._order, self._fin, self._ver, self._i = keys[rank].tolist(), np.isfinite(d[rank]).tolist(), self.m.ver, 0
+        while self._i < len(self._order) and self._order[self._i] not in self.res:
+            self._i += 1
+        if self._i == len(self._order) or not self._fin[self._i]:   # smaller than one layer's experts: least recent goes
             return min(self.res, key=self.res.get)
-        best = np.flatnonzero(d == d.max())
-        return int(keys[min(best, key=lambda i: self.res[int(keys[i])])])
+        return self._order[self._i]
 
     def _drop(self, key):
         del self.res[key]
 
     def _add(self, key, now, next_use):
         self.res[key] = now
+        self._changed(key)
 
     def reuse(self, key):
         return float(self.m.p_next(np.array([key]))[0])
 
     def prefetched(self, key, now, conf: float = 1.0):
         out = self.admit(key, now)
-        self.m.hint[key] = max(self.m.hint[key], conf)
+        self.promote(key, now, conf)
         return out
 
     def promote(self, key, now, conf: float = 1.0) -> None:
         self.m.hint[key] = max(self.m.hint[key], conf)
+        self.m.ver += 1
 
 
 EVICTION = {"lru": LRU, "lfu": LFU, "eamc": EAMC, "belady": Belady, "nextuse": NextUse}
@@ -302,48 +320,4 @@ def make_pools(quota: list[int] | None, slots: int, kind: str, n_layer: int, n_e
     return [EVICTION[kind](c) for c in sizes]
 
 
-# ------------------------------------------------------------------ prefetch decision
-
-class PrefetchGate:
-    """Prefetch a guess only when it is expected to pay on the clock:
-
-        gain = c * saved - (1 - c) * (link + displaced)
-
-    c: the guess's confidence, the precision so far of guesses at its look-ahead distance and rank
-    (counted online when the target layer runs; prior 1/2); saved: the stall it removes if right,
-    clip(lead - backlog, 0, transfer) (lead: compute before its layer starts, backlog: link time already
-    committed); link: the link time a wrong guess takes from demand reads; displaced: the victim's
-    chance of being needed x its transfer time. A correct guess displaces what its demand read would
-    have displaced, so only a wrong one pays for it. Demand reads are never queued behind it: the clock
-    starts a gated prefetch only when the link's data channel frees (clock.Link, polite)."""
-
-    def __init__(self, depth: int, kmax: int, prior: float = 1.0):
-        self.right = np.full((depth + 1, kmax), prior)
-        self.seen = np.full((depth + 1, kmax), 2 * prior)
-        self.issued = self.refused = 0
-        self.gains: list[float] = []            # the expected gain of every guess issued (tests read it)
-
-    def confidence(self, d: int, rank: int) -> float:
-        r = min(rank, self.right.shape[1] - 1)
-        return float(self.right[d, r] / self.seen[d, r])
-
-    def learn(self, d: int, guesses, truth) -> None:
-        """The target layer ran: score the guesses made for it at distance d."""
-        truth = set(truth)
-        for r, e in enumerate(list(guesses)[: self.right.shape[1]]):
-            self.seen[d, r] += 1
-            self.right[d, r] += int(e) in truth
-
-    @staticmethod
-    def gain(c: float, lead: float, backlog: float, transfer: float, link: float, displaced: float) -> float:
-        saved = min(transfer, max(0.0, lead - backlog))
-        return c * saved - (1.0 - c) * (link + displaced)
-
-    def decide(self, c: float, lead: float, backlog: float, transfer: float, link: float, displaced: float) -> bool:
-        g = self.gain(c, lead, backlog, transfer, link, displaced)
-        if g > 0:
-            self.issued += 1
-            self.gains.append(g)
-            return True
-        self.refused += 1
-        return False
+from .gate import PrefetchGate  # noqa: E402,F401  (the prefetch decision, re-exported: its home before)
