@@ -96,3 +96,20 @@ def test_thresholds_at_their_ends_and_inside_per_layer_counts(tiny_gguf):
     # a threshold in between runs a count between 1 and k that varies by token
     _, pt = _logits(path, rule=top_p(0.5))
     assert 1 < pt.active() < info.expert_used_count
+
+
+def test_families_are_compared_on_their_frontier_at_equal_active_experts():
+    from lexi_gguf.measure.tokenquality import at_active, equal_compute, frontier
+    a = [{"active": 1.0, "kld_mean": 0.5, "ppl": 9.0, "same_top1": 0.5},
+         {"active": 2.0, "kld_mean": 0.1, "ppl": 7.0, "same_top1": 0.8},
+         {"active": 2.5, "kld_mean": 0.2, "ppl": 8.0, "same_top1": 0.7},    # beaten by the point at 2.0
+         {"active": 4.0, "kld_mean": 0.0, "ppl": 6.0, "same_top1": 1.0}]
+    assert [p["active"] for p in frontier(a)] == [1.0, 2.0, 4.0]
+    assert at_active(a, 2.0) == 0.1                                   # a measured point
+    assert at_active(a, 3.0) == pytest.approx(0.05)                   # between 2.0 and 4.0 on the frontier
+    assert at_active(a, 3.0, "ppl") == pytest.approx(6.5)
+    assert at_active(a, 0.5) is None                                  # no extrapolation
+    b = [{"active": 2.9, "kld_mean": 0.04, "ppl": 1, "same_top1": 1}, {"active": 3.5, "kld_mean": 0.01, "ppl": 1, "same_top1": 1}]
+    rows = equal_compute({"a": a, "b": b}, [3.0, 2.0])
+    assert rows[0]["best"] == "b" and rows[0]["families"]["b"]["kld_mean"] == pytest.approx(0.035)
+    assert rows[1]["best"] == "a" and "b" not in rows[1]["families"]
