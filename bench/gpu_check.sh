@@ -67,7 +67,7 @@ while IFS=$'\t' read -r label ov counts ref max_kl; do
         name=${p%%|*}; flags=${p#*|}
         # shellcheck disable=SC2086  # ov and flags are lists of arguments
         line=$("$BIN/lexi-fidelity" -m "$PACK/model.gguf" --ref "$PACK/$ref" --label "$label/$name" -t "$THREADS" \
-               $flags $ov --expect-counts "$counts" --max-kl "$max_kl" --min-top1 "$MIN_TOP1" 2>>"$OUT/fidelity.log")
+               $flags $ov --expect-counts "$counts" --max-kl "$max_kl" --min-top1 "$MIN_TOP1" 2>>"$OUT/fidelity.log" </dev/null)
         rc=$?
         [ -n "$line" ] || line="{\"label\": \"$label/$name\", \"ok\": false, \"error\": \"exit $rc (fidelity.log)\"}"
         echo "$line" >>"$OUT/fidelity.jsonl"
@@ -84,7 +84,7 @@ while IFS=$'\t' read -r label ov counts ref max_kl; do
         name=${p%%|*}; flags=${p#*|}
         # shellcheck disable=SC2086
         "$BIN/llama-bench" -m "$PACK/model.gguf" -p "$NP" -n "$NG" -r "$REPS" -t "$THREADS" $flags $ov -o jsonl \
-            2>>"$OUT/bench.log" | while read -r r; do
+            2>>"$OUT/bench.log" </dev/null | while read -r r; do
             echo "{\"label\": \"$label\", \"placement\": \"$name\", \"counts\": \"$counts\", \"llama_bench\": $r}"
         done >>"$OUT/bench.jsonl" || say "llama-bench failed: $label/$name (bench.log)"
     done
