@@ -226,3 +226,27 @@ def test_pages_no_admitted_expert_covers_are_dropped(model, expert_bytes):
     llm.close()
     assert resident <= 1.01 * size, (resident, size)
     assert s["stray_bytes"] > size and s["scrubs"] >= len(lay.ranges)
+
+
+def test_per_layer_quotas_follow_k(model, expert_bytes):
+    """POLICY:k splits SIZE into per-layer byte budgets in proportion to k x expert bytes (the simulators'
+    quota split, runtime.policies.split_quota): a layer running half the experts gets a third of SIZE
+    here, and each layer's experts stay within its own budget (victims from its own pool only)."""
+    from lexi_gguf.runtime.expertcache import ExpertCache
+    from lexi_gguf.runtime.policies import split_quota
+    assert split_quota(10, [1, 2, 2]) == [2, 4, 4] and sum(split_quota(1001, [3, 5, 7])) == 1001
+    size = 24 * expert_bytes
+    before = xm.mapping_bases(model)
+    llm = runtime.load(model, n_ctx=64, n_threads=2)
+    base = (xm.mapping_bases(model) - before).pop()
+    cache = ExpertCache(llm, model, size, "lru:k", base, counts=[4, 8], quiet=True).install()
+    assert cache.budget == split_quota(size, [4 * expert_bytes, 8 * expert_bytes]) and cache.budget[0] == 8 * expert_bytes
+    for tok in (464, 2068, 7586, 21831):
+        llm.eval([tok])
+        cache.check()
+        assert all(u <= b for u, b in zip(cache.used_by, cache.budget)), (cache.used_by, cache.budget)
+    s = cache.summary()
+    assert len(cache.pol.pools[0]) == 8 and len(cache.pol.pools[1]) == 16      # each layer's pool full
+    assert s["evictions"] > 0 and s["resident_expert_bytes"] <= 1.01 * size
+    cache.close()
+    llm.close()

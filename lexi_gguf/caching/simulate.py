@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import LexiError
 from ..runtime.trace import Trace
-from ..runtime.policies import EVICTION, make_pools
+from ..runtime.policies import EVICTION, make_pools, split_quota
 
 # (bandwidth bytes/s, latency s) of the link an expert miss is served over
 LINKS = {"pcie4x16": (25e9, 10e-6), "nvme": (3.0e9, 80e-6), "emmc": (0.25e9, 300e-6)}
@@ -123,9 +123,7 @@ def quotas(trace: Trace, slots: int, mode: str) -> list[int] | None:
     w = np.ones(L) if mode == "equal" else trace.counts.astype(float)
     if mode not in ("equal", "k"):
         raise LexiError(f"unknown slot mode {mode!r}: global, equal or k")
-    q = np.floor(slots * w / w.sum()).astype(int)
-    q[np.argsort(-(slots * w / w.sum() - q))[: slots - q.sum()]] += 1   # largest remainders
-    return [max(int(x), 1) for x in q]
+    return [max(int(x), 1) for x in split_quota(slots, w)]    # the runtime expert cache's split too
 
 
 def make_caches(trace: Trace, slots: int, base: str, slot_mode: str, model=None):

@@ -235,8 +235,9 @@ def add_device_opts(p) -> None:
                    "file (pages, prefetch); auto (default) = off with --prefetch or a model larger than memory")
     p.add_argument("--expert-cache", metavar="SIZE", help="keep routed experts in memory within SIZE (4G, 3.5GiB, "
                    "or auto: what MemAvailable spares), evicting by --cache-policy (docs/memory.md); no cgroup, no root")
-    p.add_argument("--cache-policy", choices=["nextuse", "lru", "lfu"],
-                   help="the expert cache's eviction policy (default nextuse: docs/caching.md)")
+    p.add_argument("--cache-policy", choices=["nextuse", "lru", "lfu", "nextuse:k", "lru:k", "lfu:k"],
+                   help="the expert cache's eviction policy (default nextuse: docs/caching.md); POLICY:k splits "
+                   "SIZE into per-layer quotas following each layer's k")
 
 
 def load_options(args, prefetch: str = "off"):

@@ -24,10 +24,10 @@ import numpy as np
 from .. import LexiError
 from . import expertmap as xm
 from .expertio import ExpertIO
-from .policies import make_pools
+from .policies import LayerPools, make_pools, split_quota
 from .hooks import ORDER_CACHE, RoutingHooks
 
-CACHE_POLICIES = ("nextuse", "lru", "lfu")
+CACHE_POLICIES = ("nextuse", "lru", "lfu", "nextuse:k", "lru:k", "lfu:k")   # POLICY:k: per-layer quotas by k
 DEFAULT_POLICY = "nextuse"          # docs/caching.md: transfer >> compute (experts read from disk)
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -95,8 +95,12 @@ class ExpertCache:
         mean = float(np.mean(lay.expert_bytes))
         self.slots = int(size // mean)
         L, E = len(lay.moe_layers), lay.n_expert
-        self.pol = make_pools(None, 1 << 62, policy, L, E, self.counts)[0]    # room is counted in bytes here
-        self.used = 0
+        kind, _, quota = policy.partition(":")       # room is counted in bytes here: budgets, not slots
+        w = [k * b for k, b in zip(self.counts, lay.expert_bytes)] if quota else [1]
+        self.budget = [int(x) for x in split_quota(self.size, w)]
+        pools = make_pools([1 << 62] * len(w) if quota else None, 1 << 62, kind, L, E, self.counts)
+        self.pol = pools[0] if len(pools) == 1 else LayerPools(pools, E)
+        self.used_by = [0] * len(pools)
         self.step = self.now = 0
         self.overflow: list[int] = []
         self.overflow_set: set[int] = set()
@@ -125,6 +129,10 @@ class ExpertCache:
     def _bytes(self, key: int) -> int:
         return self.lay.expert_bytes[key // self.lay.n_expert]
 
+    @property
+    def used(self) -> int:
+        return sum(self.used_by)
+
     # ------------------------------------------------------------------ the hook
     def _cb(self, il, n_tokens, n_used, ids, weights) -> None:
         if not ids:
@@ -146,7 +154,8 @@ class ExpertCache:
         """MoE layer j is about to run `keys` (layer * n_expert + expert): the misses are asked for first
         (ask), then the policy admits them and picks victims; returns the keys to drop. Runs on the
         worker thread (runtime.expertio), the only one that changes the policy."""
-        pol, st = self.pol, self.stats
+        st, p = self.stats, j if len(self.used_by) > 1 else 0
+        pol, budget = self.pol if p == 0 and len(self.used_by) == 1 else self.pol.pools[p], self.budget[p]
         if j == 0:
             self.step += 1
             st["tokens"] += n_tokens
@@ -165,22 +174,22 @@ class ExpertCache:
                 self.now += 1
         for k in asks:
             b = self._bytes(k)
-            while self.used + b > self.size:
+            while self.used_by[p] + b > budget:
                 v = pol.victim()
                 if v is None or v in need:
                     break
                 pol.evict()
-                self.used -= self._bytes(v)
+                self.used_by[p] -= self._bytes(v)
                 drops.append(v)
                 st["evictions"] += 1
             st["asked_bytes"] += b
-            if self.used + b > self.size:    # this layer's experts alone fill the cache: a demand read
+            if self.used_by[p] + b > budget:    # this layer's experts alone fill the cache: a demand read
                 self.overflow.append(k)
                 st["overflow"] += 1
                 continue
             pol.admit(k, self.now)
             self.now += 1
-            self.used += b
+            self.used_by[p] += b
             st["admits"] += 1
         self.overflow_set = set(self.overflow)
         return drops
@@ -215,13 +224,13 @@ class ExpertCache:
                 lo = self.base + off + np.arange(E) * stride - a
                 first, last = lo // PAGE, (lo + stride - 1) // PAGE + 1
                 frac += (cs[last] - cs[first]) / (last - first) / len(sl)
-            b = self.lay.expert_bytes[j]
+            b, p = self.lay.expert_bytes[j], j if len(self.used_by) > 1 else 0
             for e in np.flatnonzero(frac > 0.9):
-                if self.used + b > self.size:
+                if self.used_by[p] + b > self.budget[p]:
                     break
-                self.pol.admit(j * E + int(e), self.now)
+                (self.pol if len(self.used_by) == 1 else self.pol.pools[p]).admit(j * E + int(e), self.now)
                 self.warm.add(j * E + int(e))
-                self.now, self.used = self.now + 1, self.used + b
+                self.now, self.used_by[p] = self.now + 1, self.used_by[p] + b
         for t in range(len(self.lay.ranges)):
             self.io.scrub(t, force=True)
 
@@ -231,7 +240,7 @@ class ExpertCache:
         out = []
         while (v := self.pol.evict()) is not None:
             out.append(v)
-        self.used = 0
+        self.used_by = [0] * len(self.used_by)
         self.io.drop(self.io.key_pages(out), pageout=True)
         self.warm.clear()
 

@@ -309,6 +309,32 @@ class NextUse(Policy):
 EVICTION = {"lru": LRU, "lfu": LFU, "eamc": EAMC, "belady": Belady, "nextuse": NextUse}
 
 
+def split_quota(total: int, weights) -> list[int]:
+    """`total` split in proportion to `weights`, whole units, largest remainders first (the per-layer
+    quotas of the simulators, in slots, and of the runtime expert cache, in bytes)."""
+    w = np.asarray(weights, float)
+    share = total * w / w.sum()
+    q = np.floor(share).astype(np.int64)
+    q[np.argsort(-(share - q))[: int(total - q.sum())]] += 1
+    return q.tolist()
+
+
+class LayerPools:
+    """One pool per MoE layer (quotas), looked up by key: `key in pools`, len, evict() (any pool's victim)."""
+
+    def __init__(self, pools: list[Policy], n_expert: int):
+        self.pools, self.E = pools, n_expert
+
+    def __contains__(self, key):
+        return key in self.pools[key // self.E]
+
+    def __len__(self):
+        return sum(len(p) for p in self.pools)
+
+    def evict(self):
+        return next((v for p in self.pools if (v := p.evict()) is not None), None)
+
+
 def make_pools(quota: list[int] | None, slots: int, kind: str, n_layer: int, n_expert: int, counts,
                model: ReuseModel | None = None) -> list[Policy]:
     """One pool per quota (or one shared pool of `slots`); nextuse pools share one ReuseModel (`model`: one
