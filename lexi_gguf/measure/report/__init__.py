@@ -19,13 +19,13 @@ import re
 from pathlib import Path
 
 from ... import LexiError
-from . import expertcache, quality, speed, truesize, vulkan  # noqa: F401  (they register their families)
+from . import expertcache, pertoken, quality, speed, truesize, vulkan  # noqa: F401  (they register their families)
 from .markdown import LEGACY_MACHINE, MACHINE_ID, NR, RENDERERS, Family, family, generic, stamp, table
 
 __all__ = ["RENDERERS", "Family", "family", "family_of", "generic", "render", "stamp", "write_report"]
 
 # the order of the report; families without a renderer follow, by name
-ORDER = ("runtime", "switch", "cpu-paths", "profile", "apply-quants", "seeds", "weight-norm", "calib", "caching",
+ORDER = ("runtime", "switch", "cpu-paths", "profile", "apply-quants", "seeds", "weight-norm", "calib", "pertoken", "caching",
          "idpredict", "policies", "memlimit", "expert-cache", "repack", "serve-load", "rpc", "mutation", "readback",
          "synth")
 
