@@ -163,8 +163,7 @@ class ExpertCache:
         self.overflow = []
         need = set(keys)
         asks = [k for k in keys if k not in pol]
-        for k in asks:
-            ask(k)
+        ask(asks)
         pol.on_layer(self.step, j, keys)
         st["requests"] += len(keys)
         st["hits"] += len(keys) - len(asks)

@@ -75,7 +75,7 @@ class ExpertIO:
     def _batch(self, j: int, keys: list[int], n_tokens: int) -> None:
         t0 = time.perf_counter()
         c = self.c
-        drops = c.decide(j, keys, n_tokens, self.ask_key)
+        drops = c.decide(j, keys, n_tokens, self.ask)
         drops = [k for k in drops if k not in c.pol and k not in c.overflow_set]   # re-admitted since: keep
         warm = [k for k in drops if k in c.warm]
         c.warm.difference_update(warm)
@@ -86,11 +86,14 @@ class ExpertIO:
         self.seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ pages
-    def ask_key(self, key: int) -> None:
-        c = self.c
-        j, e = divmod(key, c.lay.n_expert)
-        for off, n in c.lay.spans(j, e):
-            xm.madvise(*xm.page_in(c.base + off, n), xm.MADV_WILLNEED)
+    def ask(self, keys) -> None:
+        """MADV_WILLNEED on these experts' slices, tensor by tensor in the order the layer's matmuls read
+        them (every miss's up slice, then gate, then down), so the reads finish in the order they are used."""
+        c, E = self.c, self.c.lay.n_expert
+        for i in range(max((len(c.lay.slices[k // E]) for k in keys), default=0)):
+            for k in keys:
+                off, stride = c.lay.slices[k // E][i]
+                xm.madvise(*xm.page_in(c.base + off + (k % E) * stride, stride), xm.MADV_WILLNEED)
 
     def key_pages(self, keys) -> list[tuple[int, int]]:
         """The whole pages of these experts' slices, with an edge page shared with a neighbour that is not

@@ -21,6 +21,7 @@ from .. import LexiError
 PAGE = mmap.PAGESIZE
 MADV_RANDOM, MADV_WILLNEED, MADV_DONTNEED, MADV_PAGEOUT = 1, 3, 4, 21
 EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps")
+USE_ORDER = {"ffn_up_exps": 0, "ffn_gate_up_exps": 0, "ffn_gate_exps": 1, "ffn_down_exps": 2}   # llama.cpp's build_moe_ffn
 _libc = None
 
 
@@ -38,7 +39,7 @@ def libc():
 @dataclass
 class ExpertLayout:
     """moe_layers: the MoE blocks; n_expert; slices[j]: (file offset, stride) of each expert tensor of MoE
-    layer j (gate/up/down or gate_up/down); expert_bytes[j]: one expert's bytes in layer j (all its
+    layer j, in the order the layer's matmuls read them (up or gate_up, gate, down); expert_bytes[j]: one expert's bytes in layer j (all its
     slices); ranges: (file offset, bytes) of every expert tensor; other_bytes: everything else."""
     moe_layers: list[int]
     n_expert: int
@@ -63,17 +64,17 @@ def layout(path: str | Path) -> ExpertLayout:
     if not info.is_moe:
         raise LexiError(f"--expert-cache: {path} has no MoE layers; run it without --expert-cache")
     E = info.expert_count
-    by_block: dict[int, list[tuple[int, int]]] = {}
+    by_block: dict[int, list[tuple[int, int, int]]] = {}
     ranges, expert_total = [], 0
     for t in r.tensors:
         parts = t.name.split(".")
         if len(parts) > 2 and parts[0] == "blk" and parts[2] in EXPERT_TENSORS:
             n = int(t.n_bytes)
-            by_block.setdefault(int(parts[1]), []).append((int(t.data_offset), n // E))
+            by_block.setdefault(int(parts[1]), []).append((USE_ORDER[parts[2]], int(t.data_offset), n // E))
             ranges.append((int(t.data_offset), n))
             expert_total += n
     moe = [il for il in info.moe_layers if il in by_block]
-    slices = [by_block[il] for il in moe]
+    slices = [[(off, stride) for _, off, stride in sorted(by_block[il])] for il in moe]   # in the order the matmuls read them
     size = os.path.getsize(path)
     return ExpertLayout(moe, E, slices, [sum(s for _, s in sl) for sl in slices], ranges, size - expert_total, size)
 
