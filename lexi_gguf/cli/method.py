@@ -20,8 +20,8 @@ def _calibrated(args, src, **profile_kw) -> dict | None:
     def run(gguf_path):
         return calibrated_sensitivity(gguf_path, src, text, metric=args.calib_metric, tokens=args.calib_tokens,
                                       threads=args.threads, samples=args.samples, seed=args.seed, **profile_kw)
-    if args.calib_model:
-        return run(args.calib_model)
+    if args.calib_model or args.model_dir.is_file():      # a GGUF reads the text itself
+        return run(args.calib_model or args.model_dir)
     from ..runtime.build import llama_cpp_dir
     from ..export.hf_to_gguf import convert_to_gguf
     out_dir = Path(args.output).resolve().parent
@@ -32,12 +32,18 @@ def _calibrated(args, src, **profile_kw) -> dict | None:
 
 def cmd_profile(args) -> None:
     from ..method.profile import profile
-    from ..method.weights import SafetensorsSource
-    src = SafetensorsSource(args.model_dir)
     opts = dict(device=args.device, draw_tokens=args.draw_tokens, dtype=args.compute_dtype)
+    if args.model_dir.is_file():      # a GGUF as downloaded (the first shard of a split set): its own weights
+        from ..method.gguf_weights import GGUFSource
+        src = GGUFSource(args.model_dir)
+    else:
+        from ..method.weights import SafetensorsSource
+        src = SafetensorsSource(args.model_dir)
     sens = _calibrated(args, src, **opts)
     if sens is None:
         sens = profile(src, samples=args.samples, seed=args.seed, threads=args.threads, input_mode=args.input, **opts)
+        if hasattr(src, "types"):
+            sens["source"] = "gguf:" + "+".join(src.types)     # as `apply` records it
     write_json(sens, args.output)
     t = sens["timing"]
     rate = f" ({t['gflop_per_s']:.0f} GFLOP/s)" if "gflop_per_s" in t else ""
@@ -68,8 +74,8 @@ def cmd_allocate(args) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("profile", help="Stage 1: data-free per-layer sensitivity of a HF checkpoint")
-    p.add_argument("model_dir", type=Path)
+    p = sub.add_parser("profile", help="Stage 1: data-free per-layer sensitivity of a HF checkpoint or a GGUF")
+    p.add_argument("model_dir", type=Path, metavar="MODEL", help="a Hugging Face checkpoint folder, or a GGUF file")
     p.add_argument("-o", "--output", type=path, required=True)
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="random token vectors per layer")
     p.add_argument("--seed", type=int, default=0)

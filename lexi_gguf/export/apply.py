@@ -44,6 +44,9 @@ def sensitivity_for(info, sensitivity: str | Path | dict | None, *, stored: dict
                                               threads=threads, weight_norm=weight_norm, samples=samples, seed=seed)
             else:
                 sens = profile(src, samples=samples, seed=seed, threads=threads, weight_norm=weight_norm)
+                t = sens["timing"]
+                print(f"profiled {len(src.model.moe_layers)} MoE layers in {t['seconds']:.1f} s "
+                      f"({t['gflop_per_s']:.0f} GFLOP/s, {samples} samples a layer)", flush=True)
             sens["source"] = "gguf:" + "+".join(src.types)
     check_weight_norm(sens, weight_norm)
     extra_blocks(sens, info)

@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import LexiError
 from .check import MalformedGGUF, scan
+from .pages import release
 
 CHUNK = 64 << 20       # bytes compared at a time
 
@@ -137,6 +138,7 @@ class ReadBack:
             if problem is None and not np.array_equal(got[n8:], want[n8:]):
                 problem = f"tensor {t.name!r}: its last bytes differ from those written"
             del got       # the map closes only once no view of it is left
+        release(d)        # the source's mapped pages, compared: out of this process's RSS (gguf.pages)
         return problem
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 from .. import LexiError, __version__
 from . import keys
 from .check import scan
+from .pages import release
 from .verify import ReadBack, WriteCheckError, Written
 from .reader import GGUFModelInfo, field_value, gguf_py, open_reader, validate_counts
 from .split import link_or_copy, output_names
@@ -216,6 +217,8 @@ def _stream(writer, check, datas, total: int, desc: str, progress: bool, endiane
             if check:
                 writer.flush()
                 check.data(i, d)
+            else:
+                release(d)           # a source tensor's mapped pages once written (ReadBack does it after comparing)
             if bar:
                 bar.update(int(d.nbytes))
     except BaseException:

@@ -275,6 +275,8 @@ def profile(source, samples: int = DEFAULT_SAMPLES, seed: int = 0, device: str =
         layers.append({"index": i, "moe": True, "deviation": lp.deviation, "stderr": lp.stderr,
                        "seconds": round(lp.seconds, 4)})
         del lw
+        if hasattr(source, "release"):
+            source.release(i)
         if bar:
             bar.update(1)
     if bar:
