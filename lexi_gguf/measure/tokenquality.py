@@ -26,28 +26,42 @@ def normalises(path) -> bool:
 
 
 class Scorer:
-    """One loaded model (f32 KV cache not needed: every configuration shares the same cache type) and the
-    full model's log-probabilities on `chunks` chunks of `ctx` tokens of text (scored as `eval` does:
+    """One loaded model (a second one with the router-probabilities callback for top-p) and the full
+    model's log-probabilities on `chunks` chunks of `ctx` tokens of text (scored as `eval` does:
     each chunk's second half)."""
 
     def __init__(self, path, text: str, *, ctx: int = 256, chunks: int = 12, threads: int | None = None):
-        from ..runtime.llama import ROW_MODEL, load, set_lexi_row
+        from ..runtime.llama import ROW_MODEL, set_lexi_row
         from ..runtime.scoring import chunk_logprobs, text_chunks
-        self.path = Path(path)
+        self.path, self.ctx, self.threads = Path(path), ctx, threads
         info = model_info(path)
         if not info.is_moe:
             raise LexiError(f"{self.path.name} has no MoE layers: nothing to compare")
         self.info, self.moe, self.kb = info, list(info.moe_layers), info.expert_used_count
         self.normalised = normalises(path)
-        self.cap = ProbsCapture(self.moe)
-        self.llm = load(path, n_ctx=ctx, n_batch=ctx, logits_all=True, n_threads=threads,
-                        eval_callback=self.cap.callback)
+        self.llm = self._load(None)
+        self.cap, self._llm_probs = None, None     # a second load with the eval callback, for top-p only
         set_lexi_row(self.llm, ROW_MODEL)
         self.chunks = text_chunks(self.llm, text, ctx)[:chunks]
         self.ref = [chunk_logprobs(self.llm, c) for c in self.chunks]
         self.targets = [np.asarray(c[len(c) // 2 + 1:]) for c in self.chunks]
         ref_nll = np.concatenate([-r[np.arange(len(t)), t] for r, t in zip(self.ref, self.targets)])
         self.full_ppl = float(np.exp(ref_nll.mean()))
+
+    def _load(self, callback):
+        from ..runtime.llama import load
+        return load(self.path, n_ctx=self.ctx, n_batch=self.ctx, logits_all=True, n_threads=self.threads,
+                    eval_callback=callback)
+
+    def model_for(self, rule: TokenRule | None):
+        """The loaded model a rule runs on: the one with the router-probabilities callback where the rule
+        needs them (the callback splits the graph at every MoE layer: about 2x slower here, so only then)."""
+        if rule is None or not rule.needs_probs:
+            return self.llm
+        if self._llm_probs is None:
+            self.cap = ProbsCapture(self.moe)
+            self._llm_probs = self._load(self.cap.callback)
+        return self._llm_probs
 
     def per_block(self, k: int) -> list[int]:
         return [k if i in self.moe else 0 for i in range(self.info.block_count)]
@@ -57,16 +71,17 @@ class Scorer:
         from ..runtime.llama import ROW_MODEL, set_expert_counts, set_lexi_row
         from ..runtime.scoring import chunk_logprobs, token_kld
         t0 = time.perf_counter()
+        llm = self.model_for(rule)
         if counts is None:
-            set_lexi_row(self.llm, ROW_MODEL)
+            set_lexi_row(llm, ROW_MODEL)
             counts = self.per_block(self.kb)
         else:
-            set_expert_counts(self.llm, counts)
-        pt = PerToken(rule, self.moe, normalised=self.normalised, probs=self.cap).install(self.llm) if rule else None
+            set_expert_counts(llm, counts)
+        pt = PerToken(rule, self.moe, normalised=self.normalised, probs=self.cap).install(llm) if rule else None
         kld, nll, same = [], [], []
         try:
             for ch, ref, tg in zip(self.chunks, self.ref, self.targets):
-                lp = chunk_logprobs(self.llm, ch).astype(np.float64)
+                lp = chunk_logprobs(llm, ch).astype(np.float64)
                 r = ref.astype(np.float64)
                 kld.append(token_kld(r, lp))
                 nll.append(-lp[np.arange(len(tg)), tg])
@@ -76,7 +91,7 @@ class Scorer:
                 pt.remove()
         if pt is not None:
             pt.check()
-        if self.cap.error is not None:
+        if self.cap is not None and self.cap.error is not None:
             raise LexiError(f"reading the router's probabilities failed: {self.cap.error!r}")
         kld, nll, same = np.concatenate(kld), np.concatenate(nll), np.concatenate(same)
         if pt is not None:
@@ -92,6 +107,8 @@ class Scorer:
 
     def close(self) -> None:
         self.llm.close()
+        if self._llm_probs is not None:
+            self._llm_probs.close()
 
 
 def frontier(points: list[dict]) -> list[dict]:
