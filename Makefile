@@ -14,7 +14,7 @@ TORCH   ?= torch==2.13.0
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml patches/pin.toml patches/*.patch lexi_gguf/runtime/build.py
+$(STAMP): pyproject.toml patches/pin.toml patches/*.patch patches/backend/*.patch lexi_gguf/runtime/build.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q --no-compile "$(TORCH)"

@@ -30,6 +30,29 @@ def test_every_backend_has_cmake_flags_and_a_cli_choice():
                                                             "mesa-vulkan-drivers"}
 
 
+def test_backend_patch_applies_to_the_pinned_source_and_keys_only_its_backend(tmp_path):
+    """The Vulkan build's compat patch (Vulkan headers before VK_EXT_layer_settings) applies without fuzz to
+    the pinned ggml-vulkan.cpp; it is part of the Vulkan runtime's cache key, not the CPU's."""
+    import hashlib
+    import tarfile
+    pin = build.read_pin()
+    (patch,) = build.backend_patches("vulkan")
+    assert build.backend_patches("cpu") == ()
+    name = f"llama_cpp_python-{pin.version}/vendor/llama.cpp/ggml/src/ggml-vulkan/ggml-vulkan.cpp"
+    with tarfile.open(build.cache_root() / "sdist" / f"llama_cpp_python-{pin.version}.tar.gz") as tf:
+        tf.extractall(tmp_path, members=[tf.getmember(name)], filter="data")
+    tree = tmp_path / f"llama_cpp_python-{pin.version}" / "vendor" / "llama.cpp"
+    r = subprocess.run(["patch", "-p1", "--forward", "--batch", "-d", str(tree), "-i", str(patch)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "fuzz" not in r.stdout and "offset" not in r.stdout, r.stdout
+    text = (tree / "ggml/src/ggml-vulkan/ggml-vulkan.cpp").read_text()
+    assert text.count("#ifdef VK_EXT_layer_settings") == 1
+    cpu_key = hashlib.sha256(" ".join(build.cmake_args("cpu")).encode()).hexdigest()[:6]
+    assert build.runtime_dir(pin, "cpu").name.endswith(f"-cpu-{cpu_key}")
+    vk_flags = hashlib.sha256(" ".join(build.cmake_args("vulkan")).encode()).hexdigest()[:6]
+    assert not build.runtime_dir(pin, "vulkan").name.endswith(vk_flags)      # the patch is in its key
+
+
 def test_missing_packages_named_in_one_line_without_root(fake_needs, monkeypatch):
     (fake_needs / "glslc").touch()
     monkeypatch.setattr(syspkgs, "can_install", lambda: False)

@@ -41,6 +41,10 @@ BACKEND_CMAKE = {
     # CPU (the one the tests run on here: docs/backends.md). Needs the system packages in runtime.syspkgs
     "vulkan": ["-DGGML_VULKAN=ON"],
 }
+# patches one backend's build needs on some systems (patches/backend/), applied after pin.toml's lexi patches:
+# each a no-op where it is not needed, none touching the lexi patches' code; part of that backend's cache key,
+# not of the patch hash (the CPU runtime's key is unchanged by them)
+BACKEND_PATCHES = {"vulkan": ("backend/ggml-vulkan-old-headers.patch",)}
 # ggml's AMX matmul path (ggml-cpu/amx/, used for quantized and F16 weights in batches >= 16 when a
 # native build lands on an AMX CPU) crashes (SIGILL/SIGSEGV in ldtilecfg/tilezero; upstream #20824).
 # Undefining the one macro that gates it keeps every other native kernel (AVX512, VNNI, repack): the
@@ -88,9 +92,14 @@ def cmake_args(backend: str) -> list[str]:
     return [*BACKEND_CMAKE[backend], *COMMON_CMAKE, *([] if amx_enabled() else NO_AMX_CMAKE)]
 
 
+def backend_patches(backend: str) -> tuple[Path, ...]:
+    return tuple(PATCH_DIR / p for p in BACKEND_PATCHES.get(backend, ()))
+
+
 def runtime_dir(pin: Pin, backend: str) -> Path:
     # the build flags are part of the key: a cached runtime built with other flags is not reused
-    flags = hashlib.sha256(" ".join(cmake_args(backend)).encode()).hexdigest()[:6]
+    key = " ".join(cmake_args(backend)) + "".join(p.read_text() for p in backend_patches(backend))
+    flags = hashlib.sha256(key.encode()).hexdigest()[:6]
     return cache_root() / "runtime" / f"llama-cpp-python-{pin.version}-{pin.patch_hash}-{backend}-{flags}"
 
 
@@ -131,8 +140,8 @@ def fetch_sdist(pin: Pin, dest: Path) -> Path:
     return target
 
 
-def prepare_source(pin: Pin, rdir: Path) -> Path:
-    """Extract the sdist and apply our patch; returns the llama-cpp-python source dir."""
+def prepare_source(pin: Pin, rdir: Path, extra: tuple[Path, ...] = ()) -> Path:
+    """Extract the sdist and apply our patches (then extra: a backend's); returns the llama-cpp-python source dir."""
     src = rdir / "src"
     marker = src / ".lexi-patched"
     if marker.exists():
@@ -142,7 +151,7 @@ def prepare_source(pin: Pin, rdir: Path) -> Path:
     with tarfile.open(sdist) as tf:
         tf.extractall(tmp, filter="data")
     tree = tmp / f"llama_cpp_python-{pin.version}"
-    for p in pin.patches:
+    for p in (*pin.patches, *extra):
         _run(["patch", "-p1", "--forward", "--batch", "-d", tree / "vendor" / "llama.cpp", "-i", p])
     (tmp / ".lexi-patched").write_text(pin.patch_hash)
     if src.exists():
@@ -260,7 +269,7 @@ def build_runtime(backend: str = "cpu", jobs: int | None = None, tools: bool = T
     rdir = runtime_dir(pin, backend)
     rdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    tree = prepare_source(pin, rdir)
+    tree = prepare_source(pin, rdir, backend_patches(backend))
     if tools and not all((rdir / "bin" / t).exists() for t in TOOLS) and not (rdir / "build-wheel" / "CMakeCache.txt").exists():
         shutil.rmtree(rdir / "wheel", ignore_errors=True)    # the tools build in the wheel's build tree: redo it
     wheel = build_wheel(tree, rdir, backend, jobs)
