@@ -4,6 +4,8 @@ block on those inputs. --calib-metric kld (the default): each (layer, k) entry i
 runtime measures with only that layer lowered, equal to loading a file with those counts."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -123,3 +125,22 @@ def test_calib_errors_are_clear(tiny_gguf, tmp_path, capsys):
     with pytest.raises(LexiError, match="no MoE router input to capture"):
         capture_inputs(tiny_gguf("gemma4_text"), "hello world " * 50)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_calib_builtin_reads_pythons_own_docs_never_the_eval_text(tiny_gguf, tmp_path, capsys):
+    """`--calib builtin`: no file to bring; the standard library's documentation (the testbeds' training
+    text), never their held-out evaluation text. `profile` takes the GGUF itself and reads it there."""
+    import argparse
+
+    from lexi_gguf.cli.common import calib_text
+    from lexi_gguf.testbeds.builtin import corpus
+    train, held_out = corpus()
+    text = calib_text(argparse.Namespace(calib="builtin"))
+    assert text == train and len(text) > 100_000
+    assert all(doc not in text for doc in held_out.split("\n\n")[:20] if len(doc) > 400)
+    out = tmp_path / "sens.json"
+    assert cli.main(["profile", str(tiny_gguf("olmoe")), "-o", str(out), "--calib", "builtin",
+                     "--calib-tokens", "64"]) == 0
+    sens = json.loads(out.read_text())
+    assert sens["settings"]["input"] == "calib-kld" and sens["source"].startswith("gguf:")
+    assert all(L["deviation"][-1] == 0 for L in sens["layers"] if L["moe"])

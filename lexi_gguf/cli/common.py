@@ -167,12 +167,17 @@ WEIGHT_NORM_HELP = ("how a layer running fewer experts than trained weights them
 def calib_text(args) -> str | None:
     if args.calib is None:
         return None
+    if args.calib == "builtin":          # no file to bring: the standard library's documentation (no download)
+        from ..testbeds.builtin import corpus
+        return corpus()[0]
     from ..method.calib import read_text
     return read_text(args.calib)
 
 
 def add_calib_opts(p) -> None:
-    p.add_argument("--calib", type=path, metavar="TEXT", help="calibrated profiling while the model reads this UTF-8 text "
+    p.add_argument("--calib", type=path, metavar="TEXT", help="calibrated profiling while the model reads this UTF-8 text, "
+                   "or `builtin`: the documentation that ships with Python itself (pydoc topics and standard-library "
+                   "docstrings, the built-in models' training text; never their evaluation text) "
                    "(default: data-free, N(0,1) inputs)")
     p.add_argument("--calib-metric", default="kld", choices=["kld", "deviation"],
                    help="with --calib: kld (default) measures each layer and k end to end, one pass over the text "

@@ -42,8 +42,8 @@ def cmd_profile(args) -> None:
     sens = _calibrated(args, src, **opts)
     if sens is None:
         sens = profile(src, samples=args.samples, seed=args.seed, threads=args.threads, input_mode=args.input, **opts)
-        if hasattr(src, "types"):
-            sens["source"] = "gguf:" + "+".join(src.types)     # as `apply` records it
+    if hasattr(src, "types"):
+        sens["source"] = "gguf:" + "+".join(src.types)         # as `apply` records it
     write_json(sens, args.output)
     t = sens["timing"]
     rate = f" ({t['gflop_per_s']:.0f} GFLOP/s)" if "gflop_per_s" in t else ""
