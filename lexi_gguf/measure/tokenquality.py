@@ -166,14 +166,14 @@ def pareto_plot(models: list[dict], out) -> Path:
     fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.9), squeeze=False)
     for ax, m in zip(axes[0], models):
         for name, pts in m["families"].items():
-            xs = [p["active"] for p in pts]
-            ys = [max(p["kld_mean"], 1e-6) for p in pts]
-            line = ax.plot(xs, ys, STYLES.get(name, "o")[0], alpha=0.35, ms=4)[0]
+            pts = [p for p in pts if p["kld_mean"] > 0]          # the full model (KLD 0) is off a log axis
+            line = ax.plot([p["active"] for p in pts], [p["kld_mean"] for p in pts], STYLES.get(name, "o")[0],
+                           alpha=0.35, ms=4)[0]
             fr = frontier(pts)
-            ax.plot([p["active"] for p in fr], [max(p["kld_mean"], 1e-6) for p in fr], STYLES.get(name, "o-"),
+            ax.plot([p["active"] for p in fr], [p["kld_mean"] for p in fr], STYLES.get(name, "o-"),
                     color=line.get_color(), label=name, ms=5)
         ax.set_yscale("log")
-        ax.set_xlabel("average active experts per token and MoE layer (measured)")
+        ax.set_xlabel("active experts per token and MoE layer (measured mean)", fontsize=8)
         ax.set_ylabel("mean KLD vs full")
         ax.set_title(f"{m['model']} (base k {m['k_base']}, {m['n_expert']} experts)", fontsize=9)
         ax.grid(alpha=0.3)

@@ -15,7 +15,7 @@ def _cell(row: dict, name: str, key: str, fmt: str) -> str:
 
 
 @family("pertoken", "Per-layer vs per-token expert counts at equal compute", "bench/bench_pertoken.py",
-        "docs/method.md", "uniform k, LExI (data-free and calibrated), ik_llama.cpp's SER (Kmin, t), top-p and "
+        "docs/pertoken.md", "uniform k, LExI (data-free and calibrated), ik_llama.cpp's SER (Kmin, t), top-p and "
         "LExI + a per-token threshold inside its per-layer counts, on the trained built-in models at equal "
         "average active experts (counted per token and MoE layer in the routing hook); mean KLD from the full "
         "model, PPL and same-top-1 on held-out text")
