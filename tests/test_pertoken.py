@@ -115,3 +115,33 @@ def test_families_are_compared_on_their_frontier_at_equal_active_experts():
     rows = equal_compute({"a": a, "b": b}, [3.0, 2.0])
     assert rows[0]["best"] == "b" and rows[0]["families"]["b"]["kld_mean"] == pytest.approx(0.035)
     assert rows[1]["best"] == "a" and "b" not in rows[1]["families"]
+
+
+def test_eval_scores_per_token_rules_with_their_measured_active_experts(converted, tmp_path, capsys):
+    """eval --ser / --top-p: rows at the model's own k whose avg_k is measured; SER at t 0 and top-p 1 are
+    the full model, SER at t 1 is k 1 (the same KLD as --k 1,1,1,1); a malformed --ser is one line."""
+    import json
+
+    from lexi_gguf import cli
+    from lexi_gguf.measure.evaluate import evaluate
+    text = " ".join(f"token {i} of the evaluation text, number {i * 7 % 13}." for i in range(300))
+    res = evaluate(converted, text, [0.5], ctx=64, threads=2, max_chunks=2, progress=False, custom=[1, 1, 1, 1],
+                   rules=[ser(1, 0.0), top_p(1.0), ser(1, 1.0)])
+    rows = {r.get("rule") or r["config"]: r for r in res["rows"]}
+    kb = rows["full"]["avg_k"]
+    for name in ("SER 1,0", "top-p 1"):
+        assert rows[name]["avg_k"] == kb and rows[name]["kld_mean"] < 1e-5
+    assert rows["SER 1,1"]["avg_k"] == 1 and rows["SER 1,1"]["budget"] == pytest.approx(1 / kb)
+    assert rows["SER 1,1"]["kld_mean"] == pytest.approx(rows["custom"]["kld_mean"], rel=1e-3)
+    assert rows["custom"]["kld_mean"] > 1e-3
+    f = tmp_path / "t.txt"
+    f.write_text(text)
+    js = tmp_path / "e.json"
+    assert cli.main(["eval", str(converted), "--text", str(f), "--budgets", "0.5", "--ctx", "64", "--chunks", "1",
+                     "--threads", "2", "--top-p", "0.5", "--ser", "2,0.3", "--json", str(js)]) == 0
+    got = [r for r in json.loads(js.read_text())["rows"] if "rule" in r]
+    assert [r["rule"] for r in got] == ["SER 2,0.3", "top-p 0.5"] and all(1 <= r["avg_k"] <= kb for r in got)
+    capsys.readouterr()
+    assert cli.main(["eval", str(converted), "--text", str(f), "--ser", "1.5,0.3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--ser 1.5,0.3: give KMIN,T" in err and len(err.splitlines()) == 1

@@ -62,7 +62,7 @@ def cmd_eval(args) -> None:
         raise LexiError(f"{text_path} does not exist; give a UTF-8 text file with --text")
     options = load_options(args)
     res = evaluate(args.model, text_path.read_text(errors="replace"), args.budgets, ctx=args.ctx, options=options,
-                   max_chunks=args.chunks, progress=args.json != "-", custom=args.k)
+                   max_chunks=args.chunks, progress=args.json != "-", custom=args.k, rules=token_rules(args))
     if args.cross_check:
         res["llama_perplexity"] = cross_check(args.model, text_path, args.ctx, chunks=res["chunks"], options=options)
         print(f"llama-perplexity (full model): PPL {res['llama_perplexity']['ppl']:.4f}  ours {res['rows'][0]['ppl']:.4f}",
@@ -73,6 +73,18 @@ def cmd_eval(args) -> None:
     bench_res = read_json(args.bench) if args.bench else None
     pareto_plot(res, png, bench_res)
     print(f"json -> {js}\nplot -> {png}", file=human(args))
+
+
+def token_rules(args) -> list:
+    """eval's per-token rules: each --ser KMIN,T and each --top-p P (runtime.pertoken)."""
+    from ..runtime.pertoken import ser, top_p
+    rules = []
+    for pair in args.ser or []:
+        if len(pair) != 2 or pair[0] != int(pair[0]):
+            raise LexiError(f"--ser {','.join(f'{x:g}' for x in pair)}: give KMIN,T, e.g. 1,0.3 (keep the top KMIN "
+                            "experts and each further one with probability >= T x the top one's)")
+        rules.append(ser(int(pair[0]), pair[1]))
+    return rules + [top_p(p) for p in args.top_p or []]
 
 
 def cmd_report(args) -> None:
@@ -115,6 +127,12 @@ def register(sub) -> None:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, help="at most this many chunks")
     p.add_argument("--k", type=ints, help="also run these counts (one per MoE layer), set on the loaded model")
+    p.add_argument("--ser", type=floats, action="append", metavar="KMIN,T",
+                   help="also run ik_llama.cpp's SER per token at the model's own k: keep the top KMIN experts and "
+                        "each further one whose probability is >= T x the top one's (repeatable; docs/pertoken.md)")
+    p.add_argument("--top-p", type=floats, metavar="P,...",
+                   help="also run top-p per token at the model's own k: experts best first until their routing "
+                        "probability mass reaches P (docs/pertoken.md)")
     p.add_argument("--threads", type=int)
     add_device_opts(p)
     p.add_argument("--cross-check", action="store_true", help="also run llama-perplexity on the full model")

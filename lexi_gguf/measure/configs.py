@@ -19,9 +19,12 @@ class RunConfig:
     avg_k: float
     counts: list[int]
     kv: dict = field(default_factory=dict)
+    rule: object = None         # a per-token rule (runtime.pertoken.TokenRule) run inside the counts, or None
 
     @property
     def label(self) -> str:
+        if self.rule is not None:
+            return self.rule.label
         return "full" if self.config == "full" else f"{self.config} {self.budget:g}"
 
 
