@@ -12,7 +12,9 @@ the kept ones renormalised where the model does). Families are compared on their
 
 Target (issue 32): at equal average active experts LExI (data-free or calibrated) or LExI + threshold
 beats SER and top-p on every testbed. Results: bench/results/pertoken-<machine id>.json and .png.
---quick: the default model only, 2 chunks of 128 tokens, a few rules (~2 min).
+--quick: the default model only, 2 chunks of 128 tokens, a few rules (~15 s here). --models a,b --merge: run
+those models and keep the others of this machine's last results file (each model says when it ran).
+Cost here (Intel Xeon AVX512, 2 shared cores): ~4 min CPU for the default model, once its f32 file exists.
 """
 from __future__ import annotations
 
@@ -124,6 +126,8 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--chunks", type=int, default=8, help="evaluation chunks of --ctx tokens")
     ap.add_argument("--models", default="default,caching,qwen3-testbed,olmoe-testbed")
+    ap.add_argument("--merge", action="store_true", help="keep the other models of this machine's last results "
+                    "file (each model records the date and commit it ran on)")
     args = ap.parse_args()
     if args.quick:
         args.models, args.ctx, args.chunks = "default", 128, 2
@@ -133,7 +137,18 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     train_text, _ = corpus()
-    models = [run_model(n, args, work, train_text) for n in args.models.split(",")]
+    models = []
+    for n in args.models.split(","):
+        m = run_model(n, args, work, train_text)
+        prov = C.provenance()
+        m.update(date=prov["date"], commit=prov["commit"], dirty=prov["dirty"])
+        models.append(m)
+    if args.merge and run.json.exists():
+        import json
+        now = {m["model"] for m in models}
+        kept = [m for m in json.loads(run.json.read_text())["models"] if m["model"] not in now]
+        models = kept + models
+        print(f"kept from {run.json.name}: {', '.join(m['model'] for m in kept) or 'none'}")
     print(table(models))
     ratio = verdicts(models)
     res = {"ctx": args.ctx, "chunks": args.chunks, "budgets": BUDGETS, "targets_of_base_k": TARGETS,

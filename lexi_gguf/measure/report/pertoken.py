@@ -50,7 +50,8 @@ def _pertoken(d: dict) -> list[str]:
                for fam, ps in m["families"].items() for p in ps if p.get("label") != "full"]
         out.append(f"<details><summary>{m['model']} ({m['arch']}, {m['moe_layers']} MoE layers, {m['n_expert']} "
                    f"experts, base k {m['k_base']}, {'normalises' if m.get('normalised') else 'does not normalise'} "
-                   f"its top-k weights; LExI + threshold inside {m.get('combo_inner', '?')}): every measured point"
+                   f"its top-k weights; LExI + threshold inside {m.get('combo_inner', '?')}"
+                   + (f"; ran {m['date'][:10]} at `{m['commit']}`" if m.get("commit") else "") + "): every measured point"
                    "</summary>\n\n" + table(["family", "setting", "active", "KLD", "PPL", "same top-1"], pts) +
                    "\n\n</details>")
     return out + targets(d)
