@@ -24,6 +24,11 @@ def path(s: str) -> str:
     return s
 
 
+def calib_source(s: str) -> str:
+    """A calibration text: a UTF-8 file's path, or `builtin` (Python's own documentation, no file)."""
+    return path(s)
+
+
 def budget(s: str) -> float | str:
     """A budget: a fraction in (0, 1] of the model's base active experts (MoE layers x base k), or `full`
     (the model's own k in every layer) or `default` (what the file stores as its default), or
@@ -106,7 +111,7 @@ def floats(s: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
 
 
-TYPE_NAMES = {None: "text", str: "text", int: "int", float: "float", path: "path", budget: "budget", ints: "ints",
+TYPE_NAMES = {None: "text", str: "text", int: "int", float: "float", path: "path", calib_source: "path or builtin", budget: "budget", ints: "ints",
               floats: "floats", names: "names", prefetch_modes: "prefetch modes"}
 
 
@@ -175,7 +180,7 @@ def calib_text(args) -> str | None:
 
 
 def add_calib_opts(p) -> None:
-    p.add_argument("--calib", type=path, metavar="TEXT", help="calibrated profiling while the model reads this UTF-8 text, "
+    p.add_argument("--calib", type=calib_source, metavar="TEXT", help="calibrated profiling while the model reads this UTF-8 text, "
                    "or `builtin`: the documentation that ships with Python itself (pydoc topics and standard-library "
                    "docstrings, the built-in models' training text; never their evaluation text) "
                    "(default: data-free, N(0,1) inputs)")
