@@ -19,11 +19,24 @@ def _expert_cache(d: dict) -> list[str]:
                    num(b.get("mb_read_per_token"), ".0f"), b.get("from", "-")] for b in d.get("baselines", [])]),
            "Expert cache inside the same limit (SIZE = limit - non-expert weights - anonymous margin):",
            table(["limit", "cache GiB", "policy", "tok/s", "vs stock", "vs prefetch", "MB read / token",
-                  "MB asked / token", "hit rate", "resident experts GiB", "within SIZE + 5 %", "evictions"],
+                  "MB asked / token", "hit rate", "resident experts GiB", "resident / SIZE", "within SIZE + 5 %",
+                  "evictions", "callback s", "worker s", "stray MB dropped", "disk-bound tok/s", "of disk-bound"],
                  [[f"1/{1 / r['fraction']:g} x file", num(r["cache_bytes"] / gib), r["policy"], num(r["tok_s"], ".3f"),
                    num(r.get("vs_stock"), ".2f") + "x" if r.get("vs_stock") else "-",
                    num(r.get("vs_prefetch"), ".2f") + "x" if r.get("vs_prefetch") else "-",
                    num(r["mb_read_per_token"], ".0f"), num(r["mb_asked_per_token"], ".0f"), num(r["hit_rate"], ".3f"),
-                   num((r["resident_expert_bytes"] or 0) / gib), num(r["within_budget"]), str(r["evictions"])]
+                   num((r["resident_expert_bytes"] or 0) / gib), num((r["resident_expert_bytes"] or 0) / r["cache_bytes"], ".3f"),
+                   num(r["within_budget"]), str(r["evictions"]), num(r.get("callback_seconds"), ".2f"),
+                   num(r.get("io_seconds"), ".2f"), num((r.get("stray_bytes") or 0) / 1e6, ".0f") if "stray_bytes" in r else "-",
+                   num(r.get("disk_bound_tps"), ".2f"), num(r.get("vs_disk_bound"), ".2f")]
                   for r in d.get("rows", [])])]
+    if d.get("measured"):
+        out.append(f"Measured at commit {d['measured'].get('commit')} ({d['measured'].get('date')}); the disk-bound "
+                   "columns added afterwards from the same run's read-rate probes (`--disk-bound`, nothing re-measured).")
+    if d.get("disk_seq_read_mb_s"):
+        out.append(f"The file's sequential read rate before / after the runs: "
+                   f"{' / '.join(num(x, '.0f') for x in d['disk_seq_read_mb_s'])} MB/s (a virtual disk shared with "
+                   f"other jobs); load average at the end {', '.join(num(x, '.1f') for x in d.get('load_avg') or [])} "
+                   f"on {(d.get('machine') or {}).get('cores', '?')} cores. Callback s: time in the routing callback "
+                   "(the decode's critical path); worker s: the cache's worker thread (asks, policy, drops, scrub).")
     return out + targets(d)
