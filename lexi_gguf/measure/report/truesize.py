@@ -34,3 +34,32 @@ def _true_size(d: dict) -> list[str]:
                    num(s["simulated_ms_per_token"], ".0f"), num(s["measured_ms_per_token"], ".0f"),
                    num(s["sim_error"], "+.0%")] for s in d.get("sim", [])])]
     return out + targets(d)
+
+
+@family("apply-true-size", "`apply` at true size: time, memory, the allocation against samples",
+        "bench/bench_apply_true_size.py", "docs/true-size.md",
+        "the whole `lexi-gguf apply` (profile, allocation, streamed copy with read-back) on released MoE shapes "
+        "(synth, random weights), and the allocation at 1/4x and 4x the samples")
+def _apply_true_size(d: dict) -> list[str]:
+    rows = d.get("shapes", {})
+    out = [d.get("note", ""),
+           table(["shape", "file", "blocks x experts (k)", "samples", "apply wall", "CPU s / threads", "load avg",
+                  "profile", "per block", "peak RSS", "peak anonymous"],
+                 [[n, f"{r['quant']} {num(r['file_gib'], '.1f')} GiB", f"{r['moe_layers']} x {r['experts']} ({r['k']})",
+                   str(r["samples"]), num(r["apply"]["wall_s"] / 60, ".1f") + " min",
+                   num(r["apply"]["cpu_s"] / r["threads"] / 60, ".1f") + " min", num(r["apply"]["load_avg"], ".1f"),
+                   num(r["profile_s"] / 60, ".1f") + " min", num(r["per_layer_s"], ".1f") + " s",
+                   num(r["apply"]["peak_rss_gb"], ".2f") + " GB", num(r["apply"]["peak_anon_gb"], ".2f") + " GB"]
+                  for n, r in rows.items()])]
+    for n, r in rows.items():
+        st = r.get("stability")
+        if not st:
+            continue
+        budgets = list(next(iter(st.values())))
+        out += [f"{n}: the ladder's allocation at other sample counts against the default ({r['samples']}): blocks "
+                "whose k changed, and the regret (summed deviation on the 4x table over that table's own optimum - 1):",
+                table(["samples"] + [f"budget {b}" for b in budgets],
+                      [[s] + [f"{v[b]['changed_blocks']} changed, regret {num(v[b]['regret'], '.2%')}" for b in budgets]
+                       for s, v in {**st, **{k: v for k, v in r.get("stability_at_4x", {}).items()
+                                             if k != "default"}}.items()])]
+    return out + targets(d)
