@@ -45,7 +45,7 @@ def _apply_true_size(d: dict) -> list[str]:
     out = [d.get("note", ""),
            table(["shape", "file", "blocks x experts (k)", "samples", "apply wall", "CPU s / threads", "load avg",
                   "profile", "per block", "peak RSS", "peak anonymous"],
-                 [[n, f"{r['quant']} {num(r['file_gib'], '.1f')} GiB", f"{r['moe_layers']} x {r['experts']} ({r['k']})",
+                 [[n + (f" ({r['ran']['date'][:16]}, {r['ran']['commit']})" if r.get("ran") else ""), f"{r['quant']} {num(r['file_gib'], '.1f')} GiB", f"{r['moe_layers']} x {r['experts']} ({r['k']})",
                    str(r["samples"]), num(r["apply"]["wall_s"] / 60, ".1f") + " min",
                    num(r["apply"]["cpu_s"] / r["threads"] / 60, ".1f") + " min", num(r["apply"]["load_avg"], ".1f"),
                    num(r["profile_s"] / 60, ".1f") + " min", num(r["per_layer_s"], ".1f") + " s",
@@ -56,8 +56,10 @@ def _apply_true_size(d: dict) -> list[str]:
         if not st:
             continue
         budgets = list(next(iter(st.values())))
+        ran = r.get("stability_ran")
         out += [f"{n}: the ladder's allocation at other sample counts against the default ({r['samples']}): blocks "
-                "whose k changed, and the regret (summed deviation on the 4x table over that table's own optimum - 1):",
+                "whose k changed, and the regret (summed deviation on the 4x table over that table's own optimum - 1)"
+                + (f" (profiled by the run of {ran.get('date')}, commit {ran.get('commit')})" if ran else "") + ":",
                 table(["samples"] + [f"budget {b}" for b in budgets],
                       [[s] + [f"{v[b]['changed_blocks']} changed, regret {num(v[b]['regret'], '.2%')}" for b in budgets]
                        for s, v in {**st, **{k: v for k, v in r.get("stability_at_4x", {}).items()
