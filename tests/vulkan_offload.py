@@ -10,11 +10,15 @@ The reference is the same library with no layer offloaded (n_gpu_layers 0, op_of
 backend computes every op): the two runs differ only in the backend path (Vulkan's mul_mat_id, top-k,
 views and its own copies of the per-layer counts), which is what per-layer k changes.
 
-Tolerance (TOL, per weight type): the two backends sum in different orders and Vulkan quantizes
-activations differently for Q8_0 weights, so logits differ by rounding; the tolerance is set at a few
-times the differences measured (docs/results.md, "Vulkan backend") and every test also checks it is
-far below the smallest change of one layer's k by one (`sensitivity`: a per-layer k the backend got
-wrong in any single layer would fail), and that the argmax token agrees."""
+Tolerance: the two backends sum in different orders, Vulkan computes f16 weights' products in its own
+precision and quantizes activations its own way for Q8_0 weights, so logits differ by rounding even where
+per-layer k plays no part (the model's own k, lexi off: 0.002 for f32, 0.03-0.04 for f16 and Q8_0 on
+lavapipe, measured: docs/results.md, "Vulkan backend"). A fixed bound cannot tell that noise from a wrong
+count, so each check is relative to what a wrong count would do: at the same counts, the smallest max
+|logit change| on the CPU from moving any one layer's k by one (`margin`). The Vulkan logits must be
+within MARGIN_FRACTION = 1/2 of it of the CPU's: then, by the triangle inequality of the max norm, they
+are nearer the CPU's logits at these counts than the CPU's with any one layer's k off by one (the
+backend ran these counts, not a neighbour); and the argmax token must agree."""
 from __future__ import annotations
 
 import json
@@ -36,8 +40,8 @@ F32 = 0
 # a 12-token batch (mul_mat_id), then 3 one-token steps (mat-vec id); ids below the built-in model's vocabulary of 4096
 PROMPT, DECODE = [t % 4096 for t in TOKENS[:12]], [t % 4096 for t in TOKENS[12:15]]
 ALL = 99
-# max |logit diff| allowed, by the experts' weight type (see the docstring; measured values in docs/results.md)
-TOL = {"f32": 1e-3, "f16": 1e-3, "q8_0": 2e-2}
+# max |logit diff| allowed, as a fraction of the margin (docstring; the measured values in docs/results.md)
+MARGIN_FRACTION = 0.5
 # the built-in model (trained, 6 layers, 16 experts, k 4) with a default and a ladder
 MIX_DEFAULT = [3, 1, 4, 2, 4, 2]
 MIX_LADDER = {1.0: [4] * 6, 0.75: [2, 4, 3, 3, 4, 2], 0.5: [2, 1, 3, 2, 2, 2]}
@@ -92,7 +96,7 @@ def model(request, laddered_gguf, builtin_ggufs):
     name = request.param
     wtype, default, ladder = MODELS[name]
     path = laddered_gguf if name == "qwen3_moe-f32" else builtin_ggufs[wtype]
-    return {"name": name, "path": path, "tol": TOL[wtype], "default": default, "ladder": ladder}
+    return {"name": name, "path": path, "default": default, "ladder": ladder}
 
 
 def _load(path, ngl: int, **kv):
@@ -125,11 +129,44 @@ def _rows(m):
     return out
 
 
-def _check(got, ref, tol, what):
+_CPU: dict = {}
+_MARGINS: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_cpu_models():
+    yield
+    for llm in _CPU.values():
+        llm.close()
+    _CPU.clear()
+
+
+def margin(path, counts: list[int], prompt=PROMPT, decode=DECODE) -> float:
+    """The smallest max |logit change| (CPU) from moving one layer's k by one from these counts: what a
+    backend that got a single layer's count wrong would show at the least."""
+    key = (str(path), tuple(counts), tuple(prompt), tuple(decode))
+    if key not in _MARGINS:
+        llm = _CPU.get(str(path)) or _CPU.setdefault(str(path), _load(path, 0))
+        runtime.set_expert_counts(llm, counts)
+        base = _logits(llm, prompt, decode)
+        out = []
+        for j in range(len(counts)):
+            c = list(counts)
+            c[j] += -1 if c[j] > 1 else 1
+            runtime.set_expert_counts(llm, c)
+            out.append(float(np.abs(_logits(llm, prompt, decode) - base).max()))
+        _MARGINS[key] = min(out)
+    return _MARGINS[key]
+
+
+def _check(got, ref, path, counts, what, prompt=PROMPT, decode=DECODE):
+    """max |logit diff| Vulkan vs CPU, and it over the margin at these counts (asserted below MARGIN_FRACTION)."""
     d = float(np.abs(got - ref).max())
-    assert d <= tol, f"{what}: max |logit diff| Vulkan vs CPU {d:.3g} > {tol}"
+    m = margin(path, counts, prompt, decode)
+    assert d <= MARGIN_FRACTION * m, (f"{what}: max |logit diff| Vulkan vs CPU {d:.3g} > {MARGIN_FRACTION} x "
+                                      f"{m:.3g}, the least change from one layer's k moved by one")
     assert (got.argmax(-1) == ref.argmax(-1)).all(), f"{what}: argmax differs"
-    return d
+    return d, d / m
 
 
 def test_the_device_holds_every_layer(device, laddered_gguf, capsys):
@@ -152,8 +189,9 @@ def test_stored_budgets_match_cpu(device, model):
         ref, k_ref = _fresh(model["path"], 0, **kv)
         got, k_got = _fresh(model["path"], ALL, **kv)
         assert k_got == k_ref == counts, label
-        diffs[label] = _check(got, ref, model["tol"], f"{model['name']} {label}")
-    _record("stored budgets", model["name"], max_diff=max(diffs.values()), tol=model["tol"], rows=len(diffs))
+        diffs[label] = _check(got, ref, model["path"], counts, f"{model['name']} {label}")
+    _record("stored budgets", model["name"], max_diff=max(d for d, _ in diffs.values()),
+            of_margin=max(r for _, r in diffs.values()), rows=len(diffs), lexi_off_diff=diffs["model k"][0])
 
 
 def test_budget_switch_matches_cpu(device, model):
@@ -167,7 +205,7 @@ def test_budget_switch_matches_cpu(device, model):
         for label, row, _, counts in [*rows[::-1], *rows]:       # down and up again
             runtime.set_lexi_row(llm, row)
             assert runtime.lexi_row(llm) == row
-            diffs.append(_check(_logits(llm), refs[label], model["tol"], f"{model['name']} switched to {label}"))
+            diffs.append(_check(_logits(llm), refs[label], model["path"], counts, f"{model['name']} switched to {label}"))
         runtime.set_lexi_row(llm, rows[0][1])
         a = _logits(llm, [PROMPT[0]], [])
         runtime.set_lexi_row(llm, rows[-1][1])
@@ -177,33 +215,18 @@ def test_budget_switch_matches_cpu(device, model):
     one = _load(model["path"], 0, **rows[-1][2])
     ref_b = _logits(one, [PROMPT[0]], [])
     one.close()
-    diffs.append(_check(b, ref_b, model["tol"], "one token after a switch"))
-    assert np.abs(a - b).max() > 10 * model["tol"]      # the two rows really differ on this token
-    _record("budget switch", model["name"], max_diff=max(diffs), tol=model["tol"], switches=len(diffs) - 1)
-
-
-def sensitivity(path, counts: list[int]) -> float:
-    """The smallest max |logit change| (CPU) from moving one layer's k by one: what a backend that got a
-    single layer's count wrong would show at the least."""
-    llm = _load(path, 0)
-    try:
-        runtime.set_expert_counts(llm, counts)
-        base = _logits(llm)
-        out = []
-        for j in range(len(counts)):
-            c = list(counts)
-            c[j] += -1 if c[j] > 1 else 1
-            runtime.set_expert_counts(llm, c)
-            out.append(float(np.abs(_logits(llm) - base).max()))
-        return min(out)
-    finally:
-        llm.close()
+    diffs.append(_check(b, ref_b, model["path"], rows[-1][3], "one token after a switch", [PROMPT[0]], []))
+    assert np.abs(a - b).max() > 4 * diffs[-1][0]      # the two rows really differ on this token
+    _record("budget switch", model["name"], max_diff=max(d for d, _ in diffs), of_margin=max(r for _, r in diffs),
+            switches=len(diffs) - 1)
 
 
 def test_custom_counts_match_cpu(device, model):
     """Counts no row stores (llama_lexi_set_counts), on one offloaded load, against the CPU's."""
     n, top = len(model["default"]), max(model["ladder"][1.0])
-    custom = [[1] * n, [top] * n, [(j % top) + 1 for j in range(n)], [top - (j % top) for j in range(n)]]
+    # the last: the first layer below the others (single-token decode crashed lavapipe so: docs/backends.md)
+    custom = [[1] * n, [top] * n, [(j % top) + 1 for j in range(n)], [top - (j % top) for j in range(n)],
+              [2] + [top] * (n - 1)]
     cpu, vk = _load(model["path"], 0), _load(model["path"], ALL)
     diffs = []
     try:
@@ -211,14 +234,12 @@ def test_custom_counts_match_cpu(device, model):
             runtime.set_expert_counts(cpu, counts)
             runtime.set_expert_counts(vk, counts)
             assert runtime.lexi_row(vk) == runtime.ROW_CUSTOM
-            diffs.append(_check(_logits(vk), _logits(cpu), model["tol"], f"{model['name']} counts {counts}"))
+            diffs.append(_check(_logits(vk), _logits(cpu), model["path"], counts, f"{model['name']} counts {counts}"))
     finally:
         cpu.close()
         vk.close()
-    sens = sensitivity(model["path"], custom[2])
-    assert sens > 5 * model["tol"], f"one layer's k moved by one changes logits by only {sens:.3g}: the tolerance hides it"
-    _record("custom counts", model["name"], max_diff=max(diffs), tol=model["tol"], counts=len(custom),
-            one_layer_k_change_min=sens)
+    _record("custom counts", model["name"], max_diff=max(d for d, _ in diffs), of_margin=max(r for _, r in diffs),
+            counts=len(custom), one_layer_k_change_min=min(margin(model["path"], c) for c in custom))
 
 
 def test_partial_offload_matches_cpu(device, laddered_gguf):
@@ -228,8 +249,8 @@ def test_partial_offload_matches_cpu(device, laddered_gguf):
         ref, _ = _fresh(laddered_gguf, 0, **kv)
         got, k = _fresh(laddered_gguf, 2, **kv)
         assert k == (LADDER_DEFAULT if not kv else LADDER[0.5])
-        diffs.append(_check(got, ref, TOL["f32"], f"2 of 4 blocks offloaded, row {row}"))
-    _record("partial offload", "qwen3_moe-f32", max_diff=max(diffs), tol=TOL["f32"])
+        diffs.append(_check(got, ref, laddered_gguf, k, f"2 of 4 blocks offloaded, row {row}"))
+    _record("partial offload", "qwen3_moe-f32", max_diff=max(d for d, _ in diffs), of_margin=max(r for _, r in diffs))
 
 
 def test_prefetch_and_repack_say_they_do_not_reach_the_device(device, laddered_gguf, capfd):
