@@ -104,7 +104,6 @@ def main() -> int:
     res = {"device": devs[0]["description"] if devs else None, "devices": devs, "driver": driver_info(),
            "GGML_VK_VISIBLE_DEVICES": os.environ.get("GGML_VK_VISIBLE_DEVICES"), "threads": 2,
            "counts": counts, "wall_s": round(wall, 1), "pytest_exit": rc, "tests": cases, "measured": measured,
-           "margin_fraction": 0.5,
            "targets_met": {"every test passes": rc == 0 and counts["passed"] == counts["tests"] > 0}}
     for k in ("memory_free", "memory_total"):
         for d in devs:

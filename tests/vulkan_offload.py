@@ -49,7 +49,7 @@ MEASURED: list[dict] = []
 
 
 def _record(test: str, model: str, **values) -> None:
-    MEASURED.append({"test": test, "model": model, **values})
+    MEASURED.append({"test": test, "model": model, "margin_fraction": MARGIN_FRACTION, **values})
 
 
 @pytest.fixture(scope="module", autouse=True)

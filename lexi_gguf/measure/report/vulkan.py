@@ -21,10 +21,11 @@ def _vulkan(d: dict) -> list[str]:
                                                         for t in d.get("tests", [])])]
     rows = [m for m in d.get("measured", []) if "max_diff" in m]
     if rows:
+        frac = d.get("margin_fraction") or rows[0].get("margin_fraction")
         out.append("Max |logit diff|, Vulkan (every layer offloaded, or half in `partial offload`) vs CPU, same "
                    "build. `of margin`: the largest diff over the smallest logit change from moving one layer's k by "
                    "one at the same counts on the CPU (what a wrong count in a single layer would show at the "
-                   "least); a check passes below " + num(d.get("margin_fraction", 0.5), "g") + ". `lexi off`: the "
+                   "least); a check passes below " + num(frac, "g") + ". `lexi off`: the "
                    "diff with the model's own k and LExI off (upstream's path: the backends' rounding alone):")
         out.append(table(["check", "model", "max diff", "of margin", "lexi off", "least one-layer k change"],
                          [[m["test"], m["model"], num(m["max_diff"], ".2e"), num(m.get("of_margin"), ".3f"),
