@@ -151,12 +151,19 @@ def test_vulkan_results_render():
     """The results `make test-vulkan` saves render into docs/results.md: device, counts, each measured diff."""
     from lexi_gguf.measure.report import RENDERERS
     d = {"device": "llvmpipe (LLVM 15.0.6, 256 bits)", "driver": {"driverName": "llvmpipe", "driverInfo": "Mesa 22.3.6"},
-         "counts": {"tests": 3, "passed": 2, "failures": 1, "errors": 0, "skipped": 0}, "wall_s": 100.0, "threads": 2,
-         "tests": [{"test": "t[a]", "outcome": "passed", "seconds": 1.25}, {"test": "t[b]", "outcome": "failed", "seconds": 2}],
-         "measured": [{"test": "custom counts", "model": "m", "max_diff": 1.5e-5, "tol": 1e-3, "one_layer_k_change_min": 0.25}],
+         "counts": {"tests": 3, "passed": 1, "failures": 1, "errors": 1, "skipped": 0}, "wall_s": 100.0, "threads": 2,
+         "tests": [{"test": "t[a]", "outcome": "passed", "seconds": 1.25}, {"test": "t[b]", "outcome": "failed", "seconds": 2},
+                   {"test": "t[c]", "outcome": "crashed (signal 11)", "seconds": 3}],
+         "measured": [{"test": "custom counts", "model": "m", "margin_fraction": 0.5, "max_diff": 1.5e-5, "of_margin": 6e-5,
+                       "one_layer_k_change_min": 0.25},
+                      {"test": "stored budgets", "model": "m", "margin_fraction": 0.5, "max_diff": 2e-3, "of_margin": 0.1,
+                       "lexi_off_diff": 1.5e-3}],
          "targets_met": {"every test passes": False}}
     text = "\n".join(RENDERERS["vulkan"].render(d))
     assert "Device: llvmpipe (LLVM 15.0.6, 256 bits) (llvmpipe: Mesa 22.3.6" in text
-    assert "2 of 3 tests passed, 1 failed in 100 s" in text
-    assert "| `t[b]` | failed | 2.0 |" in text and "| custom counts | m | 1.50e-05 | 1e-03 | 0.250 |" in text
+    assert "1 of 3 tests passed, 1 failed, 1 errors in 100 s" in text
+    assert "| `t[b]` | failed | 2.0 |" in text and "| `t[c]` | crashed (signal 11) | 3.0 |" in text
+    assert "a check passes below 0.5." in text
+    assert "| custom counts | m | 1.50e-05 | 0.000 | - | 0.250 |" in text
+    assert "| stored budgets | m | 2.00e-03 | 0.100 | 1.50e-03 | - |" in text
     assert "| every test passes | **not met** |" in text
