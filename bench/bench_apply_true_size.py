@@ -151,7 +151,7 @@ def main() -> int:
         row = {"quant": quant, "layers": s.layers, "moe_layers": len(s.moe_layers), "experts": s.experts, "k": s.k,
                "file_gib": src.stat().st_size / 2**30, "samples": samples, "threads": args.threads,
                "apply": {k: v for k, v in r.items() if k != "output_tail"},
-               "profile_s": profiled(r["output_tail"]), "ran": {k: C.provenance()[k] for k in ("date", "commit", "dirty")}}
+               "profile_s": profiled(r["output_tail"]), "ran": {k: v for k, v in C.provenance().items() if k in ("date", "commit", "dirty")}}
         row["per_layer_s"] = row["profile_s"] / len(s.moe_layers)
         print(f"   apply {r['wall_s']:.0f} s wall ({r['cpu_s']:.0f} CPU s, load {r['load_avg']:.1f}), profile "
               f"{row['profile_s']:.0f} s ({row['per_layer_s']:.1f} s a block), peak RSS {r['peak_rss_gb']:.2f} GB "
@@ -174,13 +174,13 @@ def main() -> int:
                         f"{b}: {v['changed_blocks']} blocks changed, regret {v['regret']:.2%}" for b, v in by_b.items()))
         rows[name] = row
     if args.merge and run.json.exists():
-        prev = json.loads(run.json.read_text())["shapes"]
-        for name, old in prev.items():
+        prev = json.loads(run.json.read_text())
+        for name, old in prev["shapes"].items():
             if name not in rows:
                 rows[name] = old
             elif "stability" not in rows[name] and "stability" in old:
                 rows[name].update({k: old[k] for k in ("stability", "stability_at_4x") if k in old},
-                                  stability_ran=old.get("ran") or {"date": json.loads(run.json.read_text()).get("date")})
+                                  stability_ran=old.get("ran") or {"date": prev.get("date")})
     q = rows.get("qwen3-30b-a3b")
     targets = {}
     if q and not args.quick:
