@@ -17,7 +17,10 @@ bench/results/true-size-<machine>.json) when it has them, else measured here (`-
 Targets (issue 30): file 2x the cache >= 5x stock mmap tok/s; file 4x: >= 5x stock and >= 0.6 of the
 disk-bound rate; the policy >= 1.3x prefetch chosen at 4x; memory never above SIZE + 5 %.
 
-    sudo .venv/bin/python bench/bench_expert_cache.py [--limits 0.5,0.25] [--policies nextuse,lru] [--n-gen 8]
+    sudo .venv/bin/python bench/bench_expert_cache.py [--limits 0.5,0.25] [--policies nextuse,lru,learned] [--n-gen 8]
+        [--warmup 8] [--reps 3] [--stock-reps 1] [--measure-baseline]
+Each cache row and prefetch chosen are the median of --reps fresh children; stock mmap (20x slower, 3-4 min
+a run) of --stock-reps.
 --quick: the shape's first 4 blocks, a limit of 0.9 of that file, one policy, 4 tokens.
 """
 from __future__ import annotations
@@ -58,6 +61,9 @@ def main() -> int:
     ap.add_argument("--limits", default="0.5,0.25", help="memory limits as fractions of the file")
     ap.add_argument("--policies", default="nextuse,lru")
     ap.add_argument("--n-gen", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=WARMUP, help="decode tokens before the timed ones")
+    ap.add_argument("--reps", type=int, default=1, help="fresh children per cache row and prefetch chosen (median)")
+    ap.add_argument("--stock-reps", type=int, default=1, help="fresh children per stock mmap row (median)")
     ap.add_argument("--baseline", help="a bench_true_size result of the same file (stock mmap and prefetch rows)")
     ap.add_argument("--measure-baseline", action="store_true", help="measure stock mmap and prefetch chosen here")
     ap.add_argument("--disk-bound", metavar="JSON", help="measure nothing: add the disk-bound columns (Belady's bytes "
@@ -91,7 +97,7 @@ def main() -> int:
             raise SystemExit(f"--disk-bound: {args.disk_bound} is not a run of {path.name} with its disk probes")
         rows = prev["rows"]
         disk = prev["disk_seq_read_mb_s"]
-        _disk_bound(rows, trace_path, info, expert_total, sum(disk) / len(disk), prev["n_gen"])
+        _disk_bound(rows, trace_path, info, expert_total, sum(disk) / len(disk), prev["n_gen"], prev.get("warmup", WARMUP))
         keep = {k: v for k, v in prev.items() if k not in ("kind", "variant", "quick", "targets_met")}
         keep["measured"] = {k: prev.get(k) for k in ("commit", "date", "dirty")}
         res = {**keep, "rows": rows, "targets_met": _targets(rows)}
@@ -104,24 +110,30 @@ def main() -> int:
     for frac in limits:
         limit = int(size * frac)
         if args.measure_baseline or not any(k[0] == frac for k in base):
-            res = bench_mem_limited(path, [0.75], mem_limit=limit, n_gen=n_gen, warmup=WARMUP, threads=args.threads,
-                                    prefetch=("off", "chosen"), only=["full"], replay=trace_path, rates=False)
-            for r in res["rows"]:
-                base[(frac, r["prefetch"])] = {"tok_s": r["tg_tps"], "from": "measured here",
-                                               "mb_read_per_token": (r.get("read_bytes_per_token") or 0) / 1e6}
+            for pf, reps in (("off", args.stock_reps), ("chosen", args.reps)):
+                res = bench_mem_limited(path, [0.75], mem_limit=limit, n_gen=n_gen, warmup=args.warmup, reps=reps,
+                                        threads=args.threads, prefetch=(pf,), only=["full"], replay=trace_path,
+                                        rates=False)
+                for r in res["rows"]:
+                    base[(frac, r["prefetch"])] = {"tok_s": r["tg_tps"], "from": "measured here", "reps": reps,
+                                                   "tok_s_runs": [x["tg_tps"] for x in r["reps"]],
+                                                   "mb_read_per_token": (r.get("read_bytes_per_token") or 0) / 1e6}
         cache = int(limit - non_expert - (ANON_MARGIN // 3 if args.quick else ANON_MARGIN))
         one_token = sum(fp["expert_bytes"][i] * info.expert_used_count for i in info.moe_layers)
         if cache < one_token:
             raise SystemExit(f"limit {limit / 2**30:.2f} GiB leaves {cache / 2**30:.2f} GiB for experts, below one "
                              f"token's {one_token / 2**30:.2f} GiB: raise --limits")
         for pol in policies:
-            with memory_cgroup(limit) as g:
-                spec = {"model": str(path), "kv": {}, "n_gen": n_gen, "warmup": WARMUP, "threads": args.threads,
-                        "seed": 0, "cgroup": str(g.path), "version": g.version, "limit": limit, "prefetch": "off",
-                        "repack": "auto", "replay": str(trace_path), "counts": counts,
-                        "expert_cache": str(cache), "cache_policy": pol}
-                r = run_child(spec)
-                peak = g.peak()
+            runs = []
+            for _ in range(1 if args.quick else args.reps):
+                with memory_cgroup(limit) as g:
+                    spec = {"model": str(path), "kv": {}, "n_gen": n_gen, "warmup": args.warmup, "threads": args.threads,
+                            "seed": 0, "cgroup": str(g.path), "version": g.version, "limit": limit, "prefetch": "off",
+                            "repack": "auto", "replay": str(trace_path), "counts": counts,
+                            "expert_cache": str(cache), "cache_policy": pol}
+                    runs.append((run_child(spec), g.peak()))
+            runs.sort(key=lambda x: x[0]["decode_s"])
+            r, peak = runs[len(runs) // 2]                 # the median run (by decode time)
             tok_s = n_gen / r["decode_s"]
             ec = r["expert_cache"]
             row = {"fraction": frac, "limit_bytes": limit, "cache_bytes": cache, "policy": pol, "tok_s": tok_s,
@@ -130,8 +142,9 @@ def main() -> int:
                    "mb_asked_per_token": ec["mb_asked_per_token"], "evictions": ec["evictions"],
                    "evict_call": ec["evict_call"], "callback_seconds": ec["callback_seconds"],
                    "io_seconds": ec.get("io_seconds"), "stray_bytes": ec.get("stray_bytes"),
-                   "refolios": ec.get("refolios"), "load_s": r["load_s"], "token_ms": r["token_ms"]}
-            row["within_budget"] = ec["resident_expert_bytes"] <= 1.05 * cache
+                   "refolios": ec.get("refolios"), "load_s": r["load_s"], "token_ms": r["token_ms"],
+                   "tok_s_runs": sorted(n_gen / x["decode_s"] for x, _ in runs), "lookahead": ec.get("lookahead")}
+            row["within_budget"] = all(x["expert_cache"]["resident_expert_bytes"] <= 1.05 * cache for x, _ in runs)
             for pf in ("off", "chosen"):
                 b = base.get((frac, pf))
                 row[f"vs_{'stock' if pf == 'off' else 'prefetch'}"] = tok_s / b["tok_s"] if b else None
@@ -140,9 +153,10 @@ def main() -> int:
                   f"{row['mb_read_per_token']:.0f} MB read/token, hit rate {ec['hit_rate']:.3f}, resident experts "
                   f"{ec['resident_expert_bytes'] / 2**30:.2f} GiB", flush=True)
     disk.append(_seq_rate(path))
-    _disk_bound(rows, trace_path, info, expert_total, sum(disk) / len(disk), n_gen)
+    _disk_bound(rows, trace_path, info, expert_total, sum(disk) / len(disk), n_gen, args.warmup)
     res = {"file": path.name, "file_bytes": size, "blocks": shape.layers, "non_expert_bytes": non_expert,
-           "expert_bytes_total": expert_total, "routing": "SYNTHETIC (bench_true_size.routing)", "warmup": WARMUP,
+           "expert_bytes_total": expert_total, "routing": "SYNTHETIC (bench_true_size.routing)", "warmup": args.warmup,
+           "reps": args.reps, "stock_reps": args.stock_reps,
            "n_gen": n_gen, "threads": args.threads, "anon_margin_bytes": ANON_MARGIN, "rows": rows,
            "baselines": [{"fraction": k[0], "prefetch": k[1], **v} for k, v in sorted(base.items())],
            "disk_seq_read_mb_s": disk, "load_avg": os.getloadavg(),
@@ -158,7 +172,7 @@ def _seq_rate(path) -> float:
     return round(disk_rates(path, seconds=3.0, max_random=0)["seq_read_bytes_per_s"] / 1e6, 1)
 
 
-def _disk_bound(rows, trace_path, info, expert_total: float, seq_mb_s: float, n_gen: int) -> None:
+def _disk_bound(rows, trace_path, info, expert_total: float, seq_mb_s: float, n_gen: int, warmup: int = WARMUP) -> None:
     """Each row's disk-bound rate: the sequential read rate (mean of the probes) / the bytes a timed token
     reads at Belady's MIN with the cache's capacity (bench_true_size.simulate, cold start as there)."""
     from lexi_gguf.runtime.trace import Trace
@@ -167,7 +181,7 @@ def _disk_bound(rows, trace_path, info, expert_total: float, seq_mb_s: float, n_
     counts = [info.expert_used_count] * len(trace.moe_layers)
     for r in rows:
         bel = simulate(trace, counts, capacity=r["cache_bytes"] / expert_total, link=f"{seq_mb_s / 1e3},100",
-                       depth=1, compute_s=0.0, n_gen=n_gen, policy="belady")
+                       depth=1, compute_s=0.0, n_gen=n_gen, policy="belady", warmup=warmup)
         r["belady_mb_per_token"] = float(bel["mb_per_token"])
         r["disk_bound_tps"] = float(seq_mb_s / max(bel["mb_per_token"], 1e-6))
         r["vs_disk_bound"] = r["tok_s"] / r["disk_bound_tps"]

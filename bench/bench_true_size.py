@@ -53,7 +53,7 @@ def routing(args, shape, out_dir: Path, n_tokens: int) -> Path:
 
 
 def simulate(trace, counts_moe: list[int], *, capacity: float, link: str, depth: int, compute_s: float,
-             n_gen: int, policy: str = "lru", miss_bytes: float | None = None) -> dict:
+             n_gen: int, policy: str = "lru", miss_bytes: float | None = None, warmup: int = WARMUP) -> dict:
     """ms per timed token and bytes per timed token: the warm-up rows, then the timed rows, cold start.
     miss_bytes: what one miss reads instead of the expert's bytes (stock mmap: its fault windows); the
     same memory then holds fewer experts (capacity scaled by expert bytes / miss bytes)."""
@@ -73,9 +73,9 @@ def simulate(trace, counts_moe: list[int], *, capacity: float, link: str, depth:
                     tr.experts[:n], tr.weights[:n], None, tr.meta)
         return simulate_clocked(sub, capacity, policy, link=link, compute_s=compute_s, phase="all",
                                 queue_depth=depth).row()
-    a, b = first(WARMUP), first(WARMUP + n_gen)
-    ms = (b["ms_per_token"] * (WARMUP + n_gen) - a["ms_per_token"] * WARMUP) / n_gen
-    mb = (b["mb_per_token"] * (WARMUP + n_gen) - a["mb_per_token"] * WARMUP) / n_gen
+    a, b = first(warmup), first(warmup + n_gen)
+    ms = (b["ms_per_token"] * (warmup + n_gen) - a["ms_per_token"] * warmup) / n_gen
+    mb = (b["mb_per_token"] * (warmup + n_gen) - a["mb_per_token"] * warmup) / n_gen
     return {"ms_per_token": ms, "mb_per_token": mb, "hit_rate": b["hit_rate"]}
 
 

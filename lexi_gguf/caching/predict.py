@@ -109,23 +109,7 @@ def sure_guesses(predictions: dict[int, dict], top: int | None = None, max_dista
 
 # ---------------------------------------------------------------- learned look-ahead predictor
 
-def lookahead_pairs(trace: Trace, depth: int, tokens: np.ndarray | None = None):
-    """(source token, source layer j, d, target token, target layer) for look-ahead d = 1..depth: the
-    target is layer j+d of the same token, or past the last MoE layer, the next token's first layers."""
-    L = len(trace.moe_layers)
-    toks = np.arange(len(trace.tokens)) if tokens is None else tokens
-    next_of = {int(t): int(t) + 1 for t in range(len(trace.tokens) - 1) if trace.seq[t] == trace.seq[t + 1]}
-    out = []
-    for t in toks:
-        t = int(t)
-        for j in range(L):
-            for d in range(1, depth + 1):
-                jj = j + d
-                if jj < L:
-                    out.append((t, j, d, t, jj))
-                elif t in next_of:
-                    out.append((t, j, d, next_of[t], jj - L))
-    return out
+from ..runtime.seqmodel import lookahead_pairs  # noqa: E402,F401  (its home: the runtime's sequence model)
 
 
 class LearnedPredictor:

@@ -72,7 +72,8 @@ def cmd_predictor(args) -> None:
         for d, p in learner.predictions(tr).items():
             rows.append({"predictor": f"{name} d={d}", **predict.score(tr, p)})
     from ..caching import idpredict
-    id_only = {"previous": idpredict.previous_predictions(tr, args.depth)}
+    id_only = {"previous": idpredict.previous_predictions(tr, args.depth),
+               "online": idpredict.online_predictions(tr, args.depth)}
     if args.train_trace:
         id_only["coactivation"] = idpredict.coactivation_predictions(Trace.load(args.train_trace), tr, args.depth)
     for name, preds in id_only.items():
@@ -133,6 +134,9 @@ def cmd_cache_sim(args) -> None:
     from ..caching import idpredict
     if "previous" in wanted:
         predictors["previous"] = idpredict.previous_predictions(tr, args.depth)
+    if "online" in wanted:           # the runtime's `--cache-policy learned` predictor, as it runs
+        predictors["online"] = idpredict.online_predictions(tr, args.depth, Trace.load(args.train_trace)
+                                                            if args.train_trace else None)
     if "coactivation" in wanted:
         if not args.train_trace:
             raise LexiError("--policy coactivation needs --train-trace TRACE.npz (counted on other prompts)")
@@ -271,7 +275,8 @@ def register(sub) -> None:
     p.add_argument("--policy", type=names,
                    default=["lru", "lfu", "eamc", "belady", "router", "oracle"],
                    help="lru, lfu, eamc (MoE-Infinity-style), nextuse (learned next-use eviction), belady (offline "
-                        "optimum); router / learned / sequence / coactivation / previous / oracle / random (prefetch "
+                        "optimum); router / learned / sequence / coactivation / previous / online (the runtime's "
+                        "--cache-policy learned predictor) / oracle / random (prefetch "
                         "every guess, LRU eviction); PRED:gated (--clock: prefetch only guesses that pay, nextuse "
                         "eviction; the recommended prefetcher) or PRED:gated-lru")
     p.add_argument("--k", type=ints, help="replay at per-layer k: k per MoE layer (or per block, 0 on dense "

@@ -245,9 +245,14 @@ def add_device_opts(p) -> None:
                    "file (pages, prefetch); auto (default) = off with --prefetch or a model larger than memory")
     p.add_argument("--expert-cache", metavar="SIZE", help="keep routed experts in memory within SIZE (4G, 3.5GiB, "
                    "or auto: what MemAvailable spares), evicting by --cache-policy (docs/memory.md); no cgroup, no root")
-    p.add_argument("--cache-policy", choices=["nextuse", "lru", "lfu", "nextuse:k", "lru:k", "lfu:k"],
-                   help="the expert cache's eviction policy (default nextuse: docs/caching.md); POLICY:k splits "
-                   "SIZE into per-layer quotas following each layer's k")
+    p.add_argument("--cache-policy", choices=["nextuse", "lru", "lfu", "learned", "nextuse:k", "lru:k", "lfu:k",
+                                              "learned:k"],
+                   help="the expert cache's eviction policy (default nextuse: docs/caching.md); learned: nextuse plus "
+                   "look-ahead prefetch of the next layers' guessed experts where the clock says it pays; POLICY:k "
+                   "splits SIZE into per-layer quotas following each layer's k")
+    p.add_argument("--cache-predictor", metavar="PRED",
+                   help="what --cache-policy learned guesses with: coactivation (default, learned online), previous, "
+                   "TRACE.npz (coactivation counted on it first) or PRED.pt (`predictor train --kind sequence`)")
 
 
 def load_options(args, prefetch: str = "off"):
@@ -259,4 +264,5 @@ def load_options(args, prefetch: str = "off"):
     return LoadOptions(n_gpu_layers=ngl, rpc=args.rpc or (), tensor_split=args.tensor_split, repack=args.repack,
                        prefetch=prefetch, threads=getattr(args, "threads", None),
                        expert_cache=getattr(args, "expert_cache", None), cache_policy=getattr(args, "cache_policy", None),
+                       cache_predictor=getattr(args, "cache_predictor", None),
                        cpu_moe=getattr(args, "n_cpu_moe", 0) or 0, override_tensor=tuple(getattr(args, "override_tensor", None) or ()))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import os
 import weakref
-import re
 import sys
 import time
 
@@ -27,34 +26,7 @@ from .expertio import ExpertIO
 from .policies import LayerPools, make_pools, split_quota
 from .hooks import ORDER_CACHE, RoutingHooks
 
-CACHE_POLICIES = ("nextuse", "lru", "lfu", "nextuse:k", "lru:k", "lfu:k")   # POLICY:k: per-layer quotas by k
-DEFAULT_POLICY = "nextuse"          # docs/caching.md: transfer >> compute (experts read from disk)
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def parse_size(text) -> int | str:
-    """'4G', '3.5GiB', '512M', '123456' (bytes) -> bytes; 'auto' stays 'auto'."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    s = str(text).strip().lower()
-    if s == "auto":
-        return "auto"
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?", s)
-    if not m or (m.group(3) and not m.group(2) and m.group(3) != "b"):
-        raise LexiError(f"--expert-cache {text!r}: give a size such as 4G, 3.5GiB or 512M, or auto")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def auto_size(other_bytes: int) -> int:
-    """What the machine can spare: MemAvailable less the non-expert weights and a margin (1 GiB or 10 %)."""
-    avail = None
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    if avail is None:
-        raise LexiError("--expert-cache auto: /proc/meminfo has no MemAvailable; give a size such as 4G")
-    return int(avail - other_bytes - max(2**30, 0.1 * avail))
+from .cacheopts import CACHE_POLICIES, DEFAULT_POLICY, auto_size, parse_size  # noqa: F401  (re-exported)
 
 
 def _gib(b: float) -> str:
@@ -66,7 +38,8 @@ class ExpertCache:
     `ExpertCache(llm, path, size, policy, base).install()`."""
 
     def __init__(self, llm, path, size, policy: str = DEFAULT_POLICY, base: int | None = None,
-                 counts: list[int] | None = None, *, quiet: bool = False, background: bool = True):
+                 counts: list[int] | None = None, *, quiet: bool = False, background: bool = True,
+                 predictor: str | None = None):
         if policy not in CACHE_POLICIES:
             raise LexiError(f"--cache-policy {policy!r}: use one of {', '.join(CACHE_POLICIES)}")
         self.llm, self.path, self.policy_name, self.quiet = llm, str(path), policy, quiet
@@ -96,6 +69,14 @@ class ExpertCache:
         self.slots = int(size // mean)
         L, E = len(lay.moe_layers), lay.n_expert
         kind, _, quota = policy.partition(":")       # room is counted in bytes here: budgets, not slots
+        self.look, self.predictor_spec, self.pol_needed, self.last_asked = None, predictor, set(), 0
+        if predictor is not None and kind != "learned":
+            raise LexiError(f"--cache-predictor guesses for --cache-policy learned, not {policy}: add "
+                            "--cache-policy learned (nextuse eviction plus look-ahead prefetch)")
+        if kind == "learned":
+            from .lookahead import make_predictor
+            self.look_pred = make_predictor(predictor, len(lay.moe_layers), lay.n_expert)
+            kind = "nextuse"
         w = [k * b for k, b in zip(self.counts, lay.expert_bytes)] if quota else [1]
         self.budget = [int(x) for x in split_quota(self.size, w)]
         pools = make_pools([1 << 62] * len(w) if quota else None, 1 << 62, kind, L, E, self.counts)
@@ -144,7 +125,7 @@ class ExpertCache:
                 return
             ids = np.ctypeslib.as_array(ids, shape=(n_tokens, n_used))
             E = self.lay.n_expert
-            self.io.submit(j, (j * E + np.unique(ids[(ids >= 0) & (ids < E)])).tolist(), n_tokens)
+            self.io.submit(j, (j * E + np.unique(ids[(ids >= 0) & (ids < E)])).tolist(), n_tokens, t0)
         except Exception as e:      # noqa: BLE001
             self.error = self.error or e
         finally:
@@ -155,15 +136,16 @@ class ExpertCache:
         (ask), then the policy admits them and picks victims; returns the keys to drop. Runs on the
         worker thread (runtime.expertio), the only one that changes the policy."""
         st, p = self.stats, j if len(self.used_by) > 1 else 0
-        pol, budget = self.pol if p == 0 and len(self.used_by) == 1 else self.pol.pools[p], self.budget[p]
+        pol = self.pool_of(j)
         if j == 0:
             self.step += 1
             st["tokens"] += n_tokens
         drops = self.overflow                # read on demand by the layer before: out again
         self.overflow = []
-        need = set(keys)
+        need = self.pol_needed = set(keys)
         asks = [k for k in keys if k not in pol]
         ask(asks)
+        self.last_asked = sum(self._bytes(k) for k in asks)
         pol.on_layer(self.step, j, keys)
         st["requests"] += len(keys)
         st["hits"] += len(keys) - len(asks)
@@ -171,18 +153,12 @@ class ExpertCache:
             if k in pol:
                 pol.touch(k, self.now)
                 self.now += 1
+        if self.look is not None:
+            self.look.requested(keys)
         for k in asks:
             b = self._bytes(k)
-            while self.used_by[p] + b > budget:
-                v = pol.victim()
-                if v is None or v in need:
-                    break
-                pol.evict()
-                self.used_by[p] -= self._bytes(v)
-                drops.append(v)
-                st["evictions"] += 1
             st["asked_bytes"] += b
-            if self.used_by[p] + b > budget:    # this layer's experts alone fill the cache: a demand read
+            if not self._make_room(p, b, need, drops):    # this layer's experts alone fill the cache: a demand read
                 self.overflow.append(k)
                 st["overflow"] += 1
                 continue
@@ -193,11 +169,54 @@ class ExpertCache:
         self.overflow_set = set(self.overflow)
         return drops
 
+    def pool_of(self, j: int):
+        return self.pol if len(self.used_by) == 1 else self.pol.pools[j]
+
+    def room(self, j: int) -> int:
+        p = j if len(self.used_by) > 1 else 0
+        return self.budget[p] - self.used_by[p]
+
+    def _make_room(self, p: int, b: int, need, drops: list[int]) -> bool:
+        """Evict from pool p (never a key in `need`) until b more bytes fit; False if they cannot."""
+        pol = self.pol if len(self.used_by) == 1 else self.pol.pools[p]
+        while self.used_by[p] + b > self.budget[p]:
+            v = pol.victim()
+            if v is None or v in need:
+                return False
+            pol.evict()
+            self.used_by[p] -= self._bytes(v)
+            drops.append(v)
+            self.stats["evictions"] += 1
+            if self.look is not None and v in self.look.unused:
+                self.look.unused.discard(v)
+                self.look.stats["prefetch_wasted"] += 1
+        return True
+
+    def prefetch(self, key: int, conf: float, drops: list[int]) -> bool:
+        """A guess the look-ahead decided to read: room made (victims into drops), admitted as a guess
+        with its confidence, asked for. False when it does not fit without dropping what runs now."""
+        j = key // self.lay.n_expert
+        p = j if len(self.used_by) > 1 else 0
+        b = self._bytes(key)
+        if not self._make_room(p, b, self.pol_needed, drops):
+            return False
+        self.pool_of(j).prefetched(key, self.now, conf)
+        self.now += 1
+        self.used_by[p] += b
+        self.io.ask([key])
+        return True
+
     # ------------------------------------------------------------------ life
     def install(self) -> "ExpertCache":
         for off, n in self.lay.ranges:
             xm.madvise(*xm.page_in(self.base + off, n), xm.MADV_RANDOM)
         self._warm()
+        if hasattr(self, "look_pred"):
+            from .lookahead import Lookahead, probe_rate
+            E, pol = self.lay.n_expert, self.pol
+            cold = [s for k in range(len(self.lay.moe_layers) * E) if k not in pol
+                    for s in self.lay.spans(k // E, k % E)][::7]
+            self.look = Lookahead(self, *self.look_pred, probe_rate(self.fd, cold))
         RoutingHooks.of(self.llm).add(self._cb, ORDER_CACHE)
         if not self.quiet:
             print(self.load_line(), file=sys.stderr, flush=True)
@@ -249,7 +268,13 @@ class ExpertCache:
                f"~{self.slots} slots (experts of {sizes[0] / 2**20:.2f}-{sizes[-1] / 2**20:.2f} MiB by layer; bytes counted)")
         return (f"lexi-gguf: expert cache: madvise manager over the mapped file, {_gib(self.size)}"
                 f"{' (auto)' if self.auto else ''} = {per}, one pool over {len(self.lay.moe_layers)} MoE layers, "
-                f"policy {self.policy_name}; experts {_gib(self.total)} in all, one token's {_gib(self.one_token)}")
+                f"policy {self.policy_name}{self._look_line()}; experts {_gib(self.total)} in all, one token's {_gib(self.one_token)}")
+
+    def _look_line(self) -> str:
+        if self.look is None:
+            return ""
+        return (f" (look-ahead {self.look.depth} layers, {type(self.look.p).__name__.lower()} predictor, "
+                f"read rate {self.look.rate / 1e6:.0f} MB/s probed)")
 
     def resident_expert_bytes(self) -> int | None:
         """Expert bytes in memory now (mincore over every expert tensor); None once the model is freed."""
@@ -271,7 +296,7 @@ class ExpertCache:
                 "mb_asked_per_token": st["asked_bytes"] / 1e6 / st["tokens"] if st["tokens"] else None,
                 "admitted_bytes": self.used, "resident_expert_bytes": self.resident_expert_bytes(),
                 "callback_seconds": round(self.seconds, 4), "io_seconds": round(self.io.seconds, 4),
-                **self.io.stats}
+                **self.io.stats, **({} if self.look is None else {"lookahead": self.look.summary()})}
 
     def exit_line(self) -> str:
         s = self.summary()
@@ -280,7 +305,10 @@ class ExpertCache:
         res = s["resident_expert_bytes"]
         return (f"lexi-gguf: expert cache: {s['tokens']} tokens, hit rate {hr}, {mb} MB asked for per token, "
                 f"{s['evictions']} evictions ({s['evict_call']}), resident experts "
-                f"{'n/a' if res is None else _gib(res)} of {_gib(self.size)}")
+                f"{'n/a' if res is None else _gib(res)} of {_gib(self.size)}"
+                + ("" if self.look is None else
+                   f"; look-ahead: {s['lookahead']['prefetches']} guesses read ({s['lookahead']['prefetch_used']} used), "
+                   f"{s['lookahead']['refused']} refused by the clock"))
 
     def close(self) -> None:
         """Say how it went (once), leave the hook and close the file."""
@@ -298,13 +326,14 @@ class ExpertCache:
 
 
 def install(llm, path, size, policy: str | None, bases_before: set[int], counts: list[int], *,
-            quiet: bool = False) -> ExpertCache:
+            quiet: bool = False, predictor: str | None = None) -> ExpertCache:
     """The cache on a model just loaded: its mapping is the one of `path` that was not there before the
     load (bases_before); counts: what each block runs (runtime.llama.n_expert_active)."""
     bases = xm.mapping_bases(path) - bases_before
     if len(bases) != 1:
         raise LexiError(f"--expert-cache: llama.cpp did not mmap {path} (or mapped it twice); load it with mmap")
     moe = xm.layout(path).moe_layers
-    cache = ExpertCache(llm, path, size, policy or DEFAULT_POLICY, bases.pop(), [counts[il] for il in moe], quiet=quiet)
+    cache = ExpertCache(llm, path, size, policy or DEFAULT_POLICY, bases.pop(), [counts[il] for il in moe], quiet=quiet,
+                         predictor=predictor)
     llm._lexi_expert_cache = cache
     return cache.install()

@@ -42,13 +42,13 @@ class ExpertIO:
             self._t.start()
 
     # ------------------------------------------------------------------ queue
-    def submit(self, j: int, keys: list[int], n_tokens: int) -> None:
+    def submit(self, j: int, keys: list[int], n_tokens: int, t_cb: float = 0.0) -> None:
         if self.q is None:
-            self._batch(j, keys, n_tokens)
+            self._batch(j, keys, n_tokens, t_cb)
             return
         if self.q.qsize() > BACKLOG:
             self.q.join()
-        self.q.put((j, keys, n_tokens))
+        self.q.put((j, keys, n_tokens, t_cb))
 
     def flush(self) -> None:
         if self.q is not None:
@@ -72,10 +72,12 @@ class ExpertIO:
             finally:
                 self.q.task_done()
 
-    def _batch(self, j: int, keys: list[int], n_tokens: int) -> None:
+    def _batch(self, j: int, keys: list[int], n_tokens: int, t_cb: float = 0.0) -> None:
         t0 = time.perf_counter()
         c = self.c
         drops = c.decide(j, keys, n_tokens, self.ask)
+        if c.look is not None:          # guesses for the next layers, asked after this layer's misses
+            drops += c.look.after_layer(c.step, j, keys, c.last_asked, n_tokens, t_cb)
         drops = [k for k in drops if k not in c.pol and k not in c.overflow_set]   # re-admitted since: keep
         warm = [k for k in drops if k in c.warm]
         c.warm.difference_update(warm)

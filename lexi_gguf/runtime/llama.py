@@ -177,7 +177,8 @@ def load(path: str | Path, *, options: LoadOptions | None = None, kv_overrides: 
         if opts.expert_cache is not None:       # runtime.expertcache: bounded expert memory, the project's policy
             from .expertcache import install
             try:
-                install(llm, path, opts.expert_cache, opts.cache_policy, bases_before, n_expert_active(llm))
+                install(llm, path, opts.expert_cache, opts.cache_policy, bases_before, n_expert_active(llm),
+                        predictor=opts.cache_predictor)
             except LexiError:
                 llm.close()
                 raise

@@ -28,7 +28,7 @@ class LoadOptions:
     prefetch from the mapped file (runtime.llama.set_prefetch). threads: CPU threads (None: llama.cpp's
     default). expert_cache: a size (4G, 3.5GiB, bytes, auto) of routed-expert memory the runtime's expert
     cache keeps to (runtime.expertcache; None: the page cache decides); cache_policy: its eviction
-    policy (None: the recommended one). cpu_moe: the routed experts of the first N layers stay on the CPU
+    policy (None: the recommended one); cache_predictor: what `learned` guesses with (runtime.lookahead). cpu_moe: the routed experts of the first N layers stay on the CPU
     (llama.cpp's --n-cpu-moe); override_tensor: PATTERN=BUFFER specs (llama.cpp's -ot, e.g. exps=CPU):
     runtime.moeplace."""
     n_gpu_layers: int = 0
@@ -39,6 +39,7 @@ class LoadOptions:
     threads: int | None = None
     expert_cache: str | None = None
     cache_policy: str | None = None
+    cache_predictor: str | None = None
     cpu_moe: int = 0
     override_tensor: tuple[str, ...] = ()
 
@@ -66,13 +67,15 @@ class LoadOptions:
         for spec in ot:
             parse(spec)
         object.__setattr__(self, "override_tensor", ot)
-        if self.expert_cache is not None or self.cache_policy is not None:
+        if self.expert_cache is not None or self.cache_policy is not None or self.cache_predictor is not None:
             self._check_cache()
 
     def _check_cache(self) -> None:
-        from .expertcache import CACHE_POLICIES, parse_size
+        from .cacheopts import CACHE_POLICIES, parse_size
         if self.cache_policy is not None and self.cache_policy not in CACHE_POLICIES:
             raise LexiError(f"--cache-policy {self.cache_policy!r}: use one of {', '.join(CACHE_POLICIES)}")
+        if self.cache_predictor is not None and not (self.cache_policy or "").startswith("learned"):
+            raise LexiError("--cache-predictor guesses for --cache-policy learned: add --cache-policy learned")
         if self.expert_cache is None:
             raise LexiError("--cache-policy needs --expert-cache SIZE (the cache it runs)")
         parse_size(self.expert_cache)

@@ -34,7 +34,8 @@ def decode(spec: dict) -> dict:
     options = None
     if spec.get("expert_cache"):      # the runtime's expert cache (runtime.expertcache) inside the same limit
         from ...runtime.options import LoadOptions
-        options = LoadOptions(expert_cache=str(spec["expert_cache"]), cache_policy=spec.get("cache_policy"))
+        options = LoadOptions(expert_cache=str(spec["expert_cache"]), cache_policy=spec.get("cache_policy"),
+                              cache_predictor=spec.get("cache_predictor"))
     llm = load(path, kv_overrides=spec["kv"] or None, n_ctx=spec["warmup"] + spec["n_gen"] + 16, n_batch=32,
                n_threads=spec["threads"], n_gpu_layers=0, use_mmap=True, use_mlock=False, options=options,
                prefetch=spec.get("prefetch", "off"), repack=spec.get("repack", "auto"))
