@@ -116,7 +116,7 @@ def main() -> int:
                                         rates=False)
                 for r in res["rows"]:
                     base[(frac, r["prefetch"])] = {"tok_s": r["tg_tps"], "from": "measured here", "reps": reps,
-                                                   "tok_s_runs": [x["tg_tps"] for x in r["reps"]],
+                                                   "tok_s_runs": sorted(n_gen / x["decode_s"] for x in r["reps"]),
                                                    "mb_read_per_token": (r.get("read_bytes_per_token") or 0) / 1e6}
         cache = int(limit - non_expert - (ANON_MARGIN // 3 if args.quick else ANON_MARGIN))
         one_token = sum(fp["expert_bytes"][i] * info.expert_used_count for i in info.moe_layers)
