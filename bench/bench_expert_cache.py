@@ -22,6 +22,12 @@ disk-bound rate; the policy >= 1.3x prefetch chosen at 4x; memory never above SI
 Each cache row and prefetch chosen are the median of --reps fresh children; stock mmap (20x slower, 3-4 min
 a run) of --stock-reps.
 --quick: the shape's first 4 blocks, a limit of 0.9 of that file, one policy, 4 tokens.
+
+--widen-testbed FACTOR: the other regime (a layer computes about as long as its misses take to read): the
+trained caching testbed with experts widened FACTOR times (bench_memlimit.widened_testbed: trained
+routing, 3.2 MB experts at 54), decoding a held-out prompt's sampled continuation; `learned` starts from
+co-activation counted on a trace of 8 other held-out prompts (disjoint). No disk-bound column (no trace
+to replay through MIN at these tokens).
 """
 from __future__ import annotations
 
@@ -66,6 +72,8 @@ def main() -> int:
     ap.add_argument("--stock-reps", type=int, default=1, help="fresh children per stock mmap row (median)")
     ap.add_argument("--baseline", help="a bench_true_size result of the same file (stock mmap and prefetch rows)")
     ap.add_argument("--measure-baseline", action="store_true", help="measure stock mmap and prefetch chosen here")
+    ap.add_argument("--widen-testbed", type=int, metavar="FACTOR", help="the trained caching testbed, experts "
+                    "widened FACTOR times, decoding sampled text (the compute ~ transfer regime)")
     ap.add_argument("--disk-bound", metavar="JSON", help="measure nothing: add the disk-bound columns (Belady's bytes "
                     "per token, simulated; the read rates the run probed) to this result of the same file")
     args = ap.parse_args()
@@ -80,14 +88,20 @@ def main() -> int:
     limits = [0.9] if args.quick else [float(x) for x in args.limits.split(",")]   # 4 blocks: the non-expert share is large
     policies = args.policies.split(",")[: 1 if args.quick else None]
     n_gen = 4 if args.quick else args.n_gen
-    run = C.Run(args, "expert-cache")
+    run = C.Run(args, "expert-cache", "widened" if args.widen_testbed else None)
     work = C.WORK / "true-size"
     work.mkdir(parents=True, exist_ok=True)
     args.trace, args.quant = None, "Q4_K_M"
-    path = Path(synth.synth(shape, "Q4_K_M", full_layers=full_shape.layers)["path"])
+    prompt = predictor = None
+    margin = ANON_MARGIN // 3 if args.quick else ANON_MARGIN
+    if args.widen_testbed:
+        path, prompt, predictor = _widened(args, args.warmup + n_gen)
+        margin, trace_path = ANON_MARGIN // 3, None      # a 1.5 GiB model: a smaller process
+    else:
+        path = Path(synth.synth(shape, "Q4_K_M", full_layers=full_shape.layers)["path"])
+        trace_path = routing(args, shape, work, 512)
     size = path.stat().st_size
     info, fp = model_info(path), footprint(path)
-    trace_path = routing(args, shape, work, 512)
     expert_total = sum(fp["expert_bytes"][i] * info.expert_count for i in info.moe_layers)
     non_expert = size - expert_total
     counts = [info.expert_used_count if i in info.moe_layers else 0 for i in range(info.block_count)]
@@ -113,12 +127,12 @@ def main() -> int:
             for pf, reps in (("off", args.stock_reps), ("chosen", args.reps)):
                 res = bench_mem_limited(path, [0.75], mem_limit=limit, n_gen=n_gen, warmup=args.warmup, reps=reps,
                                         threads=args.threads, prefetch=(pf,), only=["full"], replay=trace_path,
-                                        rates=False)
+                                        rates=False, prompt=prompt)
                 for r in res["rows"]:
                     base[(frac, r["prefetch"])] = {"tok_s": r["tg_tps"], "from": "measured here", "reps": reps,
                                                    "tok_s_runs": sorted(n_gen / x["decode_s"] for x in r["reps"]),
                                                    "mb_read_per_token": (r.get("read_bytes_per_token") or 0) / 1e6}
-        cache = int(limit - non_expert - (ANON_MARGIN // 3 if args.quick else ANON_MARGIN))
+        cache = int(limit - non_expert - margin)
         one_token = sum(fp["expert_bytes"][i] * info.expert_used_count for i in info.moe_layers)
         if cache < one_token:
             raise SystemExit(f"limit {limit / 2**30:.2f} GiB leaves {cache / 2**30:.2f} GiB for experts, below one "
@@ -129,8 +143,9 @@ def main() -> int:
                 with memory_cgroup(limit) as g:
                     spec = {"model": str(path), "kv": {}, "n_gen": n_gen, "warmup": args.warmup, "threads": args.threads,
                             "seed": 0, "cgroup": str(g.path), "version": g.version, "limit": limit, "prefetch": "off",
-                            "repack": "auto", "replay": str(trace_path), "counts": counts,
-                            "expert_cache": str(cache), "cache_policy": pol}
+                            "repack": "auto", "replay": trace_path and str(trace_path), "counts": counts,
+                            "prompt": prompt, "expert_cache": str(cache), "cache_policy": pol,
+                            "cache_predictor": predictor if pol.startswith("learned") else None}
                     runs.append((run_child(spec), g.peak()))
             runs.sort(key=lambda x: x[0]["decode_s"])
             r, peak = runs[len(runs) // 2]                 # the median run (by decode time)
@@ -153,17 +168,36 @@ def main() -> int:
                   f"{row['mb_read_per_token']:.0f} MB read/token, hit rate {ec['hit_rate']:.3f}, resident experts "
                   f"{ec['resident_expert_bytes'] / 2**30:.2f} GiB", flush=True)
     disk.append(_seq_rate(path))
-    _disk_bound(rows, trace_path, info, expert_total, sum(disk) / len(disk), n_gen, args.warmup)
+    if trace_path is not None:
+        _disk_bound(rows, trace_path, info, expert_total, sum(disk) / len(disk), n_gen, args.warmup)
     res = {"file": path.name, "file_bytes": size, "blocks": shape.layers, "non_expert_bytes": non_expert,
-           "expert_bytes_total": expert_total, "routing": "SYNTHETIC (bench_true_size.routing)", "warmup": args.warmup,
+           "expert_bytes_total": expert_total, "warmup": args.warmup,
+           "routing": ("trained (the caching testbed's router), sampled text" if args.widen_testbed
+                       else "SYNTHETIC (bench_true_size.routing)"), "cache_predictor": predictor,
            "reps": args.reps, "stock_reps": args.stock_reps,
            "n_gen": n_gen, "threads": args.threads, "anon_margin_bytes": ANON_MARGIN, "rows": rows,
            "baselines": [{"fraction": k[0], "prefetch": k[1], **v} for k, v in sorted(base.items())],
            "disk_seq_read_mb_s": disk, "load_avg": os.getloadavg(),
-           "targets_met": _targets(rows)}
+           "targets_met": {} if args.widen_testbed else _targets(rows)}     # issue 30's targets are for true-size files
     run.save(res)
     _plot(run, res)
     return 0
+
+
+def _widened(args, n_tokens: int):
+    """(file, prompt, trace of 8 other held-out prompts for `learned`'s co-activation counts)."""
+    from lexi_gguf.caching.experiment import TEMPERATURE, held_out_prompts, testbed_gguf
+    from lexi_gguf.runtime.trace import record
+    from lexi_gguf.testbeds.builtin import ensure_default_model
+    from bench.bench_memlimit import widened_testbed
+    out = C.WORK / "memlimit"
+    path, prompt, _ = widened_testbed(out, args.widen_testbed, n_tokens, args.threads)
+    tr_path = out / f"{path.stem}-predictor-trace.npz"
+    if not tr_path.exists():
+        others = held_out_prompts(ensure_default_model(name="caching"), 8, offset=1)
+        record(testbed_gguf(C.WORK, threads=args.threads), prompts=others, max_new_tokens=32, temperature=TEMPERATURE,
+               seed=0, progress=False, no_lexi=True, threads=args.threads).save(tr_path)
+    return path, prompt, str(tr_path)
 
 
 def _seq_rate(path) -> float:
