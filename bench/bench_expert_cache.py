@@ -170,7 +170,7 @@ def main() -> int:
     disk.append(_seq_rate(path))
     if trace_path is not None:
         _disk_bound(rows, trace_path, info, expert_total, sum(disk) / len(disk), n_gen, args.warmup)
-    res = {"file": path.name, "file_bytes": size, "blocks": shape.layers, "non_expert_bytes": non_expert,
+    res = {"file": path.name, "file_bytes": size, "blocks": info.block_count, "non_expert_bytes": non_expert,
            "expert_bytes_total": expert_total, "warmup": args.warmup,
            "routing": ("trained (the caching testbed's router), sampled text" if args.widen_testbed
                        else "SYNTHETIC (bench_true_size.routing)"), "cache_predictor": predictor,

@@ -93,7 +93,7 @@ class _Cache:
     def room(self, j):
         return (self.pol.cap - len(self.pol)) << 20
 
-    def _bytes(self, key):
+    def key_bytes(self, key):
         return 1 << 20
 
     def prefetch(self, key, conf, drops):

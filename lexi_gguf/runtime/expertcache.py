@@ -69,7 +69,7 @@ class ExpertCache:
         self.slots = int(size // mean)
         L, E = len(lay.moe_layers), lay.n_expert
         kind, _, quota = policy.partition(":")       # room is counted in bytes here: budgets, not slots
-        self.look, self.predictor_spec, self.pol_needed, self.last_asked = None, predictor, set(), 0
+        self.look, self.look_pred, self.pol_needed, self.last_asked = None, None, set(), 0
         if predictor is not None and kind != "learned":
             raise LexiError(f"--cache-predictor guesses for --cache-policy learned, not {policy}: add "
                             "--cache-policy learned (nextuse eviction plus look-ahead prefetch)")
@@ -107,7 +107,7 @@ class ExpertCache:
                 xm.madvise(a, m, xm.MADV_DONTNEED)
             os.posix_fadvise(self.fd, a - self.base, m, os.POSIX_FADV_DONTNEED)
 
-    def _bytes(self, key: int) -> int:
+    def key_bytes(self, key: int) -> int:
         return self.lay.expert_bytes[key // self.lay.n_expert]
 
     @property
@@ -145,7 +145,7 @@ class ExpertCache:
         need = self.pol_needed = set(keys)
         asks = [k for k in keys if k not in pol]
         ask(asks)
-        self.last_asked = sum(self._bytes(k) for k in asks)
+        self.last_asked = sum(self.key_bytes(k) for k in asks)
         pol.on_layer(self.step, j, keys)
         st["requests"] += len(keys)
         st["hits"] += len(keys) - len(asks)
@@ -156,7 +156,7 @@ class ExpertCache:
         if self.look is not None:
             self.look.requested(keys)
         for k in asks:
-            b = self._bytes(k)
+            b = self.key_bytes(k)
             st["asked_bytes"] += b
             if not self._make_room(p, b, need, drops):    # this layer's experts alone fill the cache: a demand read
                 self.overflow.append(k)
@@ -184,7 +184,7 @@ class ExpertCache:
             if v is None or v in need:
                 return False
             pol.evict()
-            self.used_by[p] -= self._bytes(v)
+            self.used_by[p] -= self.key_bytes(v)
             drops.append(v)
             self.stats["evictions"] += 1
             if self.look is not None and v in self.look.unused:
@@ -197,7 +197,7 @@ class ExpertCache:
         with its confidence, asked for. False when it does not fit without dropping what runs now."""
         j = key // self.lay.n_expert
         p = j if len(self.used_by) > 1 else 0
-        b = self._bytes(key)
+        b = self.key_bytes(key)
         if not self._make_room(p, b, self.pol_needed, drops):
             return False
         self.pool_of(j).prefetched(key, self.now, conf)
@@ -211,7 +211,7 @@ class ExpertCache:
         for off, n in self.lay.ranges:
             xm.madvise(*xm.page_in(self.base + off, n), xm.MADV_RANDOM)
         self._warm()
-        if hasattr(self, "look_pred"):
+        if self.look_pred is not None:
             from .lookahead import Lookahead, probe_rate
             E, pol = self.lay.n_expert, self.pol
             cold = [s for k in range(len(self.lay.moe_layers) * E) if k not in pol

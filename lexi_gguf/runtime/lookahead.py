@@ -184,6 +184,7 @@ class Lookahead:
         if self.interval is None:
             return []
         drops: list[int] = []
+        running = set(keys)
         backlog = asked_bytes / self.rate
         for d, jj, wraps in targets(j, self.depth, self.L):
             k = int(self.c.counts[jj])
@@ -199,14 +200,15 @@ class Lookahead:
                         pol.promote(key, self.c.now, conf)
                         self.stats["promoted"] += 1
                     continue
-                transfer = self.c._bytes(key) / self.rate
-                v = pol.victim() if self.c.room(jj) < self.c._bytes(key) else None
-                if v is not None and v // self.E == j and v in set(keys):
+                b = self.c.key_bytes(key)
+                transfer = b / self.rate
+                v = pol.victim() if self.c.room(jj) < b else None
+                if v in running:
                     self.stats["refused"] += 1          # room only by dropping what this layer runs
                     continue
                 p_v = pol.reuse(v) if v is not None else None
                 displaced = 0.0 if v is None else ((self.c.counts[v // self.E] / self.E if p_v is None else p_v)
-                                                   * self.c._bytes(v) / self.rate)
+                                                   * self.c.key_bytes(v) / self.rate)
                 if not self.gate.decide(conf, lead, backlog, transfer, transfer, displaced):
                     self.stats["refused"] += 1
                     continue
@@ -215,7 +217,7 @@ class Lookahead:
                     backlog += transfer
                     self.unused.add(key)
                     self.stats["prefetches"] += 1
-                    self.stats["prefetch_bytes"] += self.c._bytes(key)
+                    self.stats["prefetch_bytes"] += b
         return drops
 
     def summary(self) -> dict:
