@@ -250,3 +250,25 @@ def test_per_layer_quotas_follow_k(model, expert_bytes):
     assert s["evictions"] > 0 and s["resident_expert_bytes"] <= 1.01 * size
     cache.close()
     llm.close()
+
+
+def test_a_split_set_is_cached_across_its_shards(model, expert_bytes, tmp_path):
+    """A GGUF split by llama-gguf-split (as big MoEs are downloaded): llama.cpp maps each shard on its own;
+    the cache manages the experts of every shard, outputs bit-identical, memory within SIZE."""
+    import subprocess
+    from lexi_gguf.runtime.llama import tool
+    subprocess.run([str(tool("llama-gguf-split")), "--split", "--split-max-tensors", "7", str(model),
+                    str(tmp_path / "m")], check=True, capture_output=True)
+    first = sorted(tmp_path.glob("m-00001-of-*.gguf"))[0]
+    lay = xm.layout(first)
+    assert len(lay.files) >= 3 and len({lay.file_of(off) for off, _ in lay.ranges}) >= 2   # experts in 2+ shards
+    size = 20 * expert_bytes
+    llm, ref = _decode(model, LoadOptions())
+    llm.close()
+    llm, got = _decode(first, LoadOptions(expert_cache=str(size), cache_policy="lru"))
+    cache = llm._lexi_expert_cache
+    resident, s = cache.resident_expert_bytes(), cache.summary()
+    llm.close()
+    assert np.array_equal(ref, got)
+    assert s["evictions"] > 0 and s["hits"] > 0 and len(cache.files.bases) == len(lay.files)
+    assert 0.9 * s["admitted_bytes"] <= resident <= 1.05 * size, (resident, size)

@@ -13,7 +13,6 @@ the rest on demand and drops it at the next layer."""
 from __future__ import annotations
 
 import atexit
-import os
 import weakref
 import sys
 import time
@@ -35,9 +34,10 @@ def _gib(b: float) -> str:
 
 class ExpertCache:
     """Installed on a loaded model by runtime.llama.load (LoadOptions.expert_cache) or by hand with
-    `ExpertCache(llm, path, size, policy, base).install()`."""
+    `ExpertCache(llm, path, size, policy, base).install()` (base: the address of file offset 0 of each of the
+    set's files as llama.cpp mapped them, an int for one file; None: found in /proc/self/maps)."""
 
-    def __init__(self, llm, path, size, policy: str = DEFAULT_POLICY, base: int | None = None,
+    def __init__(self, llm, path, size, policy: str = DEFAULT_POLICY, base: int | list[int] | None = None,
                  counts: list[int] | None = None, *, quiet: bool = False, background: bool = True,
                  predictor: str | None = None):
         if policy not in CACHE_POLICIES:
@@ -45,22 +45,18 @@ class ExpertCache:
         self.llm, self.path, self.policy_name, self.quiet = llm, str(path), policy, quiet
         self.lay = lay = xm.layout(path)
         self.j_of = {il: j for j, il in enumerate(lay.moe_layers)}
-        bases = xm.mapping_bases(path) if base is None else {base}
-        if len(bases) != 1:
-            raise LexiError(f"--expert-cache: {path} is {'not mmapped' if not bases else 'mapped more than once'} in "
-                            "this process; load it with mmap (the default) and once")
-        self.base = bases.pop()
+        self.files = xm.MappedSet(lay, base)
+        self.addr, self.base, self.evict_call = self.files.addr, self.files.bases[0], "pageout"
         size = parse_size(size)
         self.auto = size == "auto"
         total = sum(b * lay.n_expert for b in lay.expert_bytes)
-        self.fd, self.evict_call = os.open(self.path, os.O_RDONLY), "pageout"
         if self.auto:             # the file's expert pages count as available: drop them before asking
             self._drop_spans(lay.ranges)
             size = min(auto_size(lay.other_bytes), total)
         self.counts = counts or [lay.n_expert] * len(lay.moe_layers)
         one_token = sum(k * b for k, b in zip(self.counts, lay.expert_bytes))
         if size < one_token:
-            os.close(self.fd)
+            self.files.close()
             raise LexiError(f"--expert-cache {_gib(size)} is below one token's experts ({_gib(one_token)} at these "
                             f"counts{', what MemAvailable leaves' if self.auto else ''}): give at least "
                             f"{-(-one_token * 100 // 2**30) / 100:.2f}G, or run without --expert-cache (stock mmap)")
@@ -98,14 +94,14 @@ class ExpertCache:
     # ------------------------------------------------------------------ bytes
     def _drop_spans(self, spans) -> None:
         for off, n in spans:
-            a, m = xm.page_within(self.base + off, n)
+            a, m = xm.page_within(self.addr(off), n)
             if m == 0:
                 continue
             if self.evict_call == "pageout" and xm.madvise(a, m, xm.MADV_PAGEOUT) != 0:
                 self.evict_call = "dontneed"        # Linux < 5.4, or a file this process may not write
             if self.evict_call == "dontneed":
                 xm.madvise(a, m, xm.MADV_DONTNEED)
-            os.posix_fadvise(self.fd, a - self.base, m, os.POSIX_FADV_DONTNEED)
+            self.files.fadvise_dontneed(a, m)
 
     def key_bytes(self, key: int) -> int:
         return self.lay.expert_bytes[key // self.lay.n_expert]
@@ -209,14 +205,14 @@ class ExpertCache:
     # ------------------------------------------------------------------ life
     def install(self) -> "ExpertCache":
         for off, n in self.lay.ranges:
-            xm.madvise(*xm.page_in(self.base + off, n), xm.MADV_RANDOM)
+            xm.madvise(*xm.page_in(self.addr(off), n), xm.MADV_RANDOM)
         self._warm()
         if self.look_pred is not None:
             from .lookahead import Lookahead, probe_rate
             E, pol = self.lay.n_expert, self.pol
             cold = [s for k in range(len(self.lay.moe_layers) * E) if k not in pol
                     for s in self.lay.spans(k // E, k % E)][::7]
-            self.look = Lookahead(self, *self.look_pred, probe_rate(self.fd, cold))
+            self.look = Lookahead(self, *self.look_pred, probe_rate(self.files, cold))
         RoutingHooks.of(self.llm).add(self._cb, ORDER_CACHE)
         if not self.quiet:
             print(self.load_line(), file=sys.stderr, flush=True)
@@ -237,9 +233,9 @@ class ExpertCache:
         for j, sl in enumerate(self.lay.slices):
             frac = np.zeros(E)
             for off, stride in sl:
-                a, m = xm.page_in(self.base + off, stride * E)
+                a, m = xm.page_in(self.addr(off), stride * E)
                 cs = np.concatenate([[0], np.cumsum(xm.resident_pages(a, m))])
-                lo = self.base + off + np.arange(E) * stride - a
+                lo = self.addr(off) + np.arange(E) * stride - a
                 first, last = lo // PAGE, (lo + stride - 1) // PAGE + 1
                 frac += (cs[last] - cs[first]) / (last - first) / len(sl)
             b, p = self.lay.expert_bytes[j], j if len(self.used_by) > 1 else 0
@@ -278,10 +274,10 @@ class ExpertCache:
 
     def resident_expert_bytes(self) -> int | None:
         """Expert bytes in memory now (mincore over every expert tensor); None once the model is freed."""
-        if self.llm.ctx is None or self.base not in xm.mapping_bases(self.path):
+        if self.llm.ctx is None or not self.files.still_mapped():
             return None
         self.io.flush()
-        return xm.resident_total(self.base, self.lay.ranges)
+        return xm.resident_total(0, [(self.addr(off), n) for off, n in self.lay.ranges])
 
     def check(self) -> None:
         self.io.flush()
@@ -320,20 +316,22 @@ class ExpertCache:
         if self.llm.ctx is not None:
             RoutingHooks.of(self.llm).remove(self._cb)
         self.io.close()
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        self.files.close()
 
 
-def install(llm, path, size, policy: str | None, bases_before: set[int], counts: list[int], *,
+def install(llm, path, size, policy: str | None, bases_before: dict[str, set[int]], counts: list[int], *,
             quiet: bool = False, predictor: str | None = None) -> ExpertCache:
-    """The cache on a model just loaded: its mapping is the one of `path` that was not there before the
-    load (bases_before); counts: what each block runs (runtime.llama.n_expert_active)."""
-    bases = xm.mapping_bases(path) - bases_before
-    if len(bases) != 1:
-        raise LexiError(f"--expert-cache: llama.cpp did not mmap {path} (or mapped it twice); load it with mmap")
+    """The cache on a model just loaded: each file's mapping is the one that was not there before the load
+    (bases_before: file -> its bases then, expertmap.set_files); counts: what each block runs
+    (runtime.llama.n_expert_active)."""
+    bases = []
+    for f, before in bases_before.items():
+        new = xm.mapping_bases(f) - before
+        if len(new) != 1:
+            raise LexiError(f"--expert-cache: llama.cpp did not mmap {f} (or mapped it twice); load it with mmap")
+        bases.append(new.pop())
     moe = xm.layout(path).moe_layers
-    cache = ExpertCache(llm, path, size, policy or DEFAULT_POLICY, bases.pop(), [counts[il] for il in moe], quiet=quiet,
+    cache = ExpertCache(llm, path, size, policy or DEFAULT_POLICY, bases, [counts[il] for il in moe], quiet=quiet,
                          predictor=predictor)
     llm._lexi_expert_cache = cache
     return cache.install()

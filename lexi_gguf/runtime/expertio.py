@@ -17,7 +17,6 @@ the admitted experts hold) and dropped; a large folio that a drop cannot split i
 2 MiB window) and the admitted bytes in it asked for again."""
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -95,7 +94,7 @@ class ExpertIO:
         for i in range(max((len(c.lay.slices[k // E]) for k in keys), default=0)):
             for k in keys:
                 off, stride = c.lay.slices[k // E][i]
-                xm.madvise(*xm.page_in(c.base + off + (k % E) * stride, stride), xm.MADV_WILLNEED)
+                xm.madvise(*xm.page_in(c.addr(off + (k % E) * stride), stride), xm.MADV_WILLNEED)
 
     def key_pages(self, keys) -> list[tuple[int, int]]:
         """The whole pages of these experts' slices, with an edge page shared with a neighbour that is not
@@ -107,7 +106,8 @@ class ExpertIO:
             left = e > 0 and key - 1 not in c.pol
             right = e < E - 1 and key + 1 not in c.pol
             for off, stride in c.lay.slices[j]:
-                lo, hi = c.base + off + e * stride, c.base + off + (e + 1) * stride
+                lo = c.addr(off + e * stride)
+                hi = lo + stride
                 a = lo - lo % P if left else -(-lo // P) * P
                 b = -(-hi // P) * P if right else hi - hi % P
                 if b > a:
@@ -127,7 +127,7 @@ class ExpertIO:
             if pageout and c.evict_call == "pageout" and xm.madvise(a, m, xm.MADV_PAGEOUT) != 0 and not window:
                 c.evict_call = "dontneed"      # Linux < 5.4, or a file this process may not write
             xm.madvise(a, m, xm.MADV_DONTNEED)
-            os.posix_fadvise(c.fd, a - c.base, m, os.POSIX_FADV_DONTNEED)
+            c.files.fadvise_dontneed(a, m)
 
     # ------------------------------------------------------------------ scrub
     def covered(self, t: int, a: int, npages: int) -> np.ndarray:
@@ -137,7 +137,7 @@ class ExpertIO:
         j, stride = c.tensor_layer[t], n // E
         keys = np.arange(j * E, (j + 1) * E)
         held = np.fromiter((k in c.pol or k in c.overflow_set for k in keys.tolist()), bool, E)
-        lo = c.base + off + np.flatnonzero(held) * stride - a
+        lo = c.addr(off) + np.flatnonzero(held) * stride - a
         d = np.zeros(npages + 1, np.int32)
         np.add.at(d, lo // P, 1)
         np.add.at(d, (lo + stride - 1) // P + 1, -1)
@@ -148,13 +148,13 @@ class ExpertIO:
         c, P, E = self.c, xm.PAGE, self.c.lay.n_expert
         off, n = c.lay.ranges[t]
         if not force:
-            cached = xm.cachestat(c.fd, off, n)
+            cached = c.files.cachestat(off, n)
             j = c.tensor_layer[t]
             held = sum(1 for k in range(j * E, (j + 1) * E) if k in c.pol or k in c.overflow_set)
             if cached is not None and cached <= held * (-(-(n // E) // P) + 1) + 16:
                 return 0
         self.stats["scrubs"] += 1
-        a, m = xm.page_in(c.base + off, n)
+        a, m = xm.page_in(c.addr(off), n)
         stray = xm.resident_pages(a, m) & ~self.covered(t, a, m // P)
         n_stray = int(stray.sum())
         if not n_stray:
@@ -162,15 +162,16 @@ class ExpertIO:
         self.drop([(a + s * P, (e - s) * P) for s, e in runs(stray)], pageout=True)
         left = np.flatnonzero(xm.resident_pages(a, m) & stray)
         if len(left):            # large folios shared with an admitted expert: drop each whole, ask again
-            self._refolio(t, a, m, sorted({(a + int(i) * P - c.base) // FOLIO for i in left}))
+            base = c.files.bases[c.lay.file_of(off)]      # folios are aligned in the file, not in the set
+            self._refolio(t, a, m, base, sorted({(a + int(i) * P - base) // FOLIO for i in left}))
         self.stats["stray_bytes"] += n_stray * P
         return n_stray * P
 
-    def _refolio(self, t: int, a: int, m: int, windows) -> None:
-        c, P = self.c, xm.PAGE
+    def _refolio(self, t: int, a: int, m: int, base: int, windows) -> None:
+        P = xm.PAGE
         cov = self.covered(t, a, m // P)
         for w in windows:
-            lo, hi = c.base + w * FOLIO, c.base + (w + 1) * FOLIO
+            lo, hi = base + w * FOLIO, base + (w + 1) * FOLIO
             self.drop([(lo, FOLIO)], pageout=True, window=True)
             i0, i1 = max(0, (lo - a) // P), min(m // P, (hi - a) // P)
             for s, e in runs(cov[i0:i1]):

@@ -4,9 +4,12 @@ posix_fadvise(DONTNEED) and mincore, through libc.
 
 llama.cpp maps the whole file once (use_mmap; it may unmap the head and tail it does not use), so an
 expert's slice of one of its tensors is at base + the tensor's file offset + expert x the tensor's
-per-expert stride (n_bytes / n_expert), base being the address of file offset 0 in that mapping."""
+per-expert stride (n_bytes / n_expert), base being the address of file offset 0 in that mapping. A split
+GGUF is mapped shard by shard: offsets here are the set's (each shard's file offsets shifted by the sizes
+of the shards before it), and the cache turns one into an address with that shard's base."""
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import mmap
@@ -47,7 +50,13 @@ class ExpertLayout:
     expert_bytes: list[int]
     ranges: list[tuple[int, int]]
     other_bytes: int
-    file_size: int
+    file_size: int                  # all shards
+    files: list[str]                # the set's files, first shard first (one unless split)
+    starts: list[int]               # each file's offset 0 in the set's offsets
+
+    def file_of(self, off: int) -> int:
+        """The index of the file holding set offset `off`."""
+        return bisect.bisect_right(self.starts, off) - 1
 
     def spans(self, j: int, e: int):
         """(file offset, bytes) of expert e of MoE layer j, one per tensor."""
@@ -57,26 +66,83 @@ class ExpertLayout:
 def layout(path: str | Path) -> ExpertLayout:
     from ..gguf.reader import model_info, open_reader
     r = open_reader(path)
-    if len(getattr(r, "paths", [path])) > 1:
-        raise LexiError(f"--expert-cache: {path} is a split set; the cache manages one mapped file (merge the shards "
-                        "with llama-gguf-split --merge)")
+    shards = getattr(r, "shards", None) or [(Path(path), r)]
+    starts, size = [], 0
+    for p, _ in shards:
+        starts.append(size)
+        size += os.path.getsize(p)
     info = model_info(path, r)
     if not info.is_moe:
         raise LexiError(f"--expert-cache: {path} has no MoE layers; run it without --expert-cache")
     E = info.expert_count
     by_block: dict[int, list[tuple[int, int, int]]] = {}
     ranges, expert_total = [], 0
-    for t in r.tensors:
-        parts = t.name.split(".")
-        if len(parts) > 2 and parts[0] == "blk" and parts[2] in EXPERT_TENSORS:
-            n = int(t.n_bytes)
-            by_block.setdefault(int(parts[1]), []).append((USE_ORDER[parts[2]], int(t.data_offset), n // E))
-            ranges.append((int(t.data_offset), n))
-            expert_total += n
+    for (_, rs), start in zip(shards, starts):
+        for t in rs.tensors:
+            parts = t.name.split(".")
+            if len(parts) > 2 and parts[0] == "blk" and parts[2] in EXPERT_TENSORS:
+                n, off = int(t.n_bytes), start + int(t.data_offset)
+                by_block.setdefault(int(parts[1]), []).append((USE_ORDER[parts[2]], off, n // E))
+                ranges.append((off, n))
+                expert_total += n
     moe = [il for il in info.moe_layers if il in by_block]
     slices = [[(off, stride) for _, off, stride in sorted(by_block[il])] for il in moe]   # in the order the matmuls read them
-    size = os.path.getsize(path)
-    return ExpertLayout(moe, E, slices, [sum(s for _, s in sl) for sl in slices], ranges, size - expert_total, size)
+    return ExpertLayout(moe, E, slices, [sum(s for _, s in sl) for sl in slices], ranges, size - expert_total, size,
+                        [str(p) for p, _ in shards], starts)
+
+
+class MappedSet:
+    """The set's files as llama.cpp mapped them in this process: the address of a set offset, the file
+    (and its descriptor) of an address. bases: the address of file offset 0 of each file's mapping (an
+    int for one file); None: found in /proc/self/maps (each file mapped once)."""
+
+    def __init__(self, lay: ExpertLayout, bases: int | list[int] | None = None):
+        if bases is None:
+            bases = []
+            for f in lay.files:
+                found = mapping_bases(f)
+                if len(found) != 1:
+                    raise LexiError(f"--expert-cache: {f} is {'not mmapped' if not found else 'mapped more than once'} "
+                                    "in this process; load it with mmap (the default) and once")
+                bases.append(found.pop())
+        self.lay, self.bases = lay, [bases] if isinstance(bases, int) else list(bases)
+        self.ends = [b + e - s for b, s, e in zip(self.bases, lay.starts, lay.starts[1:] + [lay.file_size])]
+        self.fds = [os.open(f, os.O_RDONLY) for f in lay.files]
+
+    def addr(self, off: int) -> int:
+        s = self.lay.file_of(off)
+        return self.bases[s] + off - self.lay.starts[s]
+
+    def fadvise_dontneed(self, a: int, m: int) -> None:
+        """Drop the page-cache pages of [a, a + m) (within one file) that no process maps."""
+        s = next(i for i, (b, e) in enumerate(zip(self.bases, self.ends)) if b <= a < e)
+        os.posix_fadvise(self.fds[s], a - self.bases[s], m, os.POSIX_FADV_DONTNEED)
+
+    def cachestat(self, off: int, n: int) -> int | None:
+        s = self.lay.file_of(off)
+        return cachestat(self.fds[s], off - self.lay.starts[s], n)
+
+    def read_and_drop(self, off: int, n: int) -> int:
+        """pread n bytes at set offset off, then drop them from the page cache: the bytes read."""
+        s = self.lay.file_of(off)
+        fo = off - self.lay.starts[s]
+        got = len(os.pread(self.fds[s], n, fo))
+        os.posix_fadvise(self.fds[s], fo, n, os.POSIX_FADV_DONTNEED)
+        return got
+
+    def still_mapped(self) -> bool:
+        return all(b in mapping_bases(f) for b, f in zip(self.bases, self.lay.files))
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def set_files(path: str | Path) -> list[str]:
+    """The files of the GGUF at `path`: its shards, first first, when it is split; else [path]."""
+    from ..gguf.reader import open_reader, shard_paths
+    return [str(p) for p in shard_paths(open_reader(path), path)]
 
 
 def mapping_bases(path: str | Path) -> set[int]:

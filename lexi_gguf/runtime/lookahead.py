@@ -15,7 +15,6 @@ objects, so the simulators judge the predictor the runtime runs:
 Decode only: a prefill ubatch (many tokens at once) is neither learned from nor guessed from."""
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from pathlib import Path
@@ -132,15 +131,14 @@ def replay(trace, predictor, depth: int = 0) -> dict[int, dict]:
     return out
 
 
-def probe_rate(fd: int, spans, limit: int = 48 << 20) -> float:
-    """Bytes per second reading these (file offset, bytes) spans with pread (pages not in memory: the
-    cache has just dropped them), then dropped again."""
+def probe_rate(files, spans, limit: int = 48 << 20) -> float:
+    """Bytes per second reading these (set offset, bytes) spans of the set's files (expertmap.MappedSet)
+    with pread (pages not in memory: the cache has just dropped them), then dropped again."""
     t0, n = time.perf_counter(), 0
     for off, m in spans:
         if n >= limit:
             break
-        n += len(os.pread(fd, m, off))
-        os.posix_fadvise(fd, off, m, os.POSIX_FADV_DONTNEED)
+        n += files.read_and_drop(off, m)
     dt = time.perf_counter() - t0
     return n / dt if n and dt > 0 else float("inf")
 
