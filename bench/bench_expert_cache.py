@@ -72,6 +72,9 @@ def main() -> int:
     ap.add_argument("--stock-reps", type=int, default=1, help="fresh children per stock mmap row (median)")
     ap.add_argument("--baseline", help="a bench_true_size result of the same file (stock mmap and prefetch rows)")
     ap.add_argument("--measure-baseline", action="store_true", help="measure stock mmap and prefetch chosen here")
+    ap.add_argument("--file", metavar="GGUF", help="run this file of the qwen3-30b-a3b shape instead of synth's (e.g. "
+                    "the same file split into shards by llama-gguf-split: give the first)")
+    ap.add_argument("--variant", help="a name for the results file (e.g. split)")
     ap.add_argument("--widen-testbed", type=int, metavar="FACTOR", help="the trained caching testbed, experts "
                     "widened FACTOR times, decoding sampled text (the compute ~ transfer regime)")
     ap.add_argument("--disk-bound", metavar="JSON", help="measure nothing: add the disk-bound columns (Belady's bytes "
@@ -88,7 +91,7 @@ def main() -> int:
     limits = [0.9] if args.quick else [float(x) for x in args.limits.split(",")]   # 4 blocks: the non-expert share is large
     policies = args.policies.split(",")[: 1 if args.quick else None]
     n_gen = 4 if args.quick else args.n_gen
-    run = C.Run(args, "expert-cache", "widened" if args.widen_testbed else None)
+    run = C.Run(args, "expert-cache", "widened" if args.widen_testbed else args.variant)
     work = C.WORK / "true-size"
     work.mkdir(parents=True, exist_ok=True)
     args.trace, args.quant = None, "Q4_K_M"
@@ -98,9 +101,10 @@ def main() -> int:
         path, prompt, predictor = _widened(args, args.warmup + n_gen)
         margin, trace_path = ANON_MARGIN // 3, None      # a 1.5 GiB model: a smaller process
     else:
-        path = Path(synth.synth(shape, "Q4_K_M", full_layers=full_shape.layers)["path"])
+        path = Path(args.file or synth.synth(shape, "Q4_K_M", full_layers=full_shape.layers)["path"])
         trace_path = routing(args, shape, work, 512)
-    size = path.stat().st_size
+    from lexi_gguf.measure.memlimit.pagecache import set_files
+    size = sum(f.stat().st_size for f in set_files(path))      # every shard of a split set
     info, fp = model_info(path), footprint(path)
     expert_total = sum(fp["expert_bytes"][i] * info.expert_count for i in info.moe_layers)
     non_expert = size - expert_total
@@ -170,7 +174,8 @@ def main() -> int:
     disk.append(_seq_rate(path))
     if trace_path is not None:
         _disk_bound(rows, trace_path, info, expert_total, sum(disk) / len(disk), n_gen, args.warmup)
-    res = {"file": path.name, "file_bytes": size, "blocks": info.block_count, "non_expert_bytes": non_expert,
+    res = {"file": path.name, "shards": len(set_files(path)), "file_bytes": size, "blocks": info.block_count,
+           "non_expert_bytes": non_expert,
            "expert_bytes_total": expert_total, "warmup": args.warmup,
            "routing": ("trained (the caching testbed's router), sampled text" if args.widen_testbed
                        else "SYNTHETIC (bench_true_size.routing)"), "cache_predictor": predictor,

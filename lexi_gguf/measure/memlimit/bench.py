@@ -39,7 +39,8 @@ def bench_mem_limited(path, budgets, *, mem_limit, n_gen: int = 16, warmup: int 
         raise LexiError(f"--mem-limit needs root: creating a memory cgroup under {base} is not allowed for "
                         f"uid {os.geteuid()}; run the bench as root (e.g. with sudo)")
     path = Path(path)
-    model_bytes = path.stat().st_size
+    from .pagecache import set_files
+    model_bytes = sum(f.stat().st_size for f in set_files(path))      # every shard of a split set
     fp = footprint(path)
     from ...runtime.options import PREFETCH_MODES
     bad = [m for m in prefetch if m not in PREFETCH_MODES]

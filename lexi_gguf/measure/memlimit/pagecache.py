@@ -56,15 +56,27 @@ def resident_bytes(path: str | Path) -> int | None:
         os.close(fd)
 
 
-def evict(path: str | Path) -> dict:
-    """Drop the file's pages from the page cache (posix_fadvise DONTNEED; no root needed). Pages that
-    a process has mapped (or that are dirty) stay. Returns resident bytes before and after."""
-    before = resident_bytes(path)
-    fd = os.open(path, os.O_RDONLY)
+def set_files(path: str | Path) -> list[Path]:
+    """A GGUF's files: every shard of a split set given its first; else the one file."""
+    from ...gguf.reader import open_reader, shard_paths
     try:
-        with contextlib.suppress(OSError):
-            os.fdatasync(fd)      # dirty pages (a file just written) are not dropped: write them back first
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    return {"resident_before": before, "resident_after": resident_bytes(path)}
+        return [Path(p) for p in shard_paths(open_reader(path), path)]
+    except Exception:      # noqa: BLE001  (not a GGUF, or unreadable: the file itself)
+        return [Path(path)]
+
+
+def evict(path: str | Path) -> dict:
+    """Drop the file's pages (every shard's, for a split GGUF) from the page cache (posix_fadvise
+    DONTNEED; no root needed). Pages that a process has mapped (or that are dirty) stay. Returns resident
+    bytes before and after."""
+    files = set_files(path)
+    before = sum(resident_bytes(f) or 0 for f in files)
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            with contextlib.suppress(OSError):
+                os.fdatasync(fd)      # dirty pages (a file just written) are not dropped: write them back first
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return {"resident_before": before, "resident_after": sum(resident_bytes(f) or 0 for f in files)}
