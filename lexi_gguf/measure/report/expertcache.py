@@ -12,7 +12,8 @@ def _expert_cache(d: dict) -> list[str]:
     gib = 2 ** 30
     reps = (f"cache rows and prefetch chosen: median of {d['reps']} fresh runs, stock mmap of {d.get('stock_reps', 1)}"
             if d.get("reps") else "one run each")
-    out = [f"`{d.get('file')}` ({num(d.get('file_bytes', 0) / gib, '.1f')} GiB, {d.get('blocks')} blocks; non-expert "
+    split = f", split in {d['shards']} shards by llama-gguf-split" if (d.get("shards") or 1) > 1 else ""
+    out = [f"`{d.get('file')}` ({num(d.get('file_bytes', 0) / gib, '.1f')} GiB{split}, {d.get('blocks')} blocks; non-expert "
            f"weights {num(d.get('non_expert_bytes', 0) / gib, '.2f')} GiB); routing: {d.get('routing')}; full k; "
            f"{d.get('threads')} threads; warm-up {d.get('warmup')} tokens, then {d.get('n_gen')} timed; {reps}.",
            "Baselines (stock mmap = prefetch off; prefetch chosen), full k, same limit:",
