@@ -89,7 +89,8 @@ def test_cli_trace_predict_simulate(tiny_gguf, tmp_path, capsys):
                      "--json", str(tmp_path / "p.json")]) == 0
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
     assert [r["predictor"] for r in rows] == ["router d=1", "router d=2", "learned d=1", "learned d=2",
-                                              "previous d=1", "previous d=2", "random"]   # previous: ids only, always
+                                              "previous d=1", "previous d=2", "online d=1", "online d=2",
+                                              "random"]   # previous, online (the runtime's look-ahead): ids only, always
     assert all(r["all_zeros_accuracy"] == pytest.approx(0.75) for r in rows)
     recall = {r["predictor"]: r["recall"] for r in rows}
     # random guesses k of E experts: recall k/E = 2/8; the router look-ahead is far better one layer
