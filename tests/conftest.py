@@ -149,3 +149,18 @@ def pytest_sessionfinish(session, exitstatus):
     m = machine()
     Path(out).write_text(json.dumps({"machine": f"{m['cpu']} ({m['cpu_class']}), {m['cores']} cores",
                                      "results": _ARCH_RESULTS}, indent=1))
+
+
+def greedy_logits(path, options, n: int = 6):
+    """A prompt, then greedy decode token by token through runtime.llama.load with `options`: each step's
+    logits, and the model (still loaded: its expert cache can be read)."""
+    import numpy as np
+    from lexi_gguf.runtime import llama as runtime
+    llm = runtime.load(path, n_ctx=64, n_threads=2, logits_all=True, options=options)
+    llm.eval(llm.tokenize(b"The quick brown fox jumps"))
+    out = []
+    for _ in range(n):
+        lg = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        out.append(lg)
+        llm.eval([int(np.argmax(lg))])
+    return llm, np.array(out)

@@ -20,6 +20,8 @@ from lexi_gguf.runtime.trace import record
 from lexi_gguf.runtime.tracefile import Trace
 from lexi_gguf.testbeds import shapes, synth
 
+from conftest import greedy_logits
+
 K, E = 8, 16
 
 
@@ -35,23 +37,11 @@ def expert_bytes(model):
     return lay.expert_bytes[0]
 
 
-def _decode(path, options, n: int = 6):
-    """A prompt, then greedy decode token by token: logits, and the cache (still loaded)."""
-    llm = runtime.load(path, n_ctx=64, n_threads=2, logits_all=True, options=options)
-    llm.eval(llm.tokenize(b"The quick brown fox jumps"))
-    out = []
-    for _ in range(n):
-        lg = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-        out.append(lg)
-        llm.eval([int(np.argmax(lg))])
-    return llm, np.array(out)
-
-
 @pytest.mark.parametrize("policy", ["lru", "nextuse", "lfu"])
 def test_outputs_are_bit_identical_with_the_cache(model, expert_bytes, policy):
-    llm, ref = _decode(model, LoadOptions())
+    llm, ref = greedy_logits(model, LoadOptions())
     llm.close()
-    llm, got = _decode(model, LoadOptions(expert_cache=str(20 * expert_bytes), cache_policy=policy))
+    llm, got = greedy_logits(model, LoadOptions(expert_cache=str(20 * expert_bytes), cache_policy=policy))
     s = llm._lexi_expert_cache.summary()
     llm.close()
     assert np.array_equal(ref, got)
@@ -63,7 +53,7 @@ def test_resident_expert_bytes_stay_within_the_size(model, expert_bytes):
     total = sum(b * E for b in lay.expert_bytes)
     size = 18 * expert_bytes                    # one token's experts (2 x 8) and two more: 56 % of the experts
     evict(model)
-    llm, _ = _decode(model, LoadOptions(expert_cache=str(size), cache_policy="lru"), n=8)
+    llm, _ = greedy_logits(model, LoadOptions(expert_cache=str(size), cache_policy="lru"), n=8)
     cache = llm._lexi_expert_cache
     resident = cache.resident_expert_bytes()
     s = cache.summary()
@@ -263,9 +253,9 @@ def test_a_split_set_is_cached_across_its_shards(model, expert_bytes, tmp_path):
     lay = xm.layout(first)
     assert len(lay.files) >= 3 and len({lay.file_of(off) for off, _ in lay.ranges}) >= 2   # experts in 2+ shards
     size = 20 * expert_bytes
-    llm, ref = _decode(model, LoadOptions())
+    llm, ref = greedy_logits(model, LoadOptions())
     llm.close()
-    llm, got = _decode(first, LoadOptions(expert_cache=str(size), cache_policy="lru"))
+    llm, got = greedy_logits(first, LoadOptions(expert_cache=str(size), cache_policy="lru"))
     cache = llm._lexi_expert_cache
     resident, s = cache.resident_expert_bytes(), cache.summary()
     llm.close()

@@ -10,13 +10,14 @@ import pytest
 from lexi_gguf import LexiError
 from lexi_gguf.caching import idpredict, predict
 from lexi_gguf.runtime import expertmap as xm
-from lexi_gguf.runtime import llama as runtime
 from lexi_gguf.runtime.lookahead import Coactivation, Lookahead, Previous, make_predictor, replay
 from lexi_gguf.runtime.options import LoadOptions
 from lexi_gguf.runtime.policies import make_pools
 from lexi_gguf.runtime.seqmodel import OnlineSequence, SequencePredictor
 from lexi_gguf.runtime.tracefile import Trace
 from lexi_gguf.testbeds import shapes, synth
+
+from conftest import greedy_logits
 
 L, E, K = 4, 16, 2
 
@@ -134,22 +135,11 @@ def model():
     return synth.synth(shapes.reduced(shapes.get("olmoe-1b-7b"), 2, E), "Q8_0", progress=False)["path"]
 
 
-def _decode(path, options, n: int = 8):
-    llm = runtime.load(path, n_ctx=64, n_threads=2, logits_all=True, options=options)
-    llm.eval(llm.tokenize(b"The quick brown fox jumps"))
-    out = []
-    for _ in range(n):
-        lg = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-        out.append(lg)
-        llm.eval([int(np.argmax(lg))])
-    return llm, np.array(out)
-
-
 def test_learned_policy_in_the_runtime_is_bit_identical_and_within_size(model, capfd):
     size = 20 * xm.layout(model).expert_bytes[0]
-    llm, ref = _decode(model, LoadOptions())
+    llm, ref = greedy_logits(model, LoadOptions())
     llm.close()
-    llm, got = _decode(model, LoadOptions(expert_cache=str(size), cache_policy="learned", cache_predictor="previous"))
+    llm, got = greedy_logits(model, LoadOptions(expert_cache=str(size), cache_policy="learned", cache_predictor="previous"))
     cache = llm._lexi_expert_cache
     resident, s = cache.resident_expert_bytes(), cache.summary()
     llm.close()

@@ -131,8 +131,7 @@ class ExpertCache:
         """MoE layer j is about to run `keys` (layer * n_expert + expert): the misses are asked for first
         (ask), then the policy admits them and picks victims; returns the keys to drop. Runs on the
         worker thread (runtime.expertio), the only one that changes the policy."""
-        st, p = self.stats, j if len(self.used_by) > 1 else 0
-        pol = self.pool_of(j)
+        st, p, pol = self.stats, self._pool(j), self.pool_of(j)
         if j == 0:
             self.step += 1
             st["tokens"] += n_tokens
@@ -154,7 +153,7 @@ class ExpertCache:
         for k in asks:
             b = self.key_bytes(k)
             st["asked_bytes"] += b
-            if not self._make_room(p, b, need, drops):    # this layer's experts alone fill the cache: a demand read
+            if not self._make_room(j, b, need, drops):    # this layer's experts alone fill the cache: a demand read
                 self.overflow.append(k)
                 st["overflow"] += 1
                 continue
@@ -165,16 +164,21 @@ class ExpertCache:
         self.overflow_set = set(self.overflow)
         return drops
 
+    def _pool(self, j: int) -> int:
+        """The budget (index into budget / used_by) MoE layer j's experts count against."""
+        return j if len(self.used_by) > 1 else 0
+
     def pool_of(self, j: int):
+        """The policy holding MoE layer j's experts (the one pool, or layer j's with POLICY:k)."""
         return self.pol if len(self.used_by) == 1 else self.pol.pools[j]
 
     def room(self, j: int) -> int:
-        p = j if len(self.used_by) > 1 else 0
+        p = self._pool(j)
         return self.budget[p] - self.used_by[p]
 
-    def _make_room(self, p: int, b: int, need, drops: list[int]) -> bool:
-        """Evict from pool p (never a key in `need`) until b more bytes fit; False if they cannot."""
-        pol = self.pol if len(self.used_by) == 1 else self.pol.pools[p]
+    def _make_room(self, j: int, b: int, need, drops: list[int]) -> bool:
+        """Evict from layer j's pool (never a key in `need`) until b more bytes fit; False if they cannot."""
+        p, pol = self._pool(j), self.pool_of(j)
         while self.used_by[p] + b > self.budget[p]:
             v = pol.victim()
             if v is None or v in need:
@@ -192,9 +196,8 @@ class ExpertCache:
         """A guess the look-ahead decided to read: room made (victims into drops), admitted as a guess
         with its confidence, asked for. False when it does not fit without dropping what runs now."""
         j = key // self.lay.n_expert
-        p = j if len(self.used_by) > 1 else 0
-        b = self.key_bytes(key)
-        if not self._make_room(p, b, self.pol_needed, drops):
+        p, b = self._pool(j), self.key_bytes(key)
+        if not self._make_room(j, b, self.pol_needed, drops):
             return False
         self.pool_of(j).prefetched(key, self.now, conf)
         self.now += 1
@@ -238,11 +241,11 @@ class ExpertCache:
                 lo = self.addr(off) + np.arange(E) * stride - a
                 first, last = lo // PAGE, (lo + stride - 1) // PAGE + 1
                 frac += (cs[last] - cs[first]) / (last - first) / len(sl)
-            b, p = self.lay.expert_bytes[j], j if len(self.used_by) > 1 else 0
+            b, p = self.lay.expert_bytes[j], self._pool(j)
             for e in np.flatnonzero(frac > 0.9):
                 if self.used_by[p] + b > self.budget[p]:
                     break
-                (self.pol if len(self.used_by) == 1 else self.pol.pools[p]).admit(j * E + int(e), self.now)
+                self.pool_of(j).admit(j * E + int(e), self.now)
                 self.warm.add(j * E + int(e))
                 self.now, self.used_by[p] = self.now + 1, self.used_by[p] + b
         for t in range(len(self.lay.ranges)):
