@@ -104,7 +104,8 @@ def main() -> int:
         path = Path(args.file or synth.synth(shape, "Q4_K_M", full_layers=full_shape.layers)["path"])
         trace_path = routing(args, shape, work, 512)
     from lexi_gguf.measure.memlimit.pagecache import set_files
-    size = sum(f.stat().st_size for f in set_files(path))      # every shard of a split set
+    files = set_files(path)
+    size = sum(f.stat().st_size for f in files)      # every shard of a split set
     info, fp = model_info(path), footprint(path)
     expert_total = sum(fp["expert_bytes"][i] * info.expert_count for i in info.moe_layers)
     non_expert = size - expert_total
@@ -174,7 +175,7 @@ def main() -> int:
     disk.append(_seq_rate(path))
     if trace_path is not None:
         _disk_bound(rows, trace_path, info, expert_total, sum(disk) / len(disk), n_gen, args.warmup)
-    res = {"file": path.name, "shards": len(set_files(path)), "file_bytes": size, "blocks": info.block_count,
+    res = {"file": path.name, "shards": len(files), "file_bytes": size, "blocks": info.block_count,
            "non_expert_bytes": non_expert,
            "expert_bytes_total": expert_total, "warmup": args.warmup,
            "routing": ("trained (the caching testbed's router), sampled text" if args.widen_testbed

@@ -97,6 +97,11 @@ def shard_paths(reader, path: str | Path) -> list[Path]:
     return list(getattr(reader, "paths", [Path(path)]))
 
 
+def set_files(path: str | Path) -> list[Path]:
+    """The files of the GGUF at `path`: every shard of a split set given its first, else [path]."""
+    return shard_paths(open_reader(path), path)
+
+
 def field_value(reader, name: str):
     f = reader.fields.get(name)
     if f is None:

@@ -325,7 +325,7 @@ class ExpertCache:
 def install(llm, path, size, policy: str | None, bases_before: dict[str, set[int]], counts: list[int], *,
             quiet: bool = False, predictor: str | None = None) -> ExpertCache:
     """The cache on a model just loaded: each file's mapping is the one that was not there before the load
-    (bases_before: file -> its bases then, expertmap.set_files); counts: what each block runs
+    (bases_before: file -> its bases then, gguf.reader.set_files); counts: what each block runs
     (runtime.llama.n_expert_active)."""
     bases = []
     for f, before in bases_before.items():

@@ -139,11 +139,6 @@ class MappedSet:
         self.fds = []
 
 
-def set_files(path: str | Path) -> list[str]:
-    """The files of the GGUF at `path`: its shards, first first, when it is split; else [path]."""
-    from ..gguf.reader import open_reader, shard_paths
-    return [str(p) for p in shard_paths(open_reader(path), path)]
-
 
 def mapping_bases(path: str | Path) -> set[int]:
     """The address of file offset 0 of each of this process's mappings of `path` (/proc/self/maps: a

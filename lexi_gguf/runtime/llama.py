@@ -160,8 +160,9 @@ def load(path: str | Path, *, options: LoadOptions | None = None, kv_overrides: 
     placement_fields, overrides = placed(opts.cpu_moe, opts.override_tensor)   # --n-cpu-moe, -ot
     model_fields.update(placement_fields)
     if opts.expert_cache is not None:
-        from .expertmap import mapping_bases, set_files
-        bases_before = {f: mapping_bases(f) for f in set_files(path)}
+        from ..gguf.reader import set_files
+        from .expertmap import mapping_bases
+        bases_before = {str(f): mapping_bases(f) for f in set_files(path)}
     try:
         with llama_params_with(eval_callback, model_fields or None):
             llm = llama_cpp.Llama(str(path), kv_overrides=kv_overrides or None, n_ctx=n_ctx, n_threads=opts.threads,

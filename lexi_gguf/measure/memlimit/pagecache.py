@@ -57,10 +57,10 @@ def resident_bytes(path: str | Path) -> int | None:
 
 
 def set_files(path: str | Path) -> list[Path]:
-    """A GGUF's files: every shard of a split set given its first; else the one file."""
-    from ...gguf.reader import open_reader, shard_paths
+    """gguf.reader.set_files (every shard of a split GGUF), or [path] for a file that is not a GGUF."""
+    from ...gguf.reader import set_files as gguf_files
     try:
-        return [Path(p) for p in shard_paths(open_reader(path), path)]
+        return gguf_files(path)
     except Exception:      # noqa: BLE001  (not a GGUF, or unreadable: the file itself)
         return [Path(path)]
 
